@@ -1,0 +1,135 @@
+"""The world as the engine sees it: snapshots of accounts, and the decisions the engine makes.
+
+No I/O here: loading files lives in `snapshots.py`. Every model forbids unknown fields, so a typo
+in a snapshot is an error, never a silently ignored value.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["leader", "follower"]
+CopierState = Literal["active", "paused"]
+Severity = Literal["info", "warning", "critical", "error"]
+
+ACTIONS = (
+    "flatten",
+    "cancel_orders",
+    "catch_up",
+    "skip_entry",
+    "pause_copier",
+    "resume_copier",
+    "lock_account",
+    "block_order",
+    "reduce_order",
+    "alert",
+)
+# Actions that put an order (or a cancel) on an account: never sent to an unreachable account.
+ORDER_ACTIONS = frozenset({"flatten", "cancel_orders", "catch_up"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quote(_Strict):
+    """Best bid/ask and last trade of one instrument."""
+
+    bid: float | None = None
+    ask: float | None = None
+    last: float | None = None
+
+    @property
+    def mid(self) -> float | None:
+        if self.bid is not None and self.ask is not None:
+            return (self.bid + self.ask) / 2
+        return self.last
+
+
+class Position(_Strict):
+    """A net position. `qty` is signed: + long, - short."""
+
+    instrument: str
+    qty: int
+    avg_price: float = 0.0
+    opened_at: AwareDatetime | None = None
+
+
+class Order(_Strict):
+    """A working (or recently finished) order on an account."""
+
+    id: str
+    instrument: str
+    side: Literal["buy", "sell"]
+    qty: int = Field(gt=0)
+    type: Literal["market", "limit", "stop", "stop_limit"] = "market"
+    limit_price: float | None = None
+    stop_price: float | None = None
+    status: Literal["working", "pending", "filled", "cancelled", "rejected"] = "working"
+
+
+class Account(_Strict):
+    """One trading account: the leader, or a follower copying a leader at `ratio`."""
+
+    id: str = Field(min_length=1)
+    role: Role
+    leader: str | None = None
+    ratio: float = Field(default=1.0, gt=0)
+    firm: str | None = None
+    connected: bool = True
+    copier: CopierState = "active"
+    updated_at: AwareDatetime | None = None
+    balance: float = 0.0
+    realized_pnl: float = 0.0
+    unrealized_pnl: float = 0.0
+    positions: tuple[Position, ...] = ()
+    orders: tuple[Order, ...] = ()
+    overnight: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _leader_only_on_followers(self) -> Account:
+        if self.role == "leader" and self.leader is not None:
+            raise ValueError("a leader account cannot have a 'leader' field")
+        return self
+
+
+class Snapshot(_Strict):
+    """Every account's state at one instant. The engine's only clock is `time`."""
+
+    time: AwareDatetime
+    quotes: dict[str, Quote] = Field(default_factory=dict)
+    accounts: tuple[Account, ...] = ()
+
+
+class Decision(BaseModel):
+    """One thing the engine decided (or would have, when `suppressed` says why not)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    time: datetime
+    ruleset: str
+    rule: str
+    action: str
+    account: str | None
+    instrument: str | None
+    severity: Severity
+    reason: str
+    suppressed: Literal[False] | str = False
+    args: dict[str, object] = Field(default_factory=dict)
+    scope: str = "account"
+    mode: Literal["enforce", "warn", "dryrun"] = "enforce"
+    version: str = ""
+    as_if_held: bool = False
+
+    def to_json_dict(self) -> dict[str, object]:
+        data = self.model_dump(mode="json")
+        data["time"] = _iso_z(self.time)
+        return data
+
+
+def _iso_z(moment: datetime) -> str:
+    text = moment.isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")

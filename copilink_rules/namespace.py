@@ -1,0 +1,210 @@
+"""What a `when` expression can read: the documented namespace and its types.
+
+`FIELDS` is the single source of truth for the compiler's static checks (an unknown name or
+attribute is a load error) and for the README's namespace table; the view classes below carry
+exactly those attributes (a test keeps them in lockstep). Views are plain slotted objects, built
+once per account or pair per tick, so evaluating `follower.qty` costs one attribute load.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time
+from types import SimpleNamespace
+from typing import Any
+
+from .errors import EvaluationError
+
+# Value types the static checker knows. A view type maps to its own FIELDS entry.
+NUM, STR, BOOL, DATETIME, TIME, ANY = "number", "string", "bool", "datetime", "time", "any"
+
+FIELDS: dict[str, dict[str, tuple[str, str]]] = {
+    "account": {
+        "id": (STR, "account id"),
+        "role": (STR, '"leader" or "follower"'),
+        "firm": (STR, 'firm name, "" when unknown'),
+        "leader_id": (STR, 'the leader a follower copies ("" for a leader)'),
+        "ratio": (NUM, "follower size ratio (1.0 for a leader)"),
+        "connected": (BOOL, "the broker connection is up"),
+        "stale": (BOOL, "data older than the `stale_after` param (default 5 s)"),
+        "reachable": (BOOL, "connected and not stale: orders may be sent"),
+        "data_age": (NUM, "seconds since the account's data was refreshed"),
+        "copier": (STR, '"active" or "paused"'),
+        "balance": (NUM, "account balance"),
+        "realized_pnl": (NUM, "realized P&L today"),
+        "unrealized_pnl": (NUM, "open P&L"),
+        "pnl": (NUM, "realized + unrealized"),
+        "flat": (BOOL, "no open position in any instrument"),
+        "contracts": (NUM, "open contracts, all instruments, absolute"),
+        "positions": (NUM, "number of instruments with an open position"),
+        "working_orders": (NUM, "number of working orders"),
+        "undeclared_positions": (NUM, "open positions not declared in `overnight`"),
+    },
+    "position": {
+        "qty": (NUM, "signed contracts (+ long, - short) in this family"),
+        "side": (STR, '"long", "short" or "flat"'),
+        "flat": (BOOL, "qty == 0"),
+        "equiv": (NUM, "signed size in full-size contracts (10 MNQ = 1.0 NQ)"),
+        "avg_price": (NUM, "average entry price (0 when flat)"),
+        "opened_at": (DATETIME, "when the position was opened (first seen, if not reported)"),
+        "age": (NUM, "seconds since opened_at (0 when flat)"),
+        "instrument": (STR, 'the contract held ("" when flat)'),
+        "overnight": (BOOL, "declared as an intended overnight position"),
+    },
+    "pair": {
+        "family": (STR, "instrument family (NQ for NQ and MNQ)"),
+        "ratio": (NUM, "follower ratio"),
+        "expected_equiv": (NUM, "leader equiv x ratio: what the follower should hold"),
+        "entry_action": (
+            STR,
+            'what was done about the leader\'s current trade: "", "catch_up", "skip_entry" '
+            'or "flatten"',
+        ),
+    },
+    "instrument": {
+        "symbol": (STR, "canonical symbol, e.g. NQH26"),
+        "root": (STR, "root symbol, e.g. NQ"),
+        "family": (STR, "family, e.g. NQ"),
+        "tick_size": (NUM, "minimum price increment"),
+        "tick_value": (NUM, "dollars per tick per contract"),
+        "micro": (BOOL, "a micro contract"),
+    },
+    "quote": {
+        "bid": (NUM, "best bid (error when the broker sent none)"),
+        "ask": (NUM, "best ask"),
+        "last": (NUM, "last trade price"),
+        "mid": (NUM, "(bid + ask) / 2, or last"),
+    },
+    "accounts": {
+        "total": (NUM, "accounts in the snapshot"),
+        "leaders": (NUM, "leader accounts"),
+        "followers": (NUM, "follower accounts"),
+        "disconnected": (NUM, "accounts not connected"),
+        "stale": (NUM, "accounts with stale data"),
+        "paused": (NUM, "followers whose copier is paused"),
+        "open_positions": (NUM, "open positions across all accounts"),
+    },
+    "datetime": {
+        "year": (NUM, ""), "month": (NUM, ""), "day": (NUM, ""),
+        "hour": (NUM, ""), "minute": (NUM, ""), "second": (NUM, ""),
+    },
+    "time": {"hour": (NUM, ""), "minute": (NUM, ""), "second": (NUM, "")},
+}
+
+# Top-level names: name -> (type, scopes it exists in, description)
+ALL_SCOPES = ("account", "pair", "global")
+NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "params": ("params", ALL_SCOPES, "the rule set's params (durations in seconds)"),
+    "now": ("datetime", ALL_SCOPES, "the snapshot's time (UTC)"),
+    "now_local": ("time", ALL_SCOPES, "time of day in the rule set's timezone"),
+    "weekday": (NUM, ALL_SCOPES, "local day of week, 0 = Monday .. 6 = Sunday"),
+    "account": ("account", ("account", "pair"), "the account (in pair scope: the follower's)"),
+    "leader_account": ("account", ("pair",), "the leader's account"),
+    "leader": ("position", ("pair",), "the leader's position in this family"),
+    "follower": ("position", ("pair",), "the follower's position in this family"),
+    "pair": ("pair", ("pair",), "the leader x follower x family pair"),
+    "instrument": ("instrument", ("pair",), "the contract traded (the leader's, else follower's)"),
+    "quote": ("quote", ("pair",), "the quote of `instrument`"),
+    "accounts": ("accounts", ("global",), "counts over all accounts"),
+}
+
+
+class AccountView:
+    __slots__ = tuple(FIELDS["account"])
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+class PositionView:
+    __slots__ = tuple(FIELDS["position"])
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+FLAT_FIELDS: dict[str, Any] = {
+    "qty": 0, "side": "flat", "flat": True, "equiv": 0.0, "avg_price": 0.0,
+    "opened_at": None, "age": 0.0, "instrument": "", "overnight": False,
+}
+
+
+class PairView:
+    __slots__ = tuple(FIELDS["pair"])
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+class InstrumentView:
+    __slots__ = tuple(FIELDS["instrument"])
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+class QuoteView:
+    """A quote whose missing prices are an evaluation error, never a silent None."""
+
+    __slots__ = ("_ask", "_bid", "_last", "_symbol")
+
+    def __init__(self, symbol: str, bid: float | None, ask: float | None, last: float | None):
+        self._symbol, self._bid, self._ask, self._last = symbol, bid, ask, last
+
+    def _need(self, value: float | None, what: str) -> float:
+        if value is None:
+            raise EvaluationError(f"the quote for {self._symbol} has no {what} price")
+        return value
+
+    @property
+    def bid(self) -> float:
+        return self._need(self._bid, "bid")
+
+    @property
+    def ask(self) -> float:
+        return self._need(self._ask, "ask")
+
+    @property
+    def last(self) -> float:
+        return self._need(self._last, "last")
+
+    @property
+    def mid(self) -> float:
+        if self._bid is not None and self._ask is not None:
+            return (self._bid + self._ask) / 2
+        return self._need(self._last, "bid/ask or last")
+
+
+class MissingQuote:
+    """Stands in for the quote of an instrument the snapshot has no quote for."""
+
+    __slots__ = ("_symbol",)
+
+    def __init__(self, symbol: str) -> None:
+        self._symbol = symbol
+
+    def __getattr__(self, name: str) -> Any:
+        raise EvaluationError(f"no quote for {self._symbol} in this snapshot")
+
+
+class AccountsView:
+    __slots__ = tuple(FIELDS["accounts"])
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+
+class Env:
+    """Everything one evaluation can see. Unused slots stay unset for the scope."""
+
+    __slots__ = (*NAMES, "tz", "local")
+
+    params: SimpleNamespace
+    now: datetime
+    now_local: time
+    local: datetime
+    weekday: int

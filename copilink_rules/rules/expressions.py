@@ -1,0 +1,438 @@
+"""Compiling `when` expressions: parse once, check everything, then run a compiled function.
+
+The language is simpleeval's safe subset of Python expressions, checked more strictly than
+simpleeval checks at run time, because here every check happens once, at load:
+
+* names must be in the documented namespace for the rule's scope (namespace.NAMES);
+* attribute access only along namespace chains with known fields (`account.contracts`,
+  `params.max_contracts`): nothing reaches `__class__`, `format`, `mro`, frames or modules,
+  because no object outside the namespace can be named at all;
+* calls only of the function library below, by bare name;
+* no f-strings, lambdas, comprehensions, subscripts, walrus, `is`, bit operators;
+* `**`, `*` and `+` run through simpleeval's bounded `safe_power` / `safe_mult` / `safe_add`.
+
+The checked tree is rewritten (names read from one environment object, operators through the
+safe functions) and compiled by CPython into a function with no builtins. Run-time failures
+(a missing quote, division by zero, a too-large power) raise inside that function; the engine
+reports them as evaluation errors for that rule and target.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+
+import simpleeval
+
+from ..errors import EvaluationError, ExpressionError
+from ..namespace import ANY, BOOL, DATETIME, FIELDS, NAMES, NUM, STR, TIME, Env
+
+MAX_EXPRESSION_LENGTH = 2000
+MAX_DEPTH = 40
+MAX_STRING_LITERAL = 1000
+MAX_LIST_LITERAL = 100
+ENV = "__cl_env"
+
+
+# --- the function library ------------------------------------------------------------------
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EvaluationError(f"{what} needs a number, got {value!r}")
+    return value
+
+
+def _to_time(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str):
+        try:
+            return time.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise EvaluationError(f'time() needs "HH:MM" or "HH:MM:SS", got {value!r}')
+
+
+def fn_time(value: Any) -> time:
+    """time("16:59") -> a time of day, comparable with now_local."""
+    return _to_time(value)
+
+
+def fn_sign(value: Any) -> int:
+    """sign(x) -> -1, 0 or 1."""
+    number = _number(value, "sign()")
+    return (number > 0) - (number < 0)
+
+
+def fn_ticks(env: Env, a: Any, b: Any) -> float:
+    """ticks(price_a, price_b) -> absolute distance in ticks of the pair's instrument."""
+    a, b = _number(a, "ticks()"), _number(b, "ticks()")
+    return abs(a - b) / env.instrument.tick_size
+
+
+def fn_minutes_until(env: Env, value: Any) -> float:
+    """minutes_until("16:59") -> minutes from now to the next such local time (0 at it)."""
+    target = _to_time(value)
+    local = env.local
+    at = local.replace(hour=target.hour, minute=target.minute, second=target.second,
+                       microsecond=0, tzinfo=None)
+    naive_now = local.replace(tzinfo=None)
+    if at < naive_now:
+        at += timedelta(days=1)
+    return (at - naive_now).total_seconds() / 60.0
+
+
+def _since(env: Env, value: Any, what: str) -> float:
+    if value is None:
+        raise EvaluationError(f"{what}: the time is unknown")
+    if not isinstance(value, datetime):
+        raise EvaluationError(f"{what} needs a time such as leader.opened_at, got {value!r}")
+    return (env.now - value).total_seconds()
+
+
+def fn_seconds_since(env: Env, value: Any) -> float:
+    """seconds_since(leader.opened_at) -> seconds from that moment to now."""
+    return _since(env, value, "seconds_since()")
+
+
+def fn_minutes_since(env: Env, value: Any) -> float:
+    """minutes_since(t) -> minutes from t to now."""
+    return _since(env, value, "minutes_since()") / 60.0
+
+
+def fn_time_between(env: Env, start: Any, end: Any) -> bool:
+    """time_between("09:30", "16:00") -> local time of day in [start, end); wraps midnight."""
+    lo, hi, now = _to_time(start), _to_time(end), env.now_local
+    return lo <= now < hi if lo <= hi else (now >= lo or now < hi)
+
+
+@dataclass(frozen=True)
+class LibraryFunction:
+    impl: Callable[..., Any]
+    needs_env: bool
+    arity: tuple[int, int]
+    returns: str
+    signature: str
+
+
+LIBRARY: dict[str, LibraryFunction] = {
+    "abs": LibraryFunction(abs, False, (1, 1), NUM, "abs(x)"),
+    "min": LibraryFunction(min, False, (2, 8), NUM, "min(a, b, ...)"),
+    "max": LibraryFunction(max, False, (2, 8), NUM, "max(a, b, ...)"),
+    "round": LibraryFunction(round, False, (1, 2), NUM, "round(x[, digits])"),
+    "floor": LibraryFunction(math.floor, False, (1, 1), NUM, "floor(x)"),
+    "ceil": LibraryFunction(math.ceil, False, (1, 1), NUM, "ceil(x)"),
+    "sign": LibraryFunction(fn_sign, False, (1, 1), NUM, "sign(x)"),
+    "time": LibraryFunction(fn_time, False, (1, 1), TIME, 'time("HH:MM")'),
+    "ticks": LibraryFunction(fn_ticks, True, (2, 2), NUM, "ticks(price_a, price_b)"),
+    "minutes_until": LibraryFunction(fn_minutes_until, True, (1, 1), NUM,
+                                     'minutes_until("HH:MM")'),
+    "seconds_since": LibraryFunction(fn_seconds_since, True, (1, 1), NUM, "seconds_since(t)"),
+    "minutes_since": LibraryFunction(fn_minutes_since, True, (1, 1), NUM, "minutes_since(t)"),
+    "time_between": LibraryFunction(fn_time_between, True, (2, 2), BOOL,
+                                    'time_between("HH:MM", "HH:MM")'),
+}
+ENV_FUNCTIONS_NEED = {"ticks": "instrument"}  # functions that need a name of a certain scope
+
+_SAFE_BINOPS: dict[type[ast.operator], str | None] = {
+    ast.Add: "__cl_add", ast.Mult: "__cl_mult", ast.Pow: "__cl_pow",
+    ast.Sub: None, ast.Div: None, ast.FloorDiv: None, ast.Mod: None,
+}
+_COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
+_FORBIDDEN_NODES: dict[type[ast.AST], str] = {
+    ast.JoinedStr: "format strings (f-strings) are not allowed",
+    ast.FormattedValue: "format strings (f-strings) are not allowed",
+    ast.Lambda: "lambda is not allowed",
+    ast.ListComp: "comprehensions are not allowed",
+    ast.SetComp: "comprehensions are not allowed",
+    ast.DictComp: "comprehensions are not allowed",
+    ast.GeneratorExp: "generator expressions are not allowed",
+    ast.Subscript: "indexing and slicing are not allowed",
+    ast.NamedExpr: "assignment (:=) is not allowed",
+    ast.Dict: "dict literals are not allowed",
+    ast.Set: "set literals are not allowed",
+    ast.Starred: "* unpacking is not allowed",
+    ast.Await: "await is not allowed",
+    ast.Yield: "yield is not allowed",
+    ast.YieldFrom: "yield is not allowed",
+}
+
+_GLOBALS_BASE: dict[str, Any] = {
+    "__builtins__": {},
+    "__cl_add": simpleeval.safe_add,
+    "__cl_mult": simpleeval.safe_mult,
+    "__cl_pow": simpleeval.safe_power,
+    **{f"__cl_fn_{name}": fn.impl for name, fn in LIBRARY.items()},
+}
+
+
+@dataclass(frozen=True)
+class CompiledExpression:
+    """A checked, compiled expression: call `.evaluate(env)`."""
+
+    source: str
+    evaluate: Callable[[Env], Any]
+    names: frozenset[str]
+
+
+class _Checker:
+    def __init__(self, scope: str, params: dict[str, str]) -> None:
+        self.scope = scope
+        self.params = params
+        self.names: set[str] = set()
+
+    def fail(self, node: ast.AST, message: str) -> ExpressionError:
+        col = getattr(node, "col_offset", None)
+        where = f" (at column {col + 1})" if col is not None else ""
+        return ExpressionError(f"{message}{where}")
+
+    # Returns the static type of the node (one of namespace's type names, or ANY).
+    def check(self, node: ast.AST, depth: int = 0) -> str:
+        if depth > MAX_DEPTH:
+            raise self.fail(node, f"expression is nested deeper than {MAX_DEPTH} levels")
+        kind = type(node)
+        if kind in _FORBIDDEN_NODES:
+            raise self.fail(node, _FORBIDDEN_NODES[kind])
+        if isinstance(node, ast.Constant):
+            return self._constant(node)
+        if isinstance(node, ast.Name):
+            return self._name(node)
+        if isinstance(node, ast.Attribute):
+            return self._attribute(node)
+        if isinstance(node, ast.BoolOp):
+            for value in node.values:
+                self.check(value, depth + 1)
+            return ANY
+        if isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, ast.Not | ast.USub | ast.UAdd):
+                raise self.fail(node, "operator ~ is not allowed")
+            inner = self.check(node.operand, depth + 1)
+            return BOOL if isinstance(node.op, ast.Not) else inner
+        if isinstance(node, ast.BinOp):
+            if type(node.op) not in _SAFE_BINOPS:
+                symbol = type(node.op).__name__
+                raise self.fail(node, f"operator {symbol} is not allowed (use + - * / // % **)")
+            self.check(node.left, depth + 1)
+            self.check(node.right, depth + 1)
+            return ANY
+        if isinstance(node, ast.Compare):
+            return self._compare(node, depth)
+        if isinstance(node, ast.IfExp):
+            self.check(node.test, depth + 1)
+            self.check(node.body, depth + 1)
+            self.check(node.orelse, depth + 1)
+            return ANY
+        if isinstance(node, ast.Call):
+            return self._call(node, depth)
+        if isinstance(node, ast.List | ast.Tuple):
+            if len(node.elts) > MAX_LIST_LITERAL:
+                raise self.fail(node, f"list literals are limited to {MAX_LIST_LITERAL} items")
+            for element in node.elts:
+                self.check(element, depth + 1)
+            return ANY
+        raise self.fail(node, f"{kind.__name__} is not allowed in a rule expression")
+
+    def _constant(self, node: ast.Constant) -> str:
+        value = node.value
+        if isinstance(value, bool) or value is None:
+            return BOOL if isinstance(value, bool) else ANY
+        if isinstance(value, int | float):
+            return NUM
+        if isinstance(value, str):
+            if len(value) > MAX_STRING_LITERAL:
+                raise self.fail(node, f"string literals are limited to {MAX_STRING_LITERAL} chars")
+            return STR
+        raise self.fail(node, f"literal {value!r} is not allowed (use numbers, strings, booleans)")
+
+    def _name(self, node: ast.Name) -> str:
+        name = node.id
+        if name.startswith("_"):
+            raise self.fail(node, f"name {name!r} is not allowed (names starting with _ are "
+                                  "private)")
+        if name in LIBRARY:
+            raise self.fail(node, f"{name} is a function: call it, e.g. {LIBRARY[name].signature}")
+        entry = NAMES.get(name)
+        if entry is None:
+            known = ", ".join(n for n, e in NAMES.items() if self.scope in e[1])
+            raise self.fail(node, f"unknown name {name!r}; in scope {self.scope} you can use: "
+                                  f"{known}")
+        kind, scopes, _ = entry
+        if self.scope not in scopes:
+            raise self.fail(node, f"{name!r} is not available in scope {self.scope} "
+                                  f"(only in: {', '.join(scopes)})")
+        self.names.add(name)
+        return kind
+
+    def _attribute(self, node: ast.Attribute) -> str:
+        attr = node.attr
+        if attr.startswith("_"):
+            raise self.fail(node, f"attribute {attr!r} is not allowed (names starting with _ "
+                                  "are private)")
+        if not isinstance(node.value, ast.Name | ast.Attribute):
+            raise self.fail(node, f"attribute .{attr} is only allowed on namespace names such "
+                                  "as account.contracts or params.max_contracts")
+        base = self.check(node.value)
+        if base == "params":
+            if attr not in self.params:
+                known = ", ".join(sorted(self.params)) or "(none declared)"
+                raise self.fail(node, f"unknown param {attr!r}; declared params: {known}")
+            return self.params[attr]
+        fields = FIELDS.get(base)
+        if fields is None:
+            raise self.fail(node, f"a {base} value has no attribute .{attr}")
+        if attr not in fields:
+            raise self.fail(node, f"{_dotted(node.value)} has no field {attr!r}; known: "
+                                  f"{', '.join(fields)}")
+        return fields[attr][0]
+
+    def _compare(self, node: ast.Compare, depth: int) -> str:
+        left = self.check(node.left, depth + 1)
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
+            if not isinstance(op, _COMPARE):
+                raise self.fail(node, "'is' / 'is not' are not allowed; use == or !=")
+            right = self.check(comparator, depth + 1)
+            if isinstance(op, ast.In | ast.NotIn):
+                left = right
+                continue
+            _check_comparable(self, node, left, right)
+            left = right
+        return BOOL
+
+    def _call(self, node: ast.Call, depth: int) -> str:
+        if not isinstance(node.func, ast.Name):
+            raise self.fail(node, "method calls are not allowed; use the function library: "
+                                  f"{', '.join(LIBRARY)}")
+        name = node.func.id
+        function = LIBRARY.get(name)
+        if function is None:
+            raise self.fail(node, f"unknown function {name!r}; available: {', '.join(LIBRARY)}")
+        if node.keywords:
+            raise self.fail(node, f"{name}() takes no keyword arguments")
+        low, high = function.arity
+        if not low <= len(node.args) <= high:
+            raise self.fail(node, f"{function.signature} takes {low}"
+                                  f"{'' if low == high else f' to {high}'} argument(s), "
+                                  f"got {len(node.args)}")
+        needed = ENV_FUNCTIONS_NEED.get(name)
+        if needed and self.scope not in NAMES[needed][1]:
+            raise self.fail(node, f"{name}() needs an instrument: use it in scope pair")
+        for arg in node.args:
+            self.check(arg, depth + 1)
+        if name == "time" and isinstance(node.args[0], ast.Constant):
+            try:
+                _to_time(node.args[0].value)
+            except EvaluationError as exc:
+                raise self.fail(node, str(exc)) from None
+        return function.returns
+
+
+_COMPATIBLE = {
+    (NUM, NUM), (NUM, BOOL), (BOOL, NUM), (BOOL, BOOL), (STR, STR), (TIME, TIME),
+    (DATETIME, DATETIME),
+}
+
+
+def _check_comparable(checker: _Checker, node: ast.AST, left: str, right: str) -> None:
+    known = {NUM, STR, BOOL, TIME, DATETIME}
+    if left in known and right in known and (left, right) not in _COMPATIBLE:
+        hint = ""
+        if TIME in (left, right):
+            hint = ' (wrap times of day with time("HH:MM"))'
+        raise checker.fail(node, f"cannot compare a {left} with a {right}{hint}")
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return "?"
+
+
+class _Rewriter(ast.NodeTransformer):
+    """Turn a checked tree into one that reads names from the env and uses safe operators."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.copy_location(
+            ast.Attribute(value=ast.Name(id=ENV, ctx=ast.Load()), attr=node.id, ctx=ast.Load()),
+            node,
+        )
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        safe = _SAFE_BINOPS[type(node.op)]
+        if safe is None:
+            return node
+        return ast.copy_location(
+            ast.Call(func=ast.Name(id=safe, ctx=ast.Load()), args=[node.left, node.right],
+                     keywords=[]),
+            node,
+        )
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        assert isinstance(node.func, ast.Name)
+        name = node.func.id
+        args = [self.visit(arg) for arg in node.args]
+        if LIBRARY[name].needs_env:
+            args.insert(0, ast.Name(id=ENV, ctx=ast.Load()))
+        return ast.copy_location(
+            ast.Call(func=ast.Name(id=f"__cl_fn_{name}", ctx=ast.Load()), args=args,
+                     keywords=[]),
+            node,
+        )
+
+
+def parse_expression(source: object) -> ast.expr:
+    """Parse with CPython's parser in expression mode; every failure is an ExpressionError."""
+    if not isinstance(source, str):
+        raise ExpressionError(f"an expression must be a string, got {source!r}")
+    text = source.strip()
+    if not text:
+        raise ExpressionError("the expression is empty")
+    if len(text) > MAX_EXPRESSION_LENGTH:
+        raise ExpressionError(f"the expression is longer than {MAX_EXPRESSION_LENGTH} chars")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        detail = exc.msg
+        if "=" in text and "==" not in text and "invalid syntax" in detail:
+            detail += " (to compare, use == not =)"
+        where = f" (at column {exc.offset})" if exc.offset else ""
+        raise ExpressionError(f"not a valid expression: {detail}{where}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise ExpressionError(f"not a valid expression: {type(exc).__name__}") from None
+    return tree.body
+
+
+def compile_expression(
+    source: object, scope: str, params: dict[str, str], label: str = "rule"
+) -> CompiledExpression:
+    """Check `source` for `scope` against declared `params` (name -> type) and compile it."""
+    body = parse_expression(source)
+    checker = _Checker(scope, params)
+    try:
+        checker.check(body)
+        rewritten = _Rewriter().visit(body)
+        function = ast.Expression(
+            body=ast.Lambda(
+                args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=ENV)], kwonlyargs=[],
+                                   kw_defaults=[], defaults=[]),
+                body=rewritten,
+            )
+        )
+        ast.fix_missing_locations(function)
+        code = compile(function, f"<{label}>", "eval")
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply") from None
+    assert isinstance(source, str)
+    evaluate = eval(code, dict(_GLOBALS_BASE))  # noqa: S307 - checked, builtin-free tree
+    return CompiledExpression(source.strip(), evaluate, frozenset(checker.names))
+
+
+def check_reference(path: str, scope: str, params: dict[str, str]) -> None:
+    """Check a `{account.id}`-style template reference the way an expression would be."""
+    compile_expression(path, scope, params)

@@ -1,0 +1,660 @@
+"""Loading rule files into a `Policy`: schema check, `extends`, params, compiled expressions.
+
+Loading is all or nothing: every problem of every file is collected, each as
+`file:line: rule-id: message`, and raised together as one RuleFileError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import jsonschema
+from pydantic import ValidationError
+
+from ..errors import ExpressionError, ParamError, Problem, RuleFileError
+from ..namespace import BOOL, NUM, STR
+from ..sources import LineMap, YamlSyntaxError, load_yaml
+from .expressions import CompiledExpression, compile_expression
+from .spec import (
+    PARAM_PATTERN,
+    STEP_ARGS,
+    ParamSpec,
+    Rule,
+    RuleSetFile,
+    ruleset_json_schema,
+)
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_TIME = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_TEMPLATE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+RULE_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_duration(text: str) -> float:
+    """'500ms' -> 0.5, '2s' -> 2.0, '1m' -> 60.0, '1h' -> 3600.0."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (use 500ms, 2s, 1m or 1h)")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    value: Any  # in expression form: durations in seconds, times as "HH:MM"
+    text: str  # as written, for messages
+    description: str | None
+    ruleset: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Template:
+    """An alert message: literal text with compiled `{expression}` holes."""
+
+    parts: tuple[str | CompiledExpression, ...]
+
+    def render(self, env: Any) -> str:
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            try:
+                out.append(_show(part.evaluate(env)))
+            except Exception as exc:  # noqa: BLE001 - a message hole never breaks a decision
+                out.append(f"<{part.source}: {exc}>")
+        return "".join(out)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat())
+    return str(value)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    ruleset: str
+    id: str
+    description: str | None
+    scope: str
+    stage: str
+    roles: frozenset[str] | None
+    firms: frozenset[str] | None
+    accounts: frozenset[str] | None
+    when: CompiledExpression
+    hold: float  # seconds `when` must hold
+    cooldown: float
+    actions: tuple[Action, ...]
+    templates: tuple[Template | None, ...]  # per action, for alerts
+    priority: int
+    mode: str
+    severity: str | None
+    timezone: ZoneInfo
+    file: str
+    line: int | None
+
+    def applies(self, account_id: str, role: str, firm: str | None) -> bool:
+        if self.roles is not None and role not in self.roles:
+            return False
+        if self.firms is not None and (firm or "") not in self.firms:
+            return False
+        return self.accounts is None or account_id in self.accounts
+
+
+@dataclass(frozen=True)
+class RuleSetInfo:
+    name: str
+    file: str
+    description: str | None
+    source: str | None
+    as_of: str | None
+    timezone: str
+    extends: tuple[str, ...]
+
+
+@dataclass
+class Policy:
+    """Everything loaded from a set of rule files, ready for the engine."""
+
+    rulesets: list[RuleSetInfo]
+    rules: list[CompiledRule]
+    params: dict[str, Param]
+    version: str
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def param_values(self) -> SimpleNamespace:
+        return SimpleNamespace(**{name: p.value for name, p in self.params.items()})
+
+    @property
+    def name(self) -> str:
+        roots = [r.name for r in self.rulesets if not self._is_parent(r.name)]
+        return "+".join(roots) or "(empty)"
+
+    def _is_parent(self, name: str) -> bool:
+        return any(name in r.extends for r in self.rulesets)
+
+    def param(self, name: str, default: Any) -> Any:
+        found = self.params.get(name)
+        return default if found is None else found.value
+
+
+# --- parsing one file ---------------------------------------------------------------------
+
+@dataclass
+class _Parsed:
+    file: str
+    text: str
+    model: RuleSetFile
+    lines: LineMap
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(ruleset_json_schema())
+
+
+def _rule_id(data: Any, path: Sequence[Any]) -> str | None:
+    if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+        try:
+            rule = data["rules"][path[1]]
+            return str(rule["id"]) if isinstance(rule, dict) and "id" in rule else None
+        except (IndexError, KeyError, TypeError):
+            return None
+    return None
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problems(data: Any, file: str, lines: LineMap) -> list[Problem]:
+    problems: list[Problem] = []
+    for error in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)):
+        path = list(error.absolute_path)
+        message = _schema_message(error, data, path)
+        if message is None:
+            continue
+        problems.append(Problem(file, lines.line_of(path), message, _rule_id(data, path)))
+    return problems
+
+
+def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any]) -> str | None:
+    where = _dotted(path)
+    prefix = f"{where}: " if where else ""
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        known = ", ".join(error.schema.get("properties", {}))
+        return f"{prefix}unknown field {extra[0]!r} (known: {known})" if extra else error.message
+    if error.validator == "required":
+        return f"{prefix}{error.message.replace('is a required property', 'is required')}"
+    if len(path) == 4 and path[0] == "rules" and path[2] == "then":
+        return _step_message(error.instance, where)
+    if error.validator == "pattern" and path and path[-1] in ("for", "cooldown"):
+        return f"{prefix}{error.instance!r} is not a duration (use 500ms, 2s, 1m or params.NAME)"
+    if error.validator == "pattern" and path and path[-1] in ("id", "ruleset"):
+        return (f"{prefix}{error.instance!r} is not a valid name (lower-case letters, digits, "
+                "- and _)")
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        best = jsonschema.exceptions.best_match(error.context)
+        return f"{prefix}{best.message}"
+    return f"{prefix}{error.message}"
+
+
+def _step_message(step: Any, where: str) -> str:
+    names = ", ".join(STEP_ARGS)
+    if isinstance(step, str):
+        return f"{where}: unknown action {step!r} (known: {names})"
+    if not isinstance(step, dict) or len(step) != 1:
+        return f"{where}: each step is one action, e.g. `- flatten: {{}}` (known: {names})"
+    (name, args), = step.items()
+    if name not in STEP_ARGS:
+        return f"{where}: unknown action {name!r} (known: {names})"
+    try:
+        STEP_ARGS[name].model_validate(args or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        return f"{where}.{name}{'.' + loc if loc else ''}: {first['msg']}"
+    if isinstance(step, dict) and name == "reduce_order":
+        return f"{where}: reduce_order needs max_qty"
+    return f"{where}: invalid arguments for {name}"
+
+
+def parse_rule_file(path: Path) -> tuple[_Parsed | None, list[Problem]]:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [Problem(file, None, f"cannot read rule file: {exc.strerror}")]
+    except UnicodeDecodeError:
+        return None, [Problem(file, None, "not a UTF-8 text file")]
+    try:
+        data, lines = load_yaml(text)
+    except YamlSyntaxError as exc:
+        return None, [Problem(file, exc.line, str(exc))]
+    if not isinstance(data, dict):
+        return None, [Problem(file, 1, "a rule file must be a YAML mapping with `ruleset:` "
+                                       "and `rules:`")]
+    problems = _schema_problems(data, file, lines)
+    if problems:
+        return None, problems
+    try:
+        model = RuleSetFile.model_validate(data)
+    except ValidationError as exc:  # the schema should have caught it; report anyway
+        return None, [
+            Problem(file, lines.line_of(list(e["loc"])), f"{_dotted(list(e['loc']))}: "
+                    f"{e['msg']}", _rule_id(data, list(e["loc"])))
+            for e in exc.errors()
+        ]
+    return _Parsed(file, text, model, lines), []
+
+
+# --- a set of files ----------------------------------------------------------------------
+
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """Files as given; folders contribute their *.yaml / *.yml files (not sub-folders)."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in RULE_SUFFIXES)
+            if not found:
+                problems.append(Problem(str(path), None, "folder holds no .yaml rule files"))
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(Problem(str(path), None, "no such file or folder"))
+    return files, problems
+
+
+def _find_parent(name: str, child: Path, search_path: Sequence[Path]) -> Path | None:
+    candidates = [child.parent, child.parent.parent, *search_path]
+    for folder in candidates:
+        for suffix in RULE_SUFFIXES:
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_policy(
+    paths: Iterable[str | Path],
+    overrides: dict[str, str] | None = None,
+    search_path: Sequence[str | Path] = (),
+) -> Policy:
+    """Load rule files (and their `extends` parents) into one Policy, or raise RuleFileError."""
+    files, problems = expand_paths(paths)
+    search = [Path(p) for p in search_path]
+    by_name: dict[str, _Parsed] = {}
+    order: list[str] = []  # parents before children
+    resolved: dict[Path, str] = {}
+
+    def visit(path: Path, stack: list[str], via: Problem | None) -> str | None:
+        path = path.resolve()
+        if path in resolved:
+            name = resolved[path]
+            if name in stack:
+                cycle = " -> ".join([*stack[stack.index(name):], name])
+                problems.append(Problem(via.file if via else str(path), via.line if via else None,
+                                        f"extends cycle: {cycle}"))
+                return None
+            return name
+        parsed, found = parse_rule_file(path)
+        problems.extend(found)
+        if parsed is None:
+            return None
+        name = parsed.model.ruleset
+        if name in by_name and Path(by_name[name].file).resolve() != path:
+            problems.append(Problem(parsed.file, parsed.lines.line_of(["ruleset"]),
+                                    f"rule set {name!r} is also defined in {by_name[name].file}"))
+            return None
+        resolved[path] = name
+        by_name[name] = parsed
+        for index, parent in enumerate(parsed.model.extends):
+            line = parsed.lines.line_of(["extends", index])
+            where = Problem(parsed.file, line, "")
+            if parent == name:
+                problems.append(Problem(parsed.file, line, f"rule set {name!r} extends itself"))
+                continue
+            parent_path = (by_name[parent].file if parent in by_name
+                           else _find_parent(parent, path, search))
+            if parent_path is None:
+                folders = ", ".join(str(f) for f in [path.parent, path.parent.parent, *search])
+                problems.append(Problem(parsed.file, line, f"extends {parent!r}, but no "
+                                        f"{parent}.yaml was found (searched: {folders})"))
+                continue
+            parent_name = visit(Path(parent_path), [*stack, name], where)
+            if parent_name is not None and parent_name != parent:
+                problems.append(Problem(parsed.file, line, f"extends {parent!r}, but "
+                                        f"{parent_path} defines rule set {parent_name!r}"))
+        if name not in order:
+            order.append(name)
+        return name
+
+    for path in files:
+        visit(path, [], None)
+    if problems:
+        raise RuleFileError(problems)
+
+    params = _merge_params(order, by_name, problems)
+    if overrides:
+        _apply_overrides(params, overrides)
+    rules = _compile_rules(order, by_name, params, problems)
+    if problems:
+        raise RuleFileError(problems)
+
+    digest = hashlib.sha256()
+    for name in order:
+        digest.update(name.encode() + b"\0" + by_name[name].text.encode() + b"\0")
+    for key in sorted(overrides or {}):
+        digest.update(f"{key}={(overrides or {})[key]}\0".encode())
+    infos = [
+        RuleSetInfo(
+            name=n, file=by_name[n].file, description=by_name[n].model.description,
+            source=by_name[n].model.source,
+            as_of=by_name[n].model.as_of.isoformat() if by_name[n].model.as_of else None,
+            timezone=by_name[n].model.timezone, extends=tuple(by_name[n].model.extends),
+        )
+        for n in order
+    ]
+    return Policy(infos, rules, params, digest.hexdigest()[:12],
+                  files=[by_name[n].file for n in order])
+
+
+def _ancestors(name: str, by_name: dict[str, _Parsed]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(by_name[name].model.extends)
+    while todo:
+        parent = todo.pop()
+        if parent not in seen and parent in by_name:
+            seen.add(parent)
+            todo.extend(by_name[parent].model.extends)
+    return seen
+
+
+def _merge_params(
+    order: list[str], by_name: dict[str, _Parsed], problems: list[Problem]
+) -> dict[str, Param]:
+    params: dict[str, Param] = {}
+    for name in order:
+        parsed = by_name[name]
+        for key, raw in parsed.model.params.items():
+            line = parsed.lines.line_of(["params", key])
+            if not re.match(PARAM_PATTERN, key):
+                problems.append(Problem(parsed.file, line, f"param name {key!r} must be "
+                                        "lower-case letters, digits and _"))
+                continue
+            try:
+                param = _make_param(key, raw, name)
+            except ValueError as exc:
+                problems.append(Problem(parsed.file, line, f"params.{key}: {exc}"))
+                continue
+            previous = params.get(key)
+            if previous is not None:
+                if previous.type != param.type:
+                    problems.append(Problem(parsed.file, line, f"params.{key} is a {param.type} "
+                                            f"here but a {previous.type} in rule set "
+                                            f"{previous.ruleset!r}"))
+                    continue
+                overriding = previous.ruleset in _ancestors(name, by_name)
+                if not overriding and previous.value != param.value:
+                    problems.append(Problem(parsed.file, line, f"params.{key} = {param.text} "
+                                            f"conflicts with {previous.text} in rule set "
+                                            f"{previous.ruleset!r}; set it with --set {key}=..."))
+                    continue
+            params[key] = param
+    return params
+
+
+def _infer_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str) and _DURATION.match(value):
+        return "duration"
+    if isinstance(value, str) and _TIME.match(value):
+        return "time"
+    return "string"
+
+
+def _make_param(key: str, raw: Any, ruleset: str) -> Param:
+    if isinstance(raw, ParamSpec):
+        kind, default = raw.type, raw.default
+        description, low, high = raw.description, raw.min, raw.max
+    else:
+        kind, default, description, low, high = _infer_type(raw), raw, None, None, None
+    value = convert_param(kind, default, low, high)
+    return Param(key, kind, value, _text(default), description, ruleset, low, high)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def convert_param(kind: str, value: Any, low: float | None = None,
+                  high: float | None = None) -> Any:
+    """A param value in expression form, or ValueError saying what is wrong."""
+    result: Any
+    if kind == "bool":
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return lowered in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if kind in ("int", "number"):
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            result = int(value) if kind == "int" else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, "
+                             f"got {value!r}") from None
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+    elif kind == "duration":
+        result = parse_duration(str(value))
+    elif kind == "time":
+        if not isinstance(value, str) or not _TIME.match(value.strip()):
+            raise ValueError(f'expected a time of day "HH:MM", got {value!r}')
+        return value.strip()
+    else:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        return value
+    if low is not None and result < low:
+        raise ValueError(f"{value!r} is below the minimum {low:g}")
+    if high is not None and result > high:
+        raise ValueError(f"{value!r} is above the maximum {high:g}")
+    return result
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """['a=1', 'b=2s'] -> {'a': '1', 'b': '2s'}; ParamError for an item without '='."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ParamError(f"--set {item!r}: expected name=value, e.g. --set max_contracts=5")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _apply_overrides(params: dict[str, Param], overrides: dict[str, str]) -> None:
+    for name, text in overrides.items():
+        param = params.get(name)
+        if param is None:
+            known = ", ".join(sorted(params)) or "(none)"
+            raise ParamError(f"--set {name}={text}: unknown param {name!r}; known: {known}")
+        try:
+            value = convert_param(param.type, text, param.minimum, param.maximum)
+        except ValueError as exc:
+            raise ParamError(f"--set {name}={text}: {exc}") from None
+        params[name] = Param(name, param.type, value, text, param.description, param.ruleset,
+                             param.minimum, param.maximum)
+
+
+_EXPR_TYPE = {"int": NUM, "number": NUM, "duration": NUM, "bool": BOOL, "string": STR,
+              "time": STR}
+
+
+def _compile_rules(
+    order: list[str], by_name: dict[str, _Parsed], params: dict[str, Param],
+    problems: list[Problem],
+) -> list[CompiledRule]:
+    types = {name: _EXPR_TYPE[p.type] for name, p in params.items()}
+    compiled: list[CompiledRule] = []
+    seen: dict[str, tuple[str, int | None]] = {}
+    for name in order:
+        parsed = by_name[name]
+        try:
+            zone = ZoneInfo(parsed.model.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(Problem(parsed.file, parsed.lines.line_of(["timezone"]),
+                                    f"unknown timezone {parsed.model.timezone!r} (use an IANA "
+                                    "name such as America/New_York or America/Chicago)"))
+            continue
+        for index, rule in enumerate(parsed.model.rules):
+            base = ["rules", index]
+            line = parsed.lines.line_of(base)
+            if rule.id in seen:
+                other_file, other_line = seen[rule.id]
+                problems.append(Problem(parsed.file, line, f"duplicate rule id (also at "
+                                        f"{other_file}:{other_line})", rule.id))
+                continue
+            seen[rule.id] = (parsed.file, line)
+            result = _compile_rule(rule, name, parsed, base, zone, params, types, problems)
+            if result is not None:
+                compiled.append(result)
+    return compiled
+
+
+def _compile_rule(
+    rule: Rule, ruleset: str, parsed: _Parsed, base: list[Any], zone: ZoneInfo,
+    params: dict[str, Param], types: dict[str, str], problems: list[Problem],
+) -> CompiledRule | None:
+    before = len(problems)
+
+    def problem(path: list[Any], message: str) -> None:
+        problems.append(Problem(parsed.file, parsed.lines.line_of(base + path), message, rule.id))
+
+    when: CompiledExpression | None = None
+    try:
+        when = compile_expression(rule.when, rule.scope, types, f"rule {rule.id}")
+    except ExpressionError as exc:
+        problem(["when"], f"when: {exc}")
+
+    def seconds(field_name: str, text: str) -> float:
+        if text.startswith("params."):
+            param = params.get(text[7:])
+            if param is None or param.type != "duration":
+                problem([field_name], f"{field_name}: {text} is not a duration param")
+                return 0.0
+            return float(param.value)
+        return parse_duration(text)
+
+    hold = seconds("for", rule.for_)
+    cooldown = seconds("cooldown", rule.cooldown)
+    actions: list[Action] = []
+    templates: list[Template | None] = []
+    for index, step in enumerate(rule.then):
+        action = _action_of(step)
+        template = None
+        if action.name == "alert" and action.args.get("message"):
+            template = _template(action.args["message"], rule.scope, types,
+                                 lambda msg, i=index: problem(["then", i, "alert", "message"],
+                                                              msg))
+        if action.name == "catch_up" and rule.scope != "pair":
+            problem(["then", index], "catch_up needs a leader: use it in scope pair")
+        if action.name in ("pause_copier", "resume_copier") and rule.scope == "global" and \
+                not action.args.get("all_followers"):
+            problem(["then", index], f"{action.name} in scope global needs all_followers: true")
+        if action.name == "reduce_order":
+            ref = action.args.get("max_qty")
+            if isinstance(ref, str) and (not ref.startswith("params.") or ref[7:] not in params):
+                problem(["then", index], f"reduce_order.max_qty: {ref!r} is not a number or a "
+                                         "declared params.NAME")
+        actions.append(action)
+        templates.append(template)
+    if len(problems) > before or when is None:
+        return None
+    applies = rule.applies_to
+    return CompiledRule(
+        ruleset=ruleset, id=rule.id, description=rule.description, scope=rule.scope,
+        stage=rule.stage,
+        roles=frozenset(applies.roles) if applies and applies.roles is not None else None,
+        firms=frozenset(applies.firms) if applies and applies.firms is not None else None,
+        accounts=(frozenset(applies.accounts)
+                  if applies and applies.accounts is not None else None),
+        when=when, hold=hold, cooldown=cooldown, actions=tuple(actions),
+        templates=tuple(templates), priority=rule.priority, mode=rule.mode,
+        severity=rule.severity, timezone=zone, file=parsed.file,
+        line=parsed.lines.line_of(base),
+    )
+
+
+def _action_of(step: Any) -> Action:
+    if isinstance(step, str):
+        model = STEP_ARGS[step]()
+        return Action(step, model.model_dump())
+    (name, args), = step.model_dump(exclude_unset=False).items()
+    model_args = getattr(step, name)
+    if model_args is None:
+        model_args = STEP_ARGS[name]()
+    return Action(name, model_args.model_dump())
+
+
+def _template(text: str, scope: str, types: dict[str, str], report: Any) -> Template | None:
+    parts: list[str | CompiledExpression] = []
+    position = 0
+    ok = True
+    for match in _TEMPLATE.finditer(text):
+        parts.append(text[position:match.start()])
+        position = match.end()
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            parts.append(token[0])
+            continue
+        try:
+            parts.append(compile_expression(match[1], scope, types, "message"))
+        except ExpressionError as exc:
+            report(f"message {{{match[1]}}}: {exc}")
+            ok = False
+    parts.append(text[position:])
+    return Template(tuple(p for p in parts if p != "")) if ok else None
