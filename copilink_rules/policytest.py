@@ -16,7 +16,7 @@ A test file::
 
 A matcher's fields must all match a decision: rule, action, account, instrument, severity,
 `suppressed` (false by default; true = suppressed for any reason; text = part of the reason),
-`reason` (part of the reason), `at` (exact time), `after` / `before` (inclusive). `count` (in
+`reason` (part of the reason), `args` (a subset of the action's arguments), `at` (exact time), `after` / `before` (inclusive). `count` (in
 `expect`) is the exact number of matching decisions, default at least one.
 A case with `snapshot:` is a dry run; `check: true` runs the pre-session check and `ready:`
 says whether the accounts should pass it.
@@ -56,6 +56,7 @@ class Matcher(_Strict):
     at: AwareDatetime | None = None
     after: AwareDatetime | None = None
     before: AwareDatetime | None = None
+    args: dict[str, Any] | None = None
     count: int | None = Field(default=None, ge=0)
 
     def matches(self, decision: Decision) -> bool:
@@ -72,6 +73,10 @@ class Matcher(_Strict):
         ):
             return False
         if self.reason is not None and self.reason not in decision.reason:
+            return False
+        if self.args is not None and any(
+            decision.args.get(key) != value for key, value in self.args.items()
+        ):
             return False
         if self.at is not None and decision.time != self.at:
             return False

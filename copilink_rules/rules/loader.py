@@ -201,7 +201,11 @@ def _schema_problems(data: Any, file: str, lines: LineMap) -> list[Problem]:
         message = _schema_message(error, data, path)
         if message is None:
             continue
-        problems.append(Problem(file, lines.line_of(path), message, _rule_id(data, path)))
+        where = path
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            where = path + extra[:1]  # point at the misspelt key itself
+        problems.append(Problem(file, lines.line_of(where), message, _rule_id(data, path)))
     return problems
 
 

@@ -1,0 +1,77 @@
+"""Helpers to build snapshots and policies in tests without files where files add nothing."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from copilink_rules.engine import Engine
+from copilink_rules.model import Snapshot
+from copilink_rules.rules import Policy, load_policy
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)  # Monday 09:30 New York
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def account(id_: str, role: str = "follower", **fields: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": id_, "role": role}
+    if role == "follower":
+        data["leader"] = fields.pop("leader", "LEAD")
+    data.update(fields)
+    return data
+
+
+def pos(instrument: str, qty: int, avg_price: float = 18000.0, **fields: Any) -> dict[str, Any]:
+    return {"instrument": instrument, "qty": qty, "avg_price": avg_price, **fields}
+
+
+def snap(time: datetime, *accounts: dict[str, Any], quotes: dict[str, Any] | None = None
+         ) -> Snapshot:
+    return Snapshot.model_validate({
+        "time": time.isoformat(),
+        "quotes": quotes if quotes is not None else
+        {"NQH6": {"bid": 18000.0, "ask": 18000.25, "last": 18000.25}},
+        "accounts": list(accounts),
+    })
+
+
+@pytest.fixture
+def write_rules(tmp_path: Path) -> Callable[..., Path]:
+    """Write a rule file from dedented YAML text; returns its path."""
+
+    def write(text: str, name: str = "rules.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def policy_of(write_rules: Callable[..., Path]) -> Callable[..., Policy]:
+    def make(text: str, overrides: dict[str, str] | None = None) -> Policy:
+        return load_policy([write_rules(text)], overrides)
+
+    return make
+
+
+@pytest.fixture
+def engine_of(policy_of: Callable[..., Policy]) -> Callable[..., Engine]:
+    def make(text: str, overrides: dict[str, str] | None = None) -> Engine:
+        return Engine(policy_of(text, overrides))
+
+    return make
+
+
+@pytest.fixture
+def desync() -> Engine:
+    return Engine(load_policy([REPO / "rules" / "desync.yaml"]))

@@ -1,0 +1,345 @@
+"""Engine semantics: debounce, episodes, cooldowns, conflicts, modes, reachability, errors,
+state, and time taken only from snapshots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from copilink_rules.engine import Engine
+from copilink_rules.errors import StateError
+from copilink_rules.model import Decision, Snapshot
+from copilink_rules.snapshots import load_timeline
+
+from .conftest import REPO, account, at, pos, snap
+
+EngineOf = Callable[..., Engine]
+
+BIG = """
+    ruleset: demo
+    params: {max_contracts: 3}
+    rules:
+      - id: too-big
+        when: account.contracts > params.max_contracts
+        for: 2s
+        cooldown: {cooldown}
+        then: [flatten]
+"""
+
+
+def big(n: int, t: float, **fields: Any) -> Snapshot:
+    return snap(at(t), account("LEAD", "leader"), account("F1", positions=[pos("NQH6", n)],
+                                                          **fields))
+
+
+def fired(engine: Engine, snapshots: list[Snapshot]) -> list[tuple[float, str, str, str | bool]]:
+    out = []
+    for s in snapshots:
+        for d in engine.evaluate(s):
+            out.append(((d.time - at(0)).total_seconds(), d.rule, d.action, d.suppressed))
+    return out
+
+
+def test_rule_fires_once_when_condition_held_for_its_duration(engine_of: EngineOf) -> None:
+    engine = engine_of(BIG.replace("{cooldown}", "0s"))
+    timeline = [big(5, t) for t in (0, 1, 1.999, 2, 3, 10)]
+    assert fired(engine, timeline) == [(2.0, "too-big", "flatten", False)]
+
+
+def test_a_blip_shorter_than_for_never_fires(engine_of: EngineOf) -> None:
+    engine = engine_of(BIG.replace("{cooldown}", "0s"))
+    timeline = [big(5, 0), big(5, 1.5), big(1, 1.75), big(5, 2), big(5, 3.5)]
+    assert fired(engine, timeline) == []  # the timer restarted at t=2
+
+
+def test_rule_fires_again_only_after_condition_was_false(engine_of: EngineOf) -> None:
+    engine = engine_of(BIG.replace("{cooldown}", "0s"))
+    timeline = [big(5, 0), big(5, 2), big(1, 3), big(5, 4), big(5, 6)]
+    assert [f[0] for f in fired(engine, timeline)] == [2.0, 6.0]
+
+
+def test_cooldown_delays_the_next_episode(engine_of: EngineOf) -> None:
+    engine = engine_of(BIG.replace("{cooldown}", "30s"))
+    timeline = [big(5, 0), big(5, 2), big(1, 3), big(5, 4), big(5, 6), big(5, 31), big(5, 32),
+                big(1, 33), big(5, 34), big(5, 36)]
+    # fired at 2; the next episode is ready at 6 but cooling down until 32, so it fires at 32
+    assert [f[0] for f in fired(engine, timeline)] == [2.0, 32.0]
+
+
+def test_decisions_carry_rule_set_version_scope_and_severity(engine_of: EngineOf) -> None:
+    engine = engine_of(BIG.replace("{cooldown}", "0s"))
+    (decision,) = engine.evaluate(big(5, 0), as_if_held=True)
+    assert decision.version == engine.policy.version
+    assert (decision.ruleset, decision.scope, decision.severity) == ("demo", "account",
+                                                                     "critical")
+    assert decision.account == "F1" and decision.instrument is None
+    assert decision.as_if_held is True
+    assert "as if held for 2s" in decision.reason
+    line = decision.to_json_dict()
+    assert {"time", "ruleset", "rule", "action", "account", "instrument", "severity", "reason",
+            "suppressed"} <= set(line)
+    assert line["time"] == "2026-03-02T14:30:00.000Z"
+
+
+CONFLICT = """
+    ruleset: demo
+    rules:
+      - id: enter-late
+        scope: pair
+        when: not leader.flat and follower.flat
+        then: [catch_up]
+        priority: 100
+      - id: halt
+        scope: account
+        applies_to: {accounts: [F1]}
+        when: account.pnl < -500
+        then:
+          - lock_account: {state: halted}
+      - id: soft-lock
+        scope: account
+        when: account.pnl < -400
+        then:
+          - lock_account: {state: reducing}
+      - id: alert-a
+        scope: account
+        when: account.pnl < -400
+        then: [pause_copier]
+        priority: 1
+      - id: alert-b
+        scope: account
+        when: account.pnl < -400
+        then: [pause_copier, resume_copier]
+        priority: 5
+"""
+
+
+def test_most_restrictive_action_wins_and_losers_say_why(engine_of: EngineOf) -> None:
+    engine = engine_of(CONFLICT)
+    snapshot = snap(at(0), account("LEAD", "leader", positions=[pos("NQH6", 1)]),
+                    account("F1", realized_pnl=-600.0))
+    decisions = {(d.rule, d.action): d.suppressed for d in engine.evaluate(snapshot)}
+    assert decisions[("halt", "lock_account")] is False
+    assert decisions[("soft-lock", "lock_account")] == \
+        "lock_account already decided by rule halt (priority 0)"
+    assert decisions[("alert-b", "pause_copier")] is False  # higher priority among equals
+    assert decisions[("alert-a", "pause_copier")] == \
+        "pause_copier already decided by rule alert-b (priority 5)"
+    assert decisions[("alert-b", "resume_copier")] == \
+        "pause_copier from rule alert-b is more restrictive"
+    assert decisions[("enter-late", "catch_up")] == \
+        "account is locked (halted) by rule halt: no new exposure"
+
+
+def test_catch_up_never_follows_a_flatten_in_the_same_leader_trade(desync: Engine) -> None:
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 2, opened_at=at(0).isoformat())])
+    short = account("F1", positions=[pos("MNQH6", -20, opened_at=at(0).isoformat())])
+    flat = account("F1")
+    timeline = [snap(at(t), lead, short) for t in (0, 0.5, 1.0)] + \
+        [snap(at(t), lead, flat) for t in (1.5, 3, 4.5, 6)]
+    actions = [(t, rule, action) for t, rule, action, _ in fired(desync, timeline)]
+    assert (1.0, "opposite-position", "flatten") in actions
+    assert (1.0, "opposite-position", "pause_copier") in actions
+    assert not [a for a in actions if a[2] in ("catch_up", "skip_entry")]
+    # a new leader trade is a new episode: catch-up is possible again
+    lead2 = account("LEAD", "leader", positions=[pos("NQH6", 2, opened_at=at(10).isoformat())])
+    later = [snap(at(t), lead2, flat) for t in (10, 13)]
+    assert [(t, a) for t, _, a, _ in fired(desync, later) if a == "catch_up"] == [(13.0,
+                                                                                    "catch_up")]
+
+
+def test_modes_warn_and_dryrun_report_without_acting(engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        rules:
+          - id: warned
+            when: account.contracts > 0
+            then: [flatten]
+            mode: warn
+          - id: dry
+            when: account.contracts > 0
+            then:
+              - flatten
+              - alert: {message: "{account.id} big"}
+            mode: dryrun
+    """)
+    decisions = [(d.rule, d.action, d.suppressed) for d in engine.evaluate(big(1, 0))]
+    assert decisions == [
+        ("warned", "flatten", "rule mode is warn: alert only"),
+        ("dry", "flatten", "rule mode is dryrun: report only"),
+        ("dry", "alert", "rule mode is dryrun: report only"),
+        ("warned", "alert", False),
+    ]
+
+
+def test_orders_are_held_for_a_stale_account_and_sent_once_it_is_fresh(desync: Engine) -> None:
+    def state(t: float, updated: float) -> Snapshot:
+        return snap(at(t), account("LEAD", "leader"),
+                    account("F1", updated_at=at(updated).isoformat(),
+                            positions=[pos("NQH6", 1)]))
+
+    timeline = [state(0, -10), state(1, -10), state(2, -10), state(3, -10), state(4, 4),
+                state(5, 5)]
+    result = fired(desync, timeline)
+    flattens = [(t, s) for t, rule, a, s in result if a == "flatten"]
+    assert flattens == [(2.0, "account F1 data is stale (12.0s old): no orders until it is "
+                              "reachable again"), (4.0, False)]
+    assert (1.0, "account-unreachable", "pause_copier", False) in result
+    # the held flatten's alert is reported once, not on every tick while stale
+    assert [t for t, rule, a, _ in result if rule == "stuck-follower" and a == "alert"] == [2.0,
+                                                                                          4.0]
+
+
+def test_evaluation_errors_are_reported_once_and_never_count_as_false(
+        engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        rules:
+          - id: needs-quote
+            scope: pair
+            when: ticks(quote.last, leader.avg_price) > 4
+            for: 1s
+            then: [skip_entry]
+    """)
+    lead = account("LEAD", "leader", positions=[pos("ESH6", 1, 5000.0)])
+    no_quote = [snap(at(t), lead, account("F1"), quotes={}) for t in (0, 0.5, 1)]
+    quoted = [snap(at(t), lead, account("F1"),
+                   quotes={"ESH6": {"bid": 5002, "ask": 5002.25, "last": 5002.25}})
+              for t in (2, 3)]
+    result = fired(engine, no_quote + quoted)
+    assert result[0][:3] == (0.0, "needs-quote", "error")
+    assert len([r for r in result if r[2] == "error"]) == 1
+    assert [r[:3] for r in result[1:]] == [(3.0, "needs-quote", "skip_entry")]
+    (error,) = Engine(engine.policy).evaluate(no_quote[0])
+    assert error.reason.startswith("evaluation error: no quote for ESH26 in this snapshot")
+    assert error.severity == "error"
+
+
+def test_a_condition_that_is_not_true_or_false_is_an_error(engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        rules:
+          - id: sloppy
+            when: account.contracts
+            then: [flatten]
+    """)
+    (decision,) = [d for d in engine.evaluate(big(2, 0)) if d.account == "F1"]
+    assert decision.action == "error"
+    assert "the condition gave 2, not true or false" in decision.reason
+
+
+def test_time_comes_only_from_snapshots(engine_of: EngineOf) -> None:
+    text = BIG.replace("{cooldown}", "0s")
+    timeline = [big(5, t) for t in (0, 1, 2, 3)]
+    expected = fired(engine_of(text), timeline)
+    with freeze_time("2031-07-04 03:00:00"):
+        assert fired(engine_of(text), timeline) == expected
+    with pytest.raises(StateError, match="cannot go back"):
+        engine = engine_of(text)
+        engine.evaluate(big(5, 10))
+        engine.evaluate(big(5, 9))
+
+
+def test_local_time_follows_daylight_saving_changes(engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        timezone: America/New_York
+        params: {flat_by: "16:59"}
+        rules:
+          - id: flat-by
+            when: now_local >= time(params.flat_by) and not account.flat
+            then: [flatten]
+    """)
+
+    def at_utc(text: str) -> list[str]:
+        moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
+        fresh = Engine(engine.policy)
+        s = snap(moment, account("LEAD", "leader"), account("F1", positions=[pos("NQH6", 1)]))
+        return [d.action for d in fresh.evaluate(s)]
+
+    # Friday 2026-03-06, EST (UTC-5): 16:59 local is 21:59 UTC
+    assert at_utc("2026-03-06T21:58:59") == []
+    assert at_utc("2026-03-06T21:59:00") == ["flatten"]
+    # Monday 2026-03-09, after the spring change, EDT (UTC-4): 16:59 local is 20:59 UTC
+    assert at_utc("2026-03-09T20:58:59") == []
+    assert at_utc("2026-03-09T20:59:00") == ["flatten"]
+    # Friday 2026-10-30 EDT, then Monday 2026-11-02 after the autumn change, EST again
+    assert at_utc("2026-10-30T20:59:00") == ["flatten"]
+    assert at_utc("2026-11-02T20:59:00") == []
+    assert at_utc("2026-11-02T21:59:00") == ["flatten"]
+
+
+def test_micro_against_mini_is_an_opposite_position_but_another_index_is_not(
+        desync: Engine) -> None:
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 1)])
+    follower = account("F1", positions=[pos("MNQ 03-26", -10), pos("ESH6", 1, 5000.0)])
+    decisions = desync.evaluate(snap(at(0), lead, follower), as_if_held=True)
+    by_rule = {(d.rule, d.action, d.instrument) for d in decisions}
+    assert ("opposite-position", "flatten", "MNQ 03-26") in by_rule
+    # the ES position has no leader position: a stuck follower in the ES family
+    assert ("stuck-follower", "flatten", "ESH6") in by_rule
+
+
+def test_followers_pair_with_their_own_leader(desync: Engine) -> None:
+    snapshot = snap(
+        at(0),
+        account("L1", "leader", positions=[pos("NQH6", 1)]),
+        account("L2", "leader"),
+        account("F1", leader="L1", positions=[pos("NQH6", 1)]),
+        account("F2", leader="L2", positions=[pos("NQH6", 1)]),
+    )
+    decisions = desync.evaluate(snapshot, as_if_held=True)
+    assert {(d.account, d.rule) for d in decisions if d.action == "flatten"} == {
+        ("F2", "stuck-follower")}
+
+
+def test_global_scope_sees_counts_over_all_accounts(engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        rules:
+          - id: many-down
+            scope: global
+            when: accounts.disconnected >= 2
+            then:
+              - pause_copier: {all_followers: true}
+              - alert: {severity: critical, message: "{accounts.disconnected} accounts down"}
+    """)
+    snapshot = snap(at(0), account("LEAD", "leader"), account("F1", connected=False),
+                    account("F2", connected=False))
+    decisions = engine.evaluate(snapshot)
+    assert [(d.action, d.account, d.reason) for d in decisions] == [
+        ("pause_copier", None, "when: accounts.disconnected >= 2"),
+        ("alert", None, "2 accounts down"),
+    ]
+
+
+def test_saved_state_resumes_exactly_where_it_stopped(desync: Engine) -> None:
+    timeline = load_timeline(REPO / "examples" / "disconnected-follower.jsonl")
+    whole = [d.model_dump() for s in timeline for d in desync.evaluate(s)]
+
+    first = Engine(desync.policy)
+    part: list[Decision] = []
+    for s in timeline[:50]:  # stop mid-episode: F2 unreachable, flatten held
+        part.extend(first.evaluate(s))
+    saved = json.loads(json.dumps(first.save_state()))
+    assert saved["version"] == 1
+    second = Engine(desync.policy)
+    assert second.restore_state(saved) == []
+    for s in timeline[50:]:
+        part.extend(second.evaluate(s))
+    assert [d.model_dump() for d in part] == whole
+
+
+def test_state_from_a_newer_version_or_damaged_is_refused(desync: Engine) -> None:
+    with pytest.raises(StateError, match="version 2; this copilink-rules reads version 1"):
+        desync.restore_state({"version": 2})
+    with pytest.raises(StateError, match="damaged"):
+        desync.restore_state({"version": 1, "rules": {"stuck-follower": {"x": {}}}})
+    notes = Engine(desync.policy).restore_state(
+        {"version": 1, "policy_version": "old", "rules": {"gone": {}}})
+    assert any("the rules changed" in n for n in notes)
+    assert any("gone" in n for n in notes)
