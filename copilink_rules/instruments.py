@@ -70,7 +70,8 @@ class Instrument:
 
     @property
     def micro(self) -> bool:
-        return self.spec.size < 1.0
+        """A micro contract (MNQ, MES, SIL...): a fifth of the full size or smaller."""
+        return self.spec.size <= 0.2
 
 
 def year_from_digits(digits: str) -> int:

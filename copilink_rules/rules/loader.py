@@ -170,6 +170,7 @@ class _Parsed:
     text: str
     model: RuleSetFile
     lines: LineMap
+    rule_index: list[int]  # position in the file of each rule in `model` (bad ones left out)
 
 
 @cache
@@ -267,17 +268,24 @@ def parse_rule_file(path: Path) -> tuple[_Parsed | None, list[Problem]]:
         return None, [Problem(file, 1, "a rule file must be a YAML mapping with `ruleset:` "
                                        "and `rules:`")]
     problems = _schema_problems(data, file, lines)
-    if problems:
+    # Keep checking the rules that are well-formed, so one pass reports every problem.
+    bad_rules = {p.rule for p in problems if p.rule is not None}
+    outside_rules = [p for p in problems if p.rule is None]
+    rules = data.get("rules") if isinstance(data.get("rules"), list) else []
+    keep = [i for i, r in enumerate(rules)
+            if not (isinstance(r, dict) and r.get("id") in bad_rules)]
+    if outside_rules or (problems and not isinstance(data.get("rules"), list)):
         return None, problems
+    data = {**data, "rules": [rules[i] for i in keep]} if "rules" in data else data
     try:
         model = RuleSetFile.model_validate(data)
     except ValidationError as exc:  # the schema should have caught it; report anyway
-        return None, [
+        return None, problems + [
             Problem(file, lines.line_of(list(e["loc"])), f"{_dotted(list(e['loc']))}: "
                     f"{e['msg']}", _rule_id(data, list(e["loc"])))
             for e in exc.errors()
         ]
-    return _Parsed(file, text, model, lines), []
+    return _Parsed(file, text, model, lines, keep), problems
 
 
 # --- a set of files ----------------------------------------------------------------------
@@ -366,7 +374,8 @@ def load_policy(
 
     for path in files:
         visit(path, [], None)
-    if problems:
+    if any(p.rule is None for p in problems):
+        # a file, its top level or its `extends` is broken: checking on would only add noise
         raise RuleFileError(problems)
 
     params = _merge_params(order, by_name, problems)
@@ -374,7 +383,7 @@ def load_policy(
         _apply_overrides(params, overrides)
     rules = _compile_rules(order, by_name, params, problems)
     if problems:
-        raise RuleFileError(problems)
+        raise RuleFileError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
 
     digest = hashlib.sha256()
     for name in order:
@@ -555,7 +564,7 @@ def _compile_rules(
                                     "name such as America/New_York or America/Chicago)"))
             continue
         for index, rule in enumerate(parsed.model.rules):
-            base = ["rules", index]
+            base = ["rules", parsed.rule_index[index]]
             line = parsed.lines.line_of(base)
             if rule.id in seen:
                 other_file, other_line = seen[rule.id]

@@ -1,0 +1,200 @@
+"""The command line: outputs, exit codes, and no traceback for bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from copilink_rules.cli import run
+from copilink_rules.rules.spec import ruleset_json_schema_text
+
+from .conftest import REPO
+
+GOLDEN = Path(__file__).parent / "golden"
+DESYNC = str(REPO / "rules" / "desync.yaml")
+EXAMPLES = REPO / "examples"
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    text = text.replace(str(REPO) + "/", "")
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"output differs from {path} (UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_validate_reports_ok_files() -> None:
+    code, out, err = cli("validate", DESYNC)
+    assert code == 0, err
+    assert "rule set desync (9 rules)" in out
+    assert out.splitlines()[-1].startswith("valid: 9 rules, 7 params, version ")
+
+
+def test_validate_reports_every_problem_as_file_line_rule_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((GOLDEN / "bad-rules.yaml").read_text())
+    code, out, err = cli("validate", str(bad))
+    assert code == 1
+    golden("validate-bad-rules.txt", err.replace(str(bad), "bad-rules.yaml"))
+
+
+def test_replay_table_output_is_stable() -> None:
+    code, out, err = cli("replay", "--format", "table", "--rules", DESYNC,
+                         str(EXAMPLES / "disconnected-follower.jsonl"))
+    assert code == 0, err
+    golden("replay-disconnected.txt", out)
+
+
+def test_replay_jsonl_has_the_documented_fields() -> None:
+    code, out, _ = cli("replay", "--format", "jsonl", "--rules", DESYNC,
+                       str(EXAMPLES / "opposite-position.jsonl"))
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(d["rule"], d["action"], d["account"], d["instrument"]) for d in lines] == [
+        ("opposite-position", "flatten", "F2", "MNQH6"),
+        ("opposite-position", "pause_copier", "F2", "MNQH6"),
+        ("opposite-position", "alert", "F2", "MNQH6"),
+    ]
+    for d in lines:
+        assert d["time"] == "2026-03-02T14:30:09.000Z"
+        assert d["suppressed"] is False
+        assert d["ruleset"] == "desync"
+        assert len(d["version"]) == 12
+
+
+def test_dry_run_says_it_has_no_history() -> None:
+    code, out, _ = cli("dry-run", "--format", "table", "--rules", DESYNC, "--state",
+                       str(EXAMPLES / "missed-entry.json"))
+    assert code == 0
+    assert "every true condition is reported as if it had held" in out
+    assert "catch_up" in out and "F2 NQH6" in out
+
+
+def test_set_changes_a_param_from_the_command_line() -> None:
+    _, out, _ = cli("dry-run", "--format", "jsonl", "--rules", DESYNC, "--state",
+                    str(EXAMPLES / "missed-entry.json"), "--set", "catch_up_max_ticks=0")
+    assert [json.loads(line)["action"] for line in out.splitlines()] == ["skip_entry", "alert"]
+
+
+def test_replay_can_stop_and_continue_from_saved_state(tmp_path: Path) -> None:
+    lines = (EXAMPLES / "disconnected-follower.jsonl").read_text().splitlines(keepends=True)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(lines[:50]))
+    second.write_text("".join(lines[50:]))
+    state = tmp_path / "state.json"
+    _, out1, _ = cli("replay", "--format", "jsonl", "--rules", DESYNC, str(first),
+                     "--save-state", str(state))
+    _, out2, _ = cli("replay", "--format", "jsonl", "--rules", DESYNC, str(second),
+                     "--load-state", str(state))
+    _, whole, _ = cli("replay", "--format", "jsonl", "--rules", DESYNC,
+                      str(EXAMPLES / "disconnected-follower.jsonl"))
+    assert out1 + out2 == whole
+    assert json.loads(state.read_text())["version"] == 1
+
+
+def test_check_exit_codes() -> None:
+    code, out, _ = cli("check", "--format", "table", "--rules", DESYNC, "--state",
+                       str(EXAMPLES / "pre-session-ready.json"))
+    assert (code, out.split(":")[0]) == (0, "READY")
+    code, out, _ = cli("check", "--format", "table", "--rules", DESYNC, "--state",
+                       str(EXAMPLES / "pre-session-not-ready.json"))
+    assert code == 1
+    golden("check-not-ready.txt", out)
+
+
+def test_policy_tests_pass_and_a_failing_case_fails(tmp_path: Path) -> None:
+    code, out, _ = cli("test", str(REPO / "rules" / "tests"))
+    assert code == 0, out
+    assert " 0 failed" in out
+    failing = tmp_path / "t.yaml"
+    failing.write_text(f"""
+rules: [{DESYNC}]
+cases:
+  - name: wrong expectation
+    timeline: {EXAMPLES / "stuck-follower.jsonl"}
+    expect:
+      - {{rule: stuck-follower, action: flatten, at: "2026-03-02T14:30:16Z"}}
+""")
+    code, out, _ = cli("test", str(failing))
+    assert code == 1
+    assert "FAIL  wrong expectation" in out
+    assert "expected {rule: stuck-follower, action: flatten, at: 2026-03-02T14:30:16Z}" in out
+
+
+def test_malformed_policy_test_file_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("rules: [x.yaml]\ncases:\n  - name: nothing\n    snapshot: a.json\n")
+    code, _, err = cli("test", str(bad))
+    assert code == 1
+    assert err.strip() == f"{bad}:3: cases[0]: Value error, a case needs `expect`, `forbid` " \
+        "or `ready`"
+
+
+def test_schema_prints_the_committed_schema() -> None:
+    code, out, _ = cli("schema")
+    assert code == 0
+    assert out == ruleset_json_schema_text() == (REPO / "schemas" /
+                                                 "ruleset.schema.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dry-run", "--state", "x.json"],
+        ["replay"],
+        ["frobnicate"],
+        ["dry-run", "--rules", DESYNC, "--state", "x.json", "--set", "novalue"],
+        ["dry-run", "--rules", DESYNC, "--state", "x.json", "--set", "nope=1"],
+        ["replay", "--rules", DESYNC, "t.jsonl", "--format", "xml"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv: list[str]) -> None:
+    code, out, err = cli(*argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dry-run", "--rules", DESYNC, "--state", "missing.json"],
+         "missing.json: cannot read: No such file or directory"),
+        (["replay", "--rules", "missing.yaml", "t.jsonl"],
+         "missing.yaml: no such file or folder"),
+        (["replay", "--rules", DESYNC, str(EXAMPLES / "stuck-follower.json")],
+         "invalid JSON"),
+        (["dry-run", "--rules", DESYNC, "--state", str(EXAMPLES / "clean-session.jsonl")],
+         "this is a timeline (JSON Lines); use `replay` for timelines"),
+        (["replay", "--rules", DESYNC, str(EXAMPLES / "clean-session.jsonl"), "--load-state",
+          DESYNC], "saved state is not JSON"),
+    ],
+)
+def test_bad_input_is_a_clear_message_not_a_traceback(argv: list[str], message: str) -> None:
+    code, _, err = cli(*argv)
+    assert code == 1
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_installed_command_runs_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "copilink_rules", "replay", "--rules", DESYNC,
+         str(EXAMPLES / "stuck-follower.jsonl")],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["action"] for line in result.stdout.splitlines()] == [
+        "flatten", "alert"]

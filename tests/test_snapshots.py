@@ -1,0 +1,116 @@
+"""Loading snapshots and timelines: defaults, unknown fields, file/line/field of each problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from copilink_rules.errors import SnapshotError
+from copilink_rules.snapshots import iter_timeline, load_snapshot, load_timeline
+
+from .conftest import REPO
+
+
+def test_documented_defaults_apply(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"time": "2026-03-02T14:31:05.250Z", "accounts": [
+        {"id": "LEAD", "role": "leader"}, {"id": "F1", "role": "follower", "leader": "LEAD"}]}))
+    snapshot = load_snapshot(path)
+    follower = snapshot.accounts[1]
+    assert (follower.connected, follower.copier, follower.ratio, follower.balance,
+            follower.realized_pnl, follower.positions) == (True, "active", 1.0, 0.0, 0.0, ())
+
+
+def test_the_spec_example_snapshot_loads() -> None:
+    snapshot = load_snapshot(REPO / "examples" / "stuck-follower.json")
+    assert [a.id for a in snapshot.accounts] == ["LEAD", "F1", "F2"]
+    assert snapshot.accounts[2].positions[0].qty == 2
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "expected"),
+    [
+        (".yaml", """
+time: "2026-03-02T14:31:05Z"
+accounts:
+  - id: LEAD
+    role: leader
+  - id: F1
+    role: follower
+    positions:
+      - instrument: NQH6
+        qty: 1
+        avg_prce: 18000
+""", ["FILE:10: accounts[1].positions[0].avg_prce: unknown field (remove it or check its "
+      "spelling)"]),
+        (".yaml", """
+time: "2026-03-02T14:31:05Z"
+accounts:
+  - {id: LEAD, role: leader}
+  - {id: F1, role: folower}
+  - {id: F2, role: follower, positions: [{instrument: XYZH6, qty: 1}]}
+""", ["FILE:4: accounts[1].role: Input should be 'leader' or 'follower' (got 'folower')"]),
+        (".yaml", """
+time: "2026-03-02T14:31:05Z"
+accounts:
+  - {id: LEAD, role: leader}
+  - {id: F2, role: follower, leader: BOSS, positions: [{instrument: XYZH6, qty: 1}]}
+  - {id: F2, role: follower}
+""", ["FILE:4: accounts[1].leader: no leader account named 'BOSS'",
+      "FILE:4: accounts[1].positions[0].instrument: unknown instrument 'XYZH6': root 'XYZH6' is "
+      "not in the catalog; use NQH6, NQ 03-26 or CON.F.US.ENQ.H26 style, or add the contract to "
+      "a user catalog (--instruments FILE)",
+      "FILE:5: accounts[2].id: duplicate account id 'F2'"]),
+        (".json", '{"time": "2026-03-02T14:31:05", "accounts": []}',
+         ["FILE:1: time: Input should have timezone info (got '2026-03-02T14:31:05')"]),
+        (".json", '{"time": "2026-03-02T14:31:05Z",\n "accounts": [}',
+         ["FILE:2: invalid JSON: Expecting value (column 15)"]),
+        (".json", '[1, 2]', ["FILE:1: a snapshot must be a JSON/YAML object"]),
+    ],
+)
+def test_snapshot_problems_name_file_line_and_field(tmp_path: Path, suffix: str, text: str,
+                                                    expected: list[str]) -> None:
+    path = tmp_path / f"snap{suffix}"
+    path.write_text(text.lstrip("\n"))
+    with pytest.raises(SnapshotError) as caught:
+        load_snapshot(path)
+    assert [str(p).replace(str(path), "FILE") for p in caught.value.problems] == expected
+
+
+def test_timeline_reports_the_line_of_a_bad_snapshot(tmp_path: Path) -> None:
+    lines = (REPO / "examples" / "clean-session.jsonl").read_text().splitlines()
+    broken = json.loads(lines[3])
+    broken["accounts"][0]["extra"] = 1
+    lines[3] = json.dumps(broken)
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    read = []
+    with pytest.raises(SnapshotError) as caught:
+        read.extend(iter_timeline(path))
+    assert len(read) == 3  # the first three were usable
+    assert str(caught.value) == f"{path}:4: accounts[0].extra: unknown field (remove it or " \
+        "check its spelling)"
+
+
+def test_timeline_times_must_not_go_backwards(tmp_path: Path) -> None:
+    lines = (REPO / "examples" / "clean-session.jsonl").read_text().splitlines()
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([lines[5], "", "# a comment", lines[4]]) + "\n")
+    with pytest.raises(SnapshotError, match=r"t.jsonl:4: time .* is earlier than the previous"):
+        load_timeline(path)
+
+
+def test_timeline_invalid_json_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"time": "2026-03-02T14:31:05Z"}\n{"time": \n')
+    with pytest.raises(SnapshotError, match=r"t.jsonl:2: invalid JSON"):
+        load_timeline(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="cannot read: No such file or directory"):
+        load_snapshot(tmp_path / "nope.json")
+    with pytest.raises(SnapshotError, match="cannot read"):
+        load_timeline(tmp_path / "nope.jsonl")
