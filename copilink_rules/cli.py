@@ -20,7 +20,7 @@ from typing import TextIO
 
 from . import __version__
 from .engine import Engine
-from .errors import CopilinkError, ParamError
+from .errors import CopilinkError, ParamError, RuleFileError, StateError
 from .instruments import Catalog, default_catalog
 from .output import DecisionPrinter
 from .policytest import run_test_files
@@ -130,8 +130,6 @@ def _format(args: argparse.Namespace, stdout: TextIO) -> str:
 
 
 def cmd_validate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    from .errors import RuleFileError
-
     try:
         policy = _policy(args, args.paths)
     except RuleFileError as exc:
@@ -226,8 +224,6 @@ def cmd_schema(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def _read_json(path: str) -> object:
-    from .errors import StateError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

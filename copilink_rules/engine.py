@@ -19,10 +19,11 @@ Semantics (SPEC section 3):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .errors import EvaluationError, StateError
 from .instruments import Catalog, Instrument, default_catalog
@@ -38,6 +39,7 @@ from .namespace import (
     PositionView,
     QuoteView,
 )
+from .rules.expressions import compile_batch
 from .rules.loader import CompiledRule, Policy
 
 STATE_VERSION = 1
@@ -55,6 +57,7 @@ RANK = {
     "catch_up": 10, "resume_copier": 10, "alert": 0,
 }
 ENTRY_PRECEDENCE = {"flatten": 3, "skip_entry": 2, "catch_up": 1}
+_WORKING = ("working", "pending")
 
 
 @dataclass(slots=True)
@@ -99,9 +102,48 @@ class _Proposal:
     reason: str
     held_for: float
     suppressed: str | None = None
+    target_index: int = 0
 
 
 @dataclass
+class _Group:
+    """Rules of one scope, stage and timezone, evaluated together by one compiled batch."""
+
+    scope: str
+    zone: ZoneInfo
+    rules: list[tuple[int, CompiledRule]]  # (position among the stage's rules, rule)
+    batch: Callable[[Env], int] = field(default=lambda env: 0)
+    filtered: bool = False
+    _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
+
+    def allowed(self, account: Account) -> int:
+        """Bit i set when rule i applies to this account (applies_to)."""
+        key = (account.id, account.role, account.firm)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = sum(1 << i for i, (_, rule) in enumerate(self.rules)
+                       if rule.applies(account.id, account.role, account.firm))
+            self._masks[key] = mask
+        return mask
+
+
+def _groups(rules: list[CompiledRule]) -> list[_Group]:
+    groups: dict[tuple[str, str], _Group] = {}
+    for order, rule in enumerate(rules):
+        key = (rule.scope, rule.timezone.key)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _Group(rule.scope, rule.timezone, [])
+        group.rules.append((order, rule))
+    for group in groups.values():
+        group.batch = compile_batch([rule.when for _, rule in group.rules],
+                                    f"{group.scope} rules")
+        group.filtered = any(r.roles is not None or r.firms is not None or r.accounts is not None
+                             for _, r in group.rules)
+    return list(groups.values())
+
+
+@dataclass(slots=True)
 class _AccountInfo:
     account: Account
     view: AccountView
@@ -124,6 +166,9 @@ class Engine:
         self._entries: dict[str, tuple[str, str]] = {}  # pair -> (leader trade, action)
         self._first_seen: dict[str, tuple[int, datetime]] = {}  # account|family -> (side, t)
         self.last_time: datetime | None = None
+        self._instrument_views: dict[str, Any] = {}
+        self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage])
+                        for stage in ("session", "pre_session")}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -137,17 +182,34 @@ class Engine:
                              f"one ({self.last_time.isoformat()}); the engine's time cannot go "
                              "back")
         infos = self._accounts(snapshot, now)
+        groups = self._groups[stage]
+        scopes = {g.scope for g in groups}
+        build = {"account": self._account_targets, "pair": self._pair_targets,
+                 "global": self._global_targets}
+        targets_by_scope = {scope: build[scope](snapshot, infos, now) for scope in scopes}
         proposals: list[_Proposal] = []
-        decisions: list[Decision] = []
-        rules = [r for r in self.policy.rules if r.stage == stage]
-        targets_by_scope = {
-            "account": self._account_targets(snapshot, infos, now),
-            "pair": self._pair_targets(snapshot, infos, now),
-            "global": self._global_targets(snapshot, infos, now),
-        }
-        for order, rule in enumerate(rules):
-            self._evaluate_rule(rule, order, targets_by_scope[rule.scope], now, as_if_held,
-                                proposals, decisions)
+        errors: list[tuple[int, int, Decision]] = []
+        zones: dict[str, Any] = {}
+        for group in groups:
+            targets = targets_by_scope[group.scope]
+            if zones.get(group.scope) is not group.zone:  # local time is per rule set's zone
+                zones[group.scope] = group.zone
+                local = now.astimezone(group.zone)
+                now_local, weekday = local.time(), local.weekday()
+                for target in targets:
+                    env = target.env
+                    env.local, env.now_local, env.weekday = local, now_local, weekday
+            self._evaluate_group(group, targets, now, as_if_held, proposals, errors)
+            live = {t.key for t in targets}
+            for _, rule in group.rules:
+                # a target that is gone (a pair gone flat, an account removed) ends its episode
+                for table in (self._states[rule.id], self._errors[rule.id]):
+                    if table:
+                        for key in [k for k in table if k not in live]:
+                            del table[key]
+        errors.sort(key=lambda e: (e[0], e[1]))
+        proposals.sort(key=lambda p: (p.order, p.target_index))
+        decisions = [decision for _, _, decision in errors]
         decisions.extend(self._resolve(proposals, infos, now))
         self.last_time = now
         return decisions
@@ -219,7 +281,8 @@ class Engine:
         for account in snapshot.accounts:
             families: dict[str, _Family] = {}
             contracts = 0
-            overnight = {self.catalog.parse(s).symbol for s in account.overnight}
+            overnight = ({self.catalog.parse(s).symbol for s in account.overnight}
+                         if account.overnight else ())
             undeclared = 0
             for position in account.positions:
                 if position.qty == 0:
@@ -242,29 +305,27 @@ class Engine:
                         family.instrument, family.symbol = instrument, position.instrument
                         family.avg_price, family.opened_at = position.avg_price, position.opened_at
             for name, family in families.items():
+                if family.opened_at is not None:
+                    continue
+                # the broker did not say when the position opened: use when we first saw it
                 key = f"{account.id}|{name}"
                 seen_keys.add(key)
                 side = (family.equiv > 0) - (family.equiv < 0)
                 first = self._first_seen.get(key)
                 if first is None or first[0] != side:
-                    self._first_seen[key] = (side, family.opened_at or now)
-                if family.opened_at is None:
-                    family.opened_at = self._first_seen[key][1]
+                    first = self._first_seen[key] = (side, now)
+                family.opened_at = first[1]
             age = (now - account.updated_at).total_seconds() if account.updated_at else 0.0
             stale = age > self.stale_after
             reachable = account.connected and not stale
-            view = AccountView(
-                id=account.id, role=account.role, firm=account.firm or "",
-                leader_id=account.leader or "", ratio=account.ratio if account.role ==
-                "follower" else 1.0, connected=account.connected, stale=stale,
-                reachable=reachable, data_age=age, copier=account.copier,
-                balance=account.balance, realized_pnl=account.realized_pnl,
-                unrealized_pnl=account.unrealized_pnl,
-                pnl=account.realized_pnl + account.unrealized_pnl, flat=not families,
-                contracts=contracts, positions=len(families),
-                working_orders=sum(1 for o in account.orders if o.status in ("working",
-                                                                             "pending")),
-                undeclared_positions=undeclared,
+            view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
+                account.id, account.role, account.firm or "", account.leader or "",
+                account.ratio if account.role == "follower" else 1.0, account.connected,
+                stale, reachable, age, account.copier, account.balance, account.realized_pnl,
+                account.unrealized_pnl, account.realized_pnl + account.unrealized_pnl,
+                not families, contracts, len(families),
+                sum(1 for o in account.orders if o.status in _WORKING) if account.orders else 0,
+                undeclared,
             )
             why = "" if reachable else (
                 f"account {account.id} is disconnected" if not account.connected
@@ -306,6 +367,9 @@ class Engine:
     def _pair_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                       now: datetime) -> list[_Target]:
         leaders = [i for i in infos.values() if i.account.role == "leader"]
+        quotes = self._quotes(snapshot)
+        # a leader's view of a family is shared by all its followers this tick
+        lead_views: dict[tuple[str, str], tuple[Any, str, float | None]] = {}
         targets = []
         live_pairs: set[str] = set()
         for info in infos.values():
@@ -317,109 +381,140 @@ class Engine:
             if leader is None:
                 continue
             overnight = {self.catalog.parse(s).family for s in follower.overnight}
-            for family in sorted(set(leader.families) | set(info.families)):
+            families = leader.families.keys() | info.families.keys()
+            for family in sorted(families) if len(families) > 1 else families:
                 lead = leader.families.get(family)
                 foll = info.families.get(family)
-                main = lead or foll
-                assert main is not None
+                cached = lead_views.get((leader.account.id, family))
+                if cached is None:
+                    cached = lead_views[(leader.account.id, family)] = (
+                        _position_view(lead, now, False),
+                        f"{(lead.equiv > 0) - (lead.equiv < 0)}@{lead.opened_at.isoformat()}"
+                        if lead and lead.opened_at else "",
+                        _protective_stop(leader.account, family, self.catalog),
+                    )
+                lead_view, trade, stop = cached
                 pair_key = f"{follower.id}|{leader.account.id}|{family}"
                 live_pairs.add(pair_key)
-                trade = (f"{(lead.equiv > 0) - (lead.equiv < 0)}@{lead.opened_at.isoformat()}"
-                         if lead and lead.opened_at else "")
                 entry = self._entries.get(pair_key)
                 if entry is not None and entry[0] != trade:
                     del self._entries[pair_key]
                     entry = None
+                instrument = (lead or foll).instrument  # type: ignore[union-attr]
+                expected = (lead.equiv if lead else 0.0) * follower.ratio
                 env = self._env(now)
                 env.account = info.view
                 env.leader_account = leader.view
-                env.leader = _position_view(lead, now, False)
+                env.leader = lead_view
                 env.follower = _position_view(foll, now, family in overnight)
-                expected = (lead.equiv if lead else 0.0) * follower.ratio
                 env.pair = PairView(family=family, ratio=follower.ratio, expected_equiv=expected,
                                     entry_action=entry[1] if entry else "")
-                instrument = main.instrument
-                env.instrument = InstrumentView(
-                    symbol=instrument.symbol, root=instrument.root, family=instrument.family,
-                    tick_size=instrument.tick_size, tick_value=instrument.tick_value,
-                    micro=instrument.micro)
-                env.quote = self._quote(snapshot, instrument)
+                env.instrument = self._instrument_view(instrument)
+                env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
+                symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = round(expected / instrument.size) if lead else 0
-                targets.append(_Target(
-                    pair_key, follower, env, family,
-                    foll.symbol if foll else main.symbol, pair_key, trade, catch_up_qty,
-                    _protective_stop(leader.account, family, self.catalog),
-                ))
+                targets.append(_Target(pair_key, follower, env, family, symbol, pair_key, trade,
+                                       catch_up_qty, stop))
         for key in [k for k in self._entries if k not in live_pairs]:
             del self._entries[key]
         return targets
 
-    def _quote(self, snapshot: Snapshot, instrument: Instrument) -> QuoteView | MissingQuote:
+    def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
+        """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""
+        out = {}
         for symbol, quote in snapshot.quotes.items():
-            if self.catalog.parse(symbol).symbol == instrument.symbol:
-                return QuoteView(instrument.symbol, quote.bid, quote.ask, quote.last)
-        return MissingQuote(instrument.symbol)
+            canonical = self.catalog.parse(symbol).symbol
+            out[canonical] = QuoteView(canonical, quote.bid, quote.ask, quote.last)
+        return out
+
+    def _instrument_view(self, instrument: Instrument) -> Any:
+        view = self._instrument_views.get(instrument.symbol)
+        if view is None:
+            view = self._instrument_views[instrument.symbol] = InstrumentView(
+                symbol=instrument.symbol, root=instrument.root, family=instrument.family,
+                tick_size=instrument.tick_size, tick_value=instrument.tick_value,
+                micro=instrument.micro)
+        return view
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def _evaluate_rule(self, rule: CompiledRule, order: int, targets: list[_Target],
-                       now: datetime, as_if_held: bool, proposals: list[_Proposal],
-                       decisions: list[Decision]) -> None:
-        states = self._states[rule.id]
-        errors = self._errors[rule.id]
-        evaluate = rule.when.evaluate
-        zone = rule.timezone
-        local = now.astimezone(zone)
-        now_local = local.time()
-        weekday = local.weekday()
-        seen: set[str] | None = set() if states or errors else None
-        for target in targets:
+    def _evaluate_group(self, group: _Group, targets: list[_Target], now: datetime,
+                        as_if_held: bool, proposals: list[_Proposal],
+                        errors_out: list[tuple[int, int, Decision]]) -> None:
+        rules = group.rules
+        # rules whose per-target state must be cleared when their condition is false
+        tracked = [i for i, (_, rule) in enumerate(rules)
+                   if self._states[rule.id] or self._errors[rule.id]]
+        full = (1 << len(rules)) - 1
+        batch = group.batch
+        for index, target in enumerate(targets):
             account = target.account
-            if account is not None and (rule.roles or rule.firms or rule.accounts) and \
-                    not rule.applies(account.id, account.role, account.firm):
+            allowed = group.allowed(account) if group.filtered and account is not None else full
+            if not allowed:
                 continue
-            key = target.key
-            if seen is not None:
-                seen.add(key)
-            env = target.env
-            env.local, env.now_local, env.weekday = local, now_local, weekday
+            # the hot path: one call evaluates every condition of the group for this target
             try:
-                result = evaluate(env)
-                if result is not True and result is not False:
-                    raise EvaluationError(f"the condition gave {result!r}, not true or false")
-            except Exception as exc:  # noqa: BLE001 - a user's expression may raise anything
-                message = exc.args[0] if isinstance(exc, EvaluationError) else \
+                mask = batch(target.env) & allowed
+                failed = 0
+            # a user's expression may raise anything; find which, report it, never crash
+            except Exception:  # noqa: BLE001
+                mask, failed = self._one_by_one(group, target, index, allowed, now, errors_out)
+            key = target.key
+            for i in tracked:
+                if not (failed >> i) & 1:
+                    self._errors[rules[i][1].id].pop(key, None)
+                    if not (mask >> i) & 1:
+                        self._states[rules[i][1].id].pop(key, None)
+            while mask:
+                low = mask & -mask
+                mask ^= low
+                order, rule = rules[low.bit_length() - 1]
+                self._on_true(rule, order, target, index, now, as_if_held, proposals)
+
+    def _one_by_one(self, group: _Group, target: _Target, index: int, allowed: int,
+                    now: datetime, errors_out: list[tuple[int, int, Decision]]) -> tuple[int,
+                                                                                          int]:
+        """Evaluate a group's conditions separately for one target: (true mask, failed mask).
+        Each failure is reported once per rule and target, until it changes or clears."""
+        mask = failed = 0
+        for i, (order, rule) in enumerate(group.rules):
+            if not (allowed >> i) & 1:
+                continue
+            try:
+                if rule.when.evaluate(target.env):
+                    mask |= 1 << i
+            except Exception as exc:  # noqa: BLE001 - reported below, never a crash
+                failed |= 1 << i
+                message = exc.args[0] if isinstance(exc, EvaluationError) and exc.args else \
                     f"{type(exc).__name__}: {exc}"
-                if errors.get(key) != message:
-                    errors[key] = message
-                    decisions.append(self._error_decision(rule, target, now, message))
-                continue
-            if errors and key in errors:
-                del errors[key]
-            if not result:
-                if states and key in states:
-                    del states[key]
-                continue
-            state = states.get(key)
-            if state is None:
-                state = states[key] = _RuleState(now)
-            if state.fired:
-                continue
-            held = (now - state.since).total_seconds()
-            if not as_if_held and held < rule.hold:
-                continue
-            last = self._last_fired[rule.id].get(key)
-            if last is not None and (now - last).total_seconds() < rule.cooldown:
-                continue
-            state.fired = True
-            for action, template in zip(rule.actions, rule.templates, strict=True):
-                proposals.append(self._proposal(rule, order, target, action.name,
-                                                dict(action.args), template, held, as_if_held))
-        if seen is not None:
-            for key in [k for k in states if k not in seen]:
-                del states[key]
-            for key in [k for k in errors if k not in seen]:
-                del errors[key]
+                errors = self._errors[rule.id]
+                if errors.get(target.key) != message:
+                    errors[target.key] = message
+                    errors_out.append((order, index,
+                                       self._error_decision(rule, target, now, message)))
+        return mask, failed
+
+    def _on_true(self, rule: CompiledRule, order: int, target: _Target, index: int,
+                 now: datetime, as_if_held: bool, proposals: list[_Proposal]) -> None:
+        states = self._states[rule.id]
+        key = target.key
+        state = states.get(key)
+        if state is None:
+            state = states[key] = _RuleState(now)
+        if state.fired:
+            return
+        held = (now - state.since).total_seconds()
+        if not as_if_held and held < rule.hold:
+            return
+        last = self._last_fired[rule.id].get(key)
+        if last is not None and (now - last).total_seconds() < rule.cooldown:
+            return
+        state.fired = True
+        for action, template in zip(rule.actions, rule.templates, strict=True):
+            proposal = self._proposal(rule, order, target, action.name, dict(action.args),
+                                      template, held, as_if_held)
+            proposal.target_index = index
+            proposals.append(proposal)
 
     def _proposal(self, rule: CompiledRule, order: int, target: _Target, action: str,
                   args: dict[str, Any], template: Any, held: float,
@@ -430,8 +525,8 @@ class Engine:
             args["qty"] = target.catch_up_qty
             if target.stop_price is not None:
                 args["stop_price"] = target.stop_price
-        reason = args.get("message") if action == "alert" and args.get("message") else (
-            rule.description or f"when: {rule.when.source}")
+        message = args.get("message") if action == "alert" else None
+        reason = str(message or rule.description or f"when: {rule.when.source}")
         if rule.hold > 0:
             reason += (f" (as if held for {rule.hold:g}s: a single snapshot has no history)"
                        if as_if_held and held < rule.hold else f" (held {held:.1f}s)")
@@ -588,9 +683,12 @@ def _stronger(p: _Proposal, kept: list[_Proposal],
     return None
 
 
-def _position_view(family: _Family | None, now: datetime, overnight: bool) -> PositionView:
+_FLAT = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
+
+
+def _position_view(family: _Family | None, now: datetime, overnight: bool) -> Any:
     if family is None:
-        return PositionView(**{**FLAT_FIELDS, "overnight": overnight})
+        return _FLAT[overnight]  # expressions cannot write, so one flat view serves all
     side = "long" if family.equiv > 0 else "short"
     opened = family.opened_at
     return PositionView(

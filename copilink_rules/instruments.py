@@ -41,37 +41,27 @@ class ContractSpec:
 
 @dataclass(frozen=True, slots=True)
 class Instrument:
-    """A parsed contract. `symbol` is canonical (`NQH26`, or the bare root for no expiry)."""
+    """A parsed contract. `symbol` is canonical (`NQH26`, or the bare root for no expiry).
+
+    The spec's numbers are copied onto the instrument: the engine reads them every tick.
+    """
 
     symbol: str
     spec: ContractSpec
     month: int | None = None
     year: int | None = None
+    root: str = field(init=False)
+    family: str = field(init=False)
+    size: float = field(init=False)
+    tick_size: float = field(init=False)
+    tick_value: float = field(init=False)
+    micro: bool = field(init=False)  # a fifth of the full size or smaller (MNQ, MES, SIL...)
 
-    @property
-    def root(self) -> str:
-        return self.spec.root
-
-    @property
-    def family(self) -> str:
-        return self.spec.family
-
-    @property
-    def tick_size(self) -> float:
-        return self.spec.tick_size
-
-    @property
-    def tick_value(self) -> float:
-        return self.spec.tick_value
-
-    @property
-    def size(self) -> float:
-        return self.spec.size
-
-    @property
-    def micro(self) -> bool:
-        """A micro contract (MNQ, MES, SIL...): a fifth of the full size or smaller."""
-        return self.spec.size <= 0.2
+    def __post_init__(self) -> None:
+        spec = self.spec
+        for name in ("root", "family", "size", "tick_size", "tick_value"):
+            object.__setattr__(self, name, getattr(spec, name))
+        object.__setattr__(self, "micro", spec.size <= 0.2)
 
 
 def year_from_digits(digits: str) -> int:
@@ -141,10 +131,9 @@ class Catalog:
             return self._make(symbol, match[1], month, 2000 + int(match[3]))
         if text in self.specs:
             return Instrument(text, self.specs[text])
-        if match := _CME.match(text):
-            if match[1] in self.specs:
-                month = MONTH_CODES.index(match[2]) + 1
-                return self._make(symbol, match[1], month, year_from_digits(match[3]))
+        if (match := _CME.match(text)) and match[1] in self.specs:
+            month = MONTH_CODES.index(match[2]) + 1
+            return self._make(symbol, match[1], month, year_from_digits(match[3]))
         raise self._unknown(symbol, text)
 
     def _make(self, symbol: str, root: str, month: int, year: int) -> Instrument:

@@ -6,10 +6,14 @@ in a snapshot is an error, never a silently ignored value.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+# Any UTC offset is accepted; times are kept in UTC with the standard library's tzinfo, which
+# the engine subtracts several times faster than pydantic's own.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda moment: moment.astimezone(UTC))]
 
 Role = Literal["leader", "follower"]
 CopierState = Literal["active", "paused"]
@@ -55,7 +59,7 @@ class Position(_Strict):
     instrument: str
     qty: int
     avg_price: float = 0.0
-    opened_at: AwareDatetime | None = None
+    opened_at: UtcDatetime | None = None
 
 
 class Order(_Strict):
@@ -81,7 +85,7 @@ class Account(_Strict):
     firm: str | None = None
     connected: bool = True
     copier: CopierState = "active"
-    updated_at: AwareDatetime | None = None
+    updated_at: UtcDatetime | None = None
     balance: float = 0.0
     realized_pnl: float = 0.0
     unrealized_pnl: float = 0.0
@@ -99,7 +103,7 @@ class Account(_Strict):
 class Snapshot(_Strict):
     """Every account's state at one instant. The engine's only clock is `time`."""
 
-    time: AwareDatetime
+    time: UtcDatetime
     quotes: dict[str, Quote] = Field(default_factory=dict)
     accounts: tuple[Account, ...] = ()
 

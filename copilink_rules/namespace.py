@@ -8,6 +8,7 @@ once per account or pair per tick, so evaluating `follower.qty` costs one attrib
 
 from __future__ import annotations
 
+from dataclasses import make_dataclass
 from datetime import datetime, time
 from types import SimpleNamespace
 from typing import Any
@@ -108,42 +109,21 @@ NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-class AccountView:
-    __slots__ = tuple(FIELDS["account"])
-
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
-            setattr(self, key, value)
+def _view(kind: str) -> Any:
+    """A slotted record class with exactly the FIELDS of `kind` (fast keyword __init__)."""
+    return make_dataclass(f"{kind.title()}View", list(FIELDS[kind]), slots=True, eq=False)
 
 
-class PositionView:
-    __slots__ = tuple(FIELDS["position"])
-
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
-            setattr(self, key, value)
-
+AccountView = _view("account")
+PositionView = _view("position")
+PairView = _view("pair")
+InstrumentView = _view("instrument")
+AccountsView = _view("accounts")
 
 FLAT_FIELDS: dict[str, Any] = {
     "qty": 0, "side": "flat", "flat": True, "equiv": 0.0, "avg_price": 0.0,
     "opened_at": None, "age": 0.0, "instrument": "", "overnight": False,
 }
-
-
-class PairView:
-    __slots__ = tuple(FIELDS["pair"])
-
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
-            setattr(self, key, value)
-
-
-class InstrumentView:
-    __slots__ = tuple(FIELDS["instrument"])
-
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
-            setattr(self, key, value)
 
 
 class QuoteView:
@@ -190,21 +170,21 @@ class MissingQuote:
         raise EvaluationError(f"no quote for {self._symbol} in this snapshot")
 
 
-class AccountsView:
-    __slots__ = tuple(FIELDS["accounts"])
-
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
-            setattr(self, key, value)
-
-
 class Env:
     """Everything one evaluation can see. Unused slots stay unset for the scope."""
 
-    __slots__ = (*NAMES, "tz", "local")
+    __slots__ = (*NAMES, "local")
 
     params: SimpleNamespace
     now: datetime
     now_local: time
     local: datetime
     weekday: int
+    account: Any  # AccountView
+    leader_account: Any  # AccountView
+    leader: Any  # PositionView
+    follower: Any  # PositionView
+    pair: Any  # PairView
+    instrument: Any  # InstrumentView
+    quote: QuoteView | MissingQuote
+    accounts: Any  # AccountsView

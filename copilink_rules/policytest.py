@@ -16,7 +16,8 @@ A test file::
 
 A matcher's fields must all match a decision: rule, action, account, instrument, severity,
 `suppressed` (false by default; true = suppressed for any reason; text = part of the reason),
-`reason` (part of the reason), `args` (a subset of the action's arguments), `at` (exact time), `after` / `before` (inclusive). `count` (in
+`reason` (part of the reason), `args` (a subset of the action's arguments), `at` (exact
+time), `after` / `before` (inclusive). `count` (in
 `expect`) is the exact number of matching decisions, default at least one.
 A case with `snapshot:` is a dry run; `check: true` runs the pre-session check and `ready:`
 says whether the accounts should pass it.
@@ -161,10 +162,12 @@ def _snapshots(case: Case, index: int, base: Path, lines: LineMap,
         return iter_timeline(folder / case.timeline, catalog)
     items = [case.snapshot] if case.snapshot is not None else list(case.timeline or [])
     key = "snapshot" if case.snapshot is not None else "timeline"
-    out = []
+    out: list[Snapshot] = []
     problems: list[Problem] = []
     for number, item in enumerate(items):
-        loc: list[str | int] = ["cases", index, key] + ([number] if key == "timeline" else [])
+        loc: list[str | int] = ["cases", index, key]
+        if key == "timeline":
+            loc.append(number)
         snapshot, found = parse_snapshot(item, file, None, catalog)
         problems.extend(Problem(file, lines.line_of(loc), f"{format_loc(tuple(loc))}: "
                                 f"{p.message}") for p in found)

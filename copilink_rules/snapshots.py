@@ -104,7 +104,7 @@ def parse_snapshot(
 
 
 def load_snapshot(path: str | Path, catalog: Catalog | None = None) -> Snapshot:
-    """Load one snapshot from a .json, .yaml or .yml file; raise SnapshotError with every problem."""
+    """Load one snapshot (.json, .yaml or .yml); raise SnapshotError listing every problem."""
     catalog = catalog or default_catalog()
     file = str(path)
     try:
@@ -148,13 +148,13 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[
     file = str(path)
     previous = None
     try:
-        handle = Path(path).open(encoding="utf-8")
+        handle = Path(path).open(encoding="utf-8")  # noqa: SIM115 - closed by the `with` below
     except OSError as exc:
         raise SnapshotError([Problem(file, None, f"cannot read: {exc.strerror}")]) from None
     with handle:
         number = 0
         try:
-            for number, raw in enumerate(handle, start=1):  # noqa: B007 - used after the loop
+            for number, raw in enumerate(handle, start=1):
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue

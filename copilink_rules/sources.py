@@ -103,11 +103,11 @@ def _walk(node: yaml.Node, path: Path_) -> Iterator[tuple[Path_, int]]:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-            yield path + (key,), key_node.start_mark.line + 1
+            yield (*path, key), key_node.start_mark.line + 1
             # a value on its own lines (a block) points at its first line, scalars at the key
-            for sub_path, line in _walk(value_node, path + (key,)):
-                if sub_path != path + (key,):
+            for sub_path, line in _walk(value_node, (*path, key)):
+                if sub_path != (*path, key):
                     yield sub_path, line
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            yield from _walk(item, path + (index,))
+            yield from _walk(item, (*path, index))

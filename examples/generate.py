@@ -115,7 +115,64 @@ SCENARIOS: dict[str, tuple[Callable[[float, float], dict[str, Any]], bool, float
 }
 
 
+def desync_session() -> list[dict[str, Any]]:
+    """One 60-second session with all three desyncs of the article, on four followers.
+
+    Trade 1: leader long 2 NQH6 from 5 s to 20 s. F2 misses the entry (caught up at 8 s, price
+    still close); F3 misses the exit (stuck; flattened at 22 s, closed by hand at 25 s).
+    Trade 2: leader short 1 NQH6 from 30 s to 50 s. F4 flips long 10 MNQ at 35 s after a
+    reconnect (opposite; flattened and paused at 36 s, closed by hand at 40 s).
+    """
+    lines = []
+    entry1, entry2 = 18000.25, 18003.0
+    t = 0.0
+    while t <= 60.0 + 1e-9:
+        last = 18000.0 + 0.25 * (int(t * 4) % 3) + (3.0 if t >= 28 else 0.0)
+
+        def holding(start: float, end: float, symbol: str, qty: int, price: float,
+                    opened: float, t: float = t) -> list[dict[str, Any]]:
+            return [position(symbol, qty, price, opened)] if start <= t < end else []
+
+        lead = holding(5, 20, "NQH6", 2, entry1, 5) + holding(30, 50, "NQH6", -1, entry2, 30)
+        lead_orders = []
+        if 5 <= t < 20:
+            lead_orders = [{"id": "L-stop-1", "instrument": "NQH6", "side": "sell", "qty": 2,
+                            "type": "stop", "stop_price": entry1 - 20.0}]
+        elif 30 <= t < 50:
+            lead_orders = [{"id": "L-stop-2", "instrument": "NQH6", "side": "buy", "qty": 1,
+                            "type": "stop", "stop_price": entry2 + 20.0}]
+        f1 = holding(5.25, 20.5, "NQ 03-26", 2, entry1, 5.25) + \
+            holding(30.5, 50.25, "NQ 03-26", -1, entry2, 30.5)
+        f2 = holding(30.75, 50.5, "NQH6", -1, entry2, 30.75)  # missed trade 1's entry
+        f3 = holding(5.5, 25, "NQH6", 2, entry1, 5.5) + \
+            holding(30.5, 50.5, "NQH6", -1, entry2, 30.5)  # missed trade 1's exit
+        f4 = holding(5.5, 20.75, "MNQH6", 20, entry1, 5.5) + \
+            holding(30.5, 35, "MNQH6", -10, entry2, 30.5) + \
+            holding(35, 40, "MNQH6", 10, entry2 + 0.5, 35)  # stale reversal at 35 s
+        accounts: list[dict[str, Any]] = [
+            {"id": "LEAD", "role": "leader", "firm": "apex", "balance": 50000.0,
+             "positions": lead, "orders": lead_orders}]
+        for name, held, firm in (("F1", f1, "apex"), ("F2", f2, "apex"),
+                                 ("F3", f3, "topstep"), ("F4", f4, "tradeify")):
+            follower: dict[str, Any] = {"id": name, "role": "follower", "leader": "LEAD",
+                                        "firm": firm, "balance": 50000.0, "positions": held}
+            if name == "F4":
+                follower["ratio"] = 1.0
+                if t >= 36.25:
+                    follower["copier"] = "paused"  # the copier obeyed the pause
+            accounts.append(follower)
+        lines.append({"time": iso(t),
+                      "quotes": {"NQH6": {"bid": last - 0.25, "ask": last, "last": last},
+                                 "MNQH6": {"bid": last - 0.25, "ask": last, "last": last}},
+                      "accounts": accounts})
+        t += STEP
+    return lines
+
+
 def main() -> None:
+    with (HERE / "desync-session.jsonl").open("w", encoding="utf-8") as handle:
+        for line in desync_session():
+            handle.write(json.dumps(line, separators=(",", ":")) + "\n")
     for name, (behaviour, runaway, moment) in SCENARIOS.items():
         lines = session(name, behaviour, runaway)
         with (HERE / f"{name}.jsonl").open("w", encoding="utf-8") as handle:

@@ -46,7 +46,7 @@ def test_validate_reports_ok_files() -> None:
 def test_validate_reports_every_problem_as_file_line_rule_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text((GOLDEN / "bad-rules.yaml").read_text())
-    code, out, err = cli("validate", str(bad))
+    code, _, err = cli("validate", str(bad))
     assert code == 1
     golden("validate-bad-rules.txt", err.replace(str(bad), "bad-rules.yaml"))
 
@@ -80,7 +80,8 @@ def test_dry_run_says_it_has_no_history() -> None:
                        str(EXAMPLES / "missed-entry.json"))
     assert code == 0
     assert "every true condition is reported as if it had held" in out
-    assert "catch_up" in out and "F2 NQH6" in out
+    assert "catch_up" in out
+    assert "F2 NQH6" in out
 
 
 def test_set_changes_a_param_from_the_command_line() -> None:
@@ -162,7 +163,7 @@ def test_schema_prints_the_committed_schema() -> None:
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv: list[str]) -> None:
-    code, out, err = cli(*argv)
+    code, _, err = cli(*argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err

@@ -12,7 +12,7 @@ import pytest
 from freezegun import freeze_time
 
 from copilink_rules.engine import Engine
-from copilink_rules.errors import StateError
+from copilink_rules.errors import RuleFileError, StateError
 from copilink_rules.model import Decision, Snapshot
 from copilink_rules.snapshots import load_timeline
 
@@ -77,7 +77,8 @@ def test_decisions_carry_rule_set_version_scope_and_severity(engine_of: EngineOf
     assert decision.version == engine.policy.version
     assert (decision.ruleset, decision.scope, decision.severity) == ("demo", "account",
                                                                      "critical")
-    assert decision.account == "F1" and decision.instrument is None
+    assert decision.account == "F1"
+    assert decision.instrument is None
     assert decision.as_if_held is True
     assert "as if held for 2s" in decision.reason
     line = decision.to_json_dict()
@@ -219,17 +220,23 @@ def test_evaluation_errors_are_reported_once_and_never_count_as_false(
     assert error.severity == "error"
 
 
-def test_a_condition_that_is_not_true_or_false_is_an_error(engine_of: EngineOf) -> None:
-    engine = engine_of("""
-        ruleset: demo
-        rules:
-          - id: sloppy
-            when: account.contracts
-            then: [flatten]
-    """)
-    (decision,) = [d for d in engine.evaluate(big(2, 0)) if d.account == "F1"]
-    assert decision.action == "error"
-    assert "the condition gave 2, not true or false" in decision.reason
+@pytest.mark.parametrize(
+    ("when", "gives"),
+    [("account.contracts", "a number"), ("account.id", "text"),
+     ("account.flat or account.contracts", "a value that is not always true or false"),
+     ("now_local", "a time")],
+)
+def test_a_condition_that_is_not_true_or_false_is_rejected_at_load(
+        policy_of: Callable[..., Any], when: str, gives: str) -> None:
+    with pytest.raises(RuleFileError, match=f"sloppy: when: a condition must be true or false, "
+                                            f"but this gives {gives}"):
+        policy_of(f"""
+            ruleset: demo
+            rules:
+              - id: sloppy
+                when: "{when}"
+                then: [flatten]
+        """)
 
 
 def test_time_comes_only_from_snapshots(engine_of: EngineOf) -> None:
@@ -238,9 +245,9 @@ def test_time_comes_only_from_snapshots(engine_of: EngineOf) -> None:
     expected = fired(engine_of(text), timeline)
     with freeze_time("2031-07-04 03:00:00"):
         assert fired(engine_of(text), timeline) == expected
+    engine = engine_of(text)
+    engine.evaluate(big(5, 10))
     with pytest.raises(StateError, match="cannot go back"):
-        engine = engine_of(text)
-        engine.evaluate(big(5, 10))
         engine.evaluate(big(5, 9))
 
 
@@ -343,3 +350,26 @@ def test_state_from_a_newer_version_or_damaged_is_refused(desync: Engine) -> Non
         {"version": 1, "policy_version": "old", "rules": {"gone": {}}})
     assert any("the rules changed" in n for n in notes)
     assert any("gone" in n for n in notes)
+
+
+def test_account_view_fields_hold_what_their_names_say(desync: Engine) -> None:
+    snapshot = snap(at(10), account("LEAD", "leader"), account(
+        "F1", firm="apex", ratio=2.0, connected=True, copier="paused", balance=50100.0,
+        realized_pnl=-50.0, unrealized_pnl=20.0, updated_at=at(7).isoformat(),
+        overnight=["ESH6"],
+        positions=[pos("NQH6", -2), pos("ESH6", 1, 5000.0), pos("CLJ6", 0, 70.0)],
+        orders=[{"id": "o1", "instrument": "NQH6", "side": "buy", "qty": 2, "type": "stop",
+                 "stop_price": 18050.0}]))
+    infos = desync._accounts(snapshot, at(10))
+    view = infos["F1"].view
+    assert {name: getattr(view, name) for name in (
+        "id", "role", "firm", "leader_id", "ratio", "connected", "stale", "reachable",
+        "data_age", "copier", "balance", "realized_pnl", "unrealized_pnl", "pnl", "flat",
+        "contracts", "positions", "working_orders", "undeclared_positions")} == {
+        "id": "F1", "role": "follower", "firm": "apex", "leader_id": "LEAD", "ratio": 2.0,
+        "connected": True, "stale": False, "reachable": True, "data_age": 3.0,
+        "copier": "paused", "balance": 50100.0, "realized_pnl": -50.0, "unrealized_pnl": 20.0,
+        "pnl": -30.0, "flat": False, "contracts": 3, "positions": 2, "working_orders": 1,
+        "undeclared_positions": 1}
+    assert infos["LEAD"].view.ratio == 1.0
+    assert infos["LEAD"].view.flat is True

@@ -20,16 +20,17 @@ reports them as evaluation errors for that rule and target.
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import datetime, time
 from typing import Any
 
 import simpleeval
 
-from ..errors import EvaluationError, ExpressionError
-from ..namespace import ANY, BOOL, DATETIME, FIELDS, NAMES, NUM, STR, TIME, Env
+from copilink_rules.errors import EvaluationError, ExpressionError
+from copilink_rules.namespace import ANY, BOOL, DATETIME, FIELDS, NAMES, NUM, STR, TIME, Env
 
 MAX_EXPRESSION_LENGTH = 2000
 MAX_DEPTH = 40
@@ -46,14 +47,24 @@ def _number(value: Any, what: str) -> float:
     return value
 
 
+_TIMES: dict[str, time] = {}
+
+
 def _to_time(value: Any) -> time:
     if isinstance(value, time):
         return value
     if isinstance(value, str):
+        cached = _TIMES.get(value)
+        if cached is not None:
+            return cached
         try:
-            return time.fromisoformat(value.strip())
+            parsed = time.fromisoformat(value.strip())
         except ValueError:
             pass
+        else:
+            if len(_TIMES) < 10_000:  # params and literals: a handful of distinct values
+                _TIMES[value] = parsed
+            return parsed
     raise EvaluationError(f'time() needs "HH:MM" or "HH:MM:SS", got {value!r}')
 
 
@@ -70,20 +81,17 @@ def fn_sign(value: Any) -> int:
 
 def fn_ticks(env: Env, a: Any, b: Any) -> float:
     """ticks(price_a, price_b) -> absolute distance in ticks of the pair's instrument."""
-    a, b = _number(a, "ticks()"), _number(b, "ticks()")
-    return abs(a - b) / env.instrument.tick_size
+    distance = abs(_number(a, "ticks()") - _number(b, "ticks()"))
+    return distance / float(env.instrument.tick_size)
 
 
 def fn_minutes_until(env: Env, value: Any) -> float:
     """minutes_until("16:59") -> minutes from now to the next such local time (0 at it)."""
     target = _to_time(value)
-    local = env.local
-    at = local.replace(hour=target.hour, minute=target.minute, second=target.second,
-                       microsecond=0, tzinfo=None)
-    naive_now = local.replace(tzinfo=None)
-    if at < naive_now:
-        at += timedelta(days=1)
-    return (at - naive_now).total_seconds() / 60.0
+    now = env.now_local  # counted on the local clock face, as a trader reads it
+    seconds = (target.hour * 3600 + target.minute * 60 + target.second) - (
+        now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
+    return (seconds if seconds >= 0 else seconds + 86400) / 60.0
 
 
 def _since(env: Env, value: Any, what: str) -> float:
@@ -161,6 +169,7 @@ _FORBIDDEN_NODES: dict[type[ast.AST], str] = {
     ast.YieldFrom: "yield is not allowed",
 }
 
+_CONSTANT_NAMES = itertools.count()
 _GLOBALS_BASE: dict[str, Any] = {
     "__builtins__": {},
     "__cl_add": simpleeval.safe_add,
@@ -177,6 +186,9 @@ class CompiledExpression:
     source: str
     evaluate: Callable[[Env], Any]
     names: frozenset[str]
+    kind: str  # static type of the result: BOOL for every `when`
+    tree: ast.expr  # the checked, rewritten tree (for compile_batch)
+    constants: dict[str, Any]  # values folded at load, read by `tree`
 
 
 class _Checker:
@@ -184,6 +196,7 @@ class _Checker:
         self.scope = scope
         self.params = params
         self.names: set[str] = set()
+        self.numeric: set[int] = set()  # ids of BinOps whose operands are both numbers
 
     def fail(self, node: ast.AST, message: str) -> ExpressionError:
         col = getattr(node, "col_offset", None)
@@ -204,9 +217,8 @@ class _Checker:
         if isinstance(node, ast.Attribute):
             return self._attribute(node)
         if isinstance(node, ast.BoolOp):
-            for value in node.values:
-                self.check(value, depth + 1)
-            return ANY
+            kinds = {self.check(value, depth + 1) for value in node.values}
+            return BOOL if kinds == {BOOL} else ANY
         if isinstance(node, ast.UnaryOp):
             if not isinstance(node.op, ast.Not | ast.USub | ast.UAdd):
                 raise self.fail(node, "operator ~ is not allowed")
@@ -216,16 +228,19 @@ class _Checker:
             if type(node.op) not in _SAFE_BINOPS:
                 symbol = type(node.op).__name__
                 raise self.fail(node, f"operator {symbol} is not allowed (use + - * / // % **)")
-            self.check(node.left, depth + 1)
-            self.check(node.right, depth + 1)
+            left = self.check(node.left, depth + 1)
+            right = self.check(node.right, depth + 1)
+            if left in (NUM, BOOL) and right in (NUM, BOOL):
+                self.numeric.add(id(node))  # no string growth possible: plain + and *
+                return NUM
             return ANY
         if isinstance(node, ast.Compare):
             return self._compare(node, depth)
         if isinstance(node, ast.IfExp):
             self.check(node.test, depth + 1)
-            self.check(node.body, depth + 1)
-            self.check(node.orelse, depth + 1)
-            return ANY
+            body = self.check(node.body, depth + 1)
+            orelse = self.check(node.orelse, depth + 1)
+            return body if body == orelse else ANY
         if isinstance(node, ast.Call):
             return self._call(node, depth)
         if isinstance(node, ast.List | ast.Tuple):
@@ -354,7 +369,22 @@ def _dotted(node: ast.AST) -> str:
 
 
 class _Rewriter(ast.NodeTransformer):
-    """Turn a checked tree into one that reads names from the env and uses safe operators."""
+    """Turn a checked tree into one that reads names from the env and uses safe operators.
+
+    `**` always goes through safe_power; `+` and `*` only where an operand may be a string.
+    """
+
+    def __init__(self, numeric: set[int], params: dict[str, Any] | None) -> None:
+        self.numeric = numeric
+        self.params = params
+        self.constants: dict[str, Any] = {}
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        # params are fixed for the life of a loaded policy: read them once, here
+        if self.params is not None and isinstance(node.value, ast.Name) and \
+                node.value.id == "params" and node.attr in self.params:
+            return ast.copy_location(ast.Constant(value=self.params[node.attr]), node)
+        return self.generic_visit(node)
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         return ast.copy_location(
@@ -363,9 +393,10 @@ class _Rewriter(ast.NodeTransformer):
         )
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        numeric = id(node) in self.numeric
         self.generic_visit(node)
         safe = _SAFE_BINOPS[type(node.op)]
-        if safe is None:
+        if safe is None or (numeric and not isinstance(node.op, ast.Pow)):
             return node
         return ast.copy_location(
             ast.Call(func=ast.Name(id=safe, ctx=ast.Load()), args=[node.left, node.right],
@@ -377,6 +408,10 @@ class _Rewriter(ast.NodeTransformer):
         assert isinstance(node.func, ast.Name)
         name = node.func.id
         args = [self.visit(arg) for arg in node.args]
+        if name == "time" and isinstance(args[0], ast.Constant):
+            constant = f"__cl_k{next(_CONSTANT_NAMES)}"  # unique across batched conditions
+            self.constants[constant] = fn_time(args[0].value)  # checked at load
+            return ast.copy_location(ast.Name(id=constant, ctx=ast.Load()), node)
         if LIBRARY[name].needs_env:
             args.insert(0, ast.Name(id=ENV, ctx=ast.Load()))
         return ast.copy_location(
@@ -408,29 +443,73 @@ def parse_expression(source: object) -> ast.expr:
     return tree.body
 
 
-def compile_expression(
-    source: object, scope: str, params: dict[str, str], label: str = "rule"
-) -> CompiledExpression:
-    """Check `source` for `scope` against declared `params` (name -> type) and compile it."""
-    body = parse_expression(source)
-    checker = _Checker(scope, params)
-    try:
-        checker.check(body)
-        rewritten = _Rewriter().visit(body)
-        function = ast.Expression(
-            body=ast.Lambda(
-                args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=ENV)], kwonlyargs=[],
-                                   kw_defaults=[], defaults=[]),
-                body=rewritten,
-            )
+def _lambda(body: ast.expr, label: str, constants: dict[str, Any]) -> Callable[[Env], Any]:
+    """Compile a checked, rewritten tree into `lambda __cl_env: body` with no builtins."""
+    function = ast.Expression(
+        body=ast.Lambda(
+            args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=ENV)], kwonlyargs=[],
+                               kw_defaults=[], defaults=[]),
+            body=body,
         )
-        ast.fix_missing_locations(function)
+    )
+    ast.fix_missing_locations(function)
+    try:
         code = compile(function, f"<{label}>", "eval")
     except RecursionError:
         raise ExpressionError("the expression is nested too deeply") from None
+    # every node was checked by _Checker; the function runs with no builtins
+    result: Callable[[Env], Any] = eval(code, {**_GLOBALS_BASE, **constants})  # noqa: S307
+    return result
+
+
+def compile_expression(
+    source: object, scope: str, params: dict[str, str], label: str = "rule",
+    *, condition: bool = False, values: dict[str, Any] | None = None,
+) -> CompiledExpression:
+    """Check `source` for `scope` against declared `params` (name -> type) and compile it.
+
+    With `values` (param name -> value), params are folded into the compiled code as
+    constants, and so are `time("HH:MM")` calls on constants.
+
+    With `condition`, the result must be true or false by construction (a comparison, `and` /
+    `or` / `not` of conditions, a boolean field or function), so a rule never has to guess
+    what a number or a string would mean.
+    """
+    body = parse_expression(source)
+    checker = _Checker(scope, params)
+    try:
+        kind = checker.check(body)
+        rewriter = _Rewriter(checker.numeric, values)
+        rewritten = rewriter.visit(body)
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply") from None
+    if condition and kind != BOOL:
+        what = {NUM: "a number", STR: "text", TIME: "a time", DATETIME: "a time"}.get(
+            kind, "a value that is not always true or false")
+        raise ExpressionError(f"a condition must be true or false, but this gives {what}; "
+                              "compare it, e.g. account.contracts > 0")
     assert isinstance(source, str)
-    evaluate = eval(code, dict(_GLOBALS_BASE))  # noqa: S307 - checked, builtin-free tree
-    return CompiledExpression(source.strip(), evaluate, frozenset(checker.names))
+    return CompiledExpression(source.strip(), _lambda(rewritten, label, rewriter.constants),
+                              frozenset(checker.names), kind, rewritten, rewriter.constants)
+
+
+def compile_batch(conditions: list[CompiledExpression], label: str) -> Callable[[Env], int]:
+    """One function evaluating many conditions for one target: bit i of the result is
+    condition i. An exception in any condition aborts the batch (the engine then evaluates
+    them one by one to tell which failed)."""
+    if not conditions:
+        return lambda env: 0
+    body: ast.expr = ast.Constant(value=0)
+    constants: dict[str, Any] = {}
+    for index, condition in enumerate(conditions):
+        constants.update(condition.constants)
+        if condition.kind != BOOL:
+            raise ExpressionError(f"batch conditions must be true/false: {condition.source}")
+        bit: ast.expr = condition.tree
+        if index:
+            bit = ast.BinOp(left=bit, op=ast.LShift(), right=ast.Constant(value=index))
+        body = bit if index == 0 else ast.BinOp(left=body, op=ast.BitOr(), right=bit)
+    return _lambda(body, label, constants)
 
 
 def check_reference(path: str, scope: str, params: dict[str, str]) -> None:

@@ -19,9 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import jsonschema
 from pydantic import ValidationError
 
-from ..errors import ExpressionError, ParamError, Problem, RuleFileError
-from ..namespace import BOOL, NUM, STR
-from ..sources import LineMap, YamlSyntaxError, load_yaml
+from copilink_rules.errors import ExpressionError, ParamError, Problem, RuleFileError
+from copilink_rules.namespace import BOOL, NUM, STR
+from copilink_rules.sources import LineMap, YamlSyntaxError, load_yaml
+
 from .expressions import CompiledExpression, compile_expression
 from .spec import (
     PARAM_PATTERN,
@@ -79,7 +80,8 @@ class Template:
                 continue
             try:
                 out.append(_show(part.evaluate(env)))
-            except Exception as exc:  # noqa: BLE001 - a message hole never breaks a decision
+            # a hole in a message never breaks the decision it explains
+            except Exception as exc:  # noqa: BLE001
                 out.append(f"<{part.source}: {exc}>")
         return "".join(out)
 
@@ -203,19 +205,28 @@ def _schema_problems(data: Any, file: str, lines: LineMap) -> list[Problem]:
         if message is None:
             continue
         where = path
-        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            where = path + extra[:1]  # point at the misspelt key itself
+        if error.validator == "additionalProperties":
+            where = path + _extra_keys(error)[:1]  # point at the misspelt key itself
         problems.append(Problem(file, lines.line_of(where), message, _rule_id(data, path)))
     return problems
+
+
+def _extra_keys(error: jsonschema.ValidationError) -> list[str]:
+    """The keys an additionalProperties error is about."""
+    schema: Any = error.schema
+    instance: Any = error.instance
+    if not isinstance(schema, dict) or not isinstance(instance, dict):
+        return []
+    return sorted(set(instance) - set(schema.get("properties", {})))
 
 
 def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any]) -> str | None:
     where = _dotted(path)
     prefix = f"{where}: " if where else ""
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        known = ", ".join(error.schema.get("properties", {}))
+        extra = _extra_keys(error)
+        schema: dict[str, Any] = error.schema if isinstance(error.schema, dict) else {}
+        known = ", ".join(schema.get("properties", {}))
         return f"{prefix}unknown field {extra[0]!r} (known: {known})" if extra else error.message
     if error.validator == "required":
         return f"{prefix}{error.message.replace('is a required property', 'is required')}"
@@ -271,10 +282,11 @@ def parse_rule_file(path: Path) -> tuple[_Parsed | None, list[Problem]]:
     # Keep checking the rules that are well-formed, so one pass reports every problem.
     bad_rules = {p.rule for p in problems if p.rule is not None}
     outside_rules = [p for p in problems if p.rule is None]
-    rules = data.get("rules") if isinstance(data.get("rules"), list) else []
+    raw_rules = data.get("rules")
+    rules: list[Any] = raw_rules if isinstance(raw_rules, list) else []
     keep = [i for i, r in enumerate(rules)
             if not (isinstance(r, dict) and r.get("id") in bad_rules)]
-    if outside_rules or (problems and not isinstance(data.get("rules"), list)):
+    if outside_rules or (problems and not isinstance(raw_rules, list)):
         return None, problems
     data = {**data, "rules": [rules[i] for i in keep]} if "rules" in data else data
     try:
@@ -394,13 +406,17 @@ def load_policy(
         RuleSetInfo(
             name=n, file=by_name[n].file, description=by_name[n].model.description,
             source=by_name[n].model.source,
-            as_of=by_name[n].model.as_of.isoformat() if by_name[n].model.as_of else None,
+            as_of=_iso_date(by_name[n].model.as_of),
             timezone=by_name[n].model.timezone, extends=tuple(by_name[n].model.extends),
         )
         for n in order
     ]
     return Policy(infos, rules, params, digest.hexdigest()[:12],
                   files=[by_name[n].file for n in order])
+
+
+def _iso_date(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _ancestors(name: str, by_name: dict[str, _Parsed]) -> set[str]:
@@ -463,6 +479,7 @@ def _infer_type(value: Any) -> str:
 
 
 def _make_param(key: str, raw: Any, ruleset: str) -> Param:
+    kind: str
     if isinstance(raw, ParamSpec):
         kind, default = raw.type, raw.default
         description, low, high = raw.description, raw.min, raw.max
@@ -564,7 +581,7 @@ def _compile_rules(
                                     "name such as America/New_York or America/Chicago)"))
             continue
         for index, rule in enumerate(parsed.model.rules):
-            base = ["rules", parsed.rule_index[index]]
+            base: list[str | int] = ["rules", parsed.rule_index[index]]
             line = parsed.lines.line_of(base)
             if rule.id in seen:
                 other_file, other_line = seen[rule.id]
@@ -583,13 +600,15 @@ def _compile_rule(
     params: dict[str, Param], types: dict[str, str], problems: list[Problem],
 ) -> CompiledRule | None:
     before = len(problems)
+    values = {name: param.value for name, param in params.items()}
 
     def problem(path: list[Any], message: str) -> None:
         problems.append(Problem(parsed.file, parsed.lines.line_of(base + path), message, rule.id))
 
     when: CompiledExpression | None = None
     try:
-        when = compile_expression(rule.when, rule.scope, types, f"rule {rule.id}")
+        when = compile_expression(rule.when, rule.scope, types, f"rule {rule.id}",
+                                  condition=True, values=values)
     except ExpressionError as exc:
         problem(["when"], f"when: {exc}")
 
@@ -646,7 +665,7 @@ def _action_of(step: Any) -> Action:
     if isinstance(step, str):
         model = STEP_ARGS[step]()
         return Action(step, model.model_dump())
-    (name, args), = step.model_dump(exclude_unset=False).items()
+    (name,) = step.model_dump().keys()
     model_args = getattr(step, name)
     if model_args is None:
         model_args = STEP_ARGS[name]()
