@@ -14,18 +14,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from . import __version__
+from .adapters import create_adapter
+from .adapters.base import BrokerAdapter
+from .adapters.sim import SimBroker
+from .alerts import Alerts
+from .config import RunConfig, load_config, sim_settings
+from .enforcer import KillSwitch
 from .engine import Engine
 from .errors import CopilinkError, ParamError, RuleFileError, StateError
+from .incidents import collect
+from .incidents import render as render_incidents
 from .instruments import Catalog, default_catalog
+from .journal import Journal
+from .live import DEMO_SCENARIO, alert_printer, build_alerts, make_sim, run_live
 from .output import DecisionPrinter
 from .policytest import run_test_files
-from .rules.loader import Policy, load_policy, parse_overrides
+from .rules.loader import Policy, bundled_rules_dir, load_policy, parse_overrides
 from .rules.spec import ruleset_json_schema_text
+from .session import Session
 from .snapshots import iter_timeline, load_snapshot
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -87,6 +99,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instruments", metavar="FILE")
 
     sub.add_parser("schema", help="print the rule-file JSON Schema")
+
+    p = sub.add_parser("run", help="live enforcement with the scheduler")
+    p.add_argument("--config", metavar="FILE", help="copilink.yaml (broker, accounts, rules, "
+                   "alerts, journal)")
+    p.add_argument("--rules", action="append", default=[], metavar="PATH")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--rules-path", action="append", default=[], metavar="DIR")
+    p.add_argument("--broker", metavar="NAME", help="sim, ninjatrader, tradovate, projectx")
+    p.add_argument("--dry-run", action="store_true", help="decide and journal, send nothing")
+    p.add_argument("--journal", metavar="FILE", help="SQLite journal (default: copilink.db)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="sim only: stop after this many simulated seconds")
+    p.add_argument("--speed", type=float, metavar="X", help="sim only: simulated seconds per "
+                   "real second")
+    p.add_argument("--sim-state", metavar="FILE", help="sim only: keep the simulated broker "
+                   "in this file, so a restarted run meets the same broker")
+    p.add_argument("--no-view", action="store_true", help="plain alert lines, no live table")
+
+    p = sub.add_parser("demo", help="a simulated session in which the three desyncs happen "
+                       "and are resolved live")
+    p.add_argument("--speed", type=float, default=4.0, metavar="X",
+                   help="simulated seconds per real second (default 4)")
+    p.add_argument("--journal", metavar="FILE", help="where to keep the demo's journal")
+    p.add_argument("--no-view", action="store_true", help="plain alert lines, no live table")
+
+    p = sub.add_parser("incidents", help="export the incident journal for a prop firm")
+    p.add_argument("--db", required=True, metavar="FILE")
+    p.add_argument("--since", metavar="TIME", help="ISO time, e.g. 2026-03-02T00:00:00Z")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+
+    p = sub.add_parser("kill", help="engage (or release) the kill switch of a running session")
+    p.add_argument("--file", default="copilink.kill", metavar="PATH",
+                   help="the session's kill file (default: copilink.kill)")
+    p.add_argument("--release", action="store_true", help="remove the kill file")
     return parser
 
 
@@ -110,6 +156,9 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     except CopilinkError as exc:
         stderr.write(f"{exc}\n")
         return EXIT_FAIL
+    except LookupError as exc:  # e.g. an unknown broker adapter name
+        stderr.write(f"error: {exc.args[0] if exc.args else exc}\n")
+        return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
 
@@ -237,6 +286,114 @@ def _summary(printer: DecisionPrinter, snapshots: int) -> str:
             f"suppressed, {printer.errors} evaluation error(s)")
 
 
+def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    if args.config:
+        config, base = load_config(args.config)
+    else:
+        config, base = RunConfig(), Path.cwd()
+    if args.broker:
+        config.broker.name = args.broker
+    rules = [str(base / r) for r in config.rules] if not args.rules else list(args.rules)
+    overrides = {k: _param_text(v) for k, v in config.params.items()}
+    overrides.update(parse_overrides(args.set))
+    journal_path = Path(args.journal) if args.journal else base / config.journal
+    if config.broker.name == "sim":
+        settings = sim_settings(config)
+        sim_state = Path(args.sim_state) if args.sim_state else None
+        broker: BrokerAdapter = make_sim(settings, sim_state)
+    else:
+        sim_state = None
+        broker = create_adapter(config.broker.name, config.broker.settings)
+    view = not args.no_view and stdout.isatty()
+    alerts = build_alerts(config, base, None if view else alert_printer(stdout))
+    journal = Journal(journal_path)
+    kill = KillSwitch(base / config.kill_file if config.kill_file else None)
+    try:
+        session = Session(broker, journal, alerts, rules, overrides, args.rules_path,
+                          dry_run=args.dry_run, kill_switch=kill)
+        for note in session.start():
+            stdout.write(f"note: {note}\n")
+        stdout.write(f"running {session.policy.name} (version {session.policy.version}) on "
+                     f"broker {broker.name}{' — DRY RUN, nothing is sent' if args.dry_run else ''}"
+                     f"; journal {journal_path}; Ctrl-C stops\n")
+        runner = run_live(session, broker, tick=config.tick_seconds,
+                          speed=args.speed or config.broker.speed,
+                          until=args.duration, out=stdout, view=view,
+                          pre_session=config.pre_session, timezone=config.timezone,
+                          sim_state=sim_state)
+        stdout.write(f"stopped after {session.ticks} ticks; {runner.missed} tick(s) skipped "
+                     "while the previous one ran\n")
+    finally:
+        alerts.close()
+        journal.close()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    rules = [str(bundled_rules_dir() / "desync.yaml")]
+    journal_path = Path(args.journal) if args.journal else \
+        Path(tempfile.mkdtemp(prefix="copilink-demo-")) / "demo.db"
+    if journal_path.exists():
+        journal_path.unlink()
+    broker = SimBroker(DEMO_SCENARIO)
+    view = not args.no_view and stdout.isatty()
+    alerts = Alerts(terminal=None if view else alert_printer(stdout))
+    journal = Journal(journal_path)
+    stdout.write("copilink-rules demo: one leader, four followers, a simulated broker and "
+                 f"copier at {args.speed:g}x speed. Watch the engine find and fix the three "
+                 "desyncs of the article (missed entry, stuck follower, opposite position) "
+                 "and a disconnected follower.\n\n")
+    try:
+        session = Session(broker, journal, alerts, rules)
+        session.start()
+        run_live(session, broker, tick=0.25, speed=args.speed, until=broker.end, out=stdout,
+                 view=view, title="copilink-rules demo (simulated broker)")
+        incidents = collect(journal)
+        commands = journal.commands()
+    finally:
+        alerts.close()
+        journal.close()
+    stdout.write(f"\nDone: {session.ticks} ticks, {len(commands)} commands, "
+                 f"{len(incidents)} incident(s).\n")
+    for c in commands:
+        stdout.write(f"  {c.time} {c.action:<14} {c.account:<4} {c.instrument or '':<6} "
+                     f"{c.status:<10} {c.tag} {c.reason or ''}\n")
+    stdout.write("\n" + render_incidents(incidents, "md", str(journal_path)))
+    stdout.write(f"\nThe journal is {journal_path}; export it with:\n  copilink-rules "
+                 f"incidents --db {journal_path} --format md\n")
+    return EXIT_OK
+
+
+def cmd_incidents(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    if not Path(args.db).exists():
+        raise StateError(f"{args.db}: no such journal")
+    journal = Journal(args.db)
+    try:
+        stdout.write(render_incidents(collect(journal, args.since), args.format, args.db))
+    finally:
+        journal.close()
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    path = Path(args.file)
+    if args.release:
+        if path.exists():
+            path.unlink()
+        stdout.write(f"kill switch released: {path} removed\n")
+        return EXIT_OK
+    path.write_text("engaged by copilink-rules kill\n", encoding="utf-8")
+    stdout.write(f"kill switch engaged: {path} exists, no automatic order will be sent; "
+                 f"release with: copilink-rules kill --release --file {path}\n")
+    return EXIT_OK
+
+
+def _param_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 _COMMANDS = {
     "validate": cmd_validate,
     "dry-run": cmd_dry_run,
@@ -244,6 +401,10 @@ _COMMANDS = {
     "check": cmd_check,
     "test": cmd_test,
     "schema": cmd_schema,
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "incidents": cmd_incidents,
+    "kill": cmd_kill,
 }
 
 

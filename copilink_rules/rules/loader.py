@@ -320,8 +320,15 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]
     return files, problems
 
 
+def bundled_rules_dir() -> Path:
+    """The shipped rule sets: installed as copilink_rules/bundled_rules, or a checkout's rules/."""
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "bundled_rules"
+    return installed if installed.is_dir() else package.parent / "rules"
+
+
 def _find_parent(name: str, child: Path, search_path: Sequence[Path]) -> Path | None:
-    candidates = [child.parent, child.parent.parent, *search_path]
+    candidates = [child.parent, child.parent.parent, *search_path, bundled_rules_dir()]
     for folder in candidates:
         for suffix in RULE_SUFFIXES:
             candidate = folder / f"{name}{suffix}"
@@ -372,7 +379,8 @@ def load_policy(
             parent_path = (by_name[parent].file if parent in by_name
                            else _find_parent(parent, path, search))
             if parent_path is None:
-                folders = ", ".join(str(f) for f in [path.parent, path.parent.parent, *search])
+                folders = ", ".join(str(f) for f in [path.parent, path.parent.parent, *search,
+                                                     bundled_rules_dir()])
                 problems.append(Problem(parsed.file, line, f"extends {parent!r}, but no "
                                         f"{parent}.yaml was found (searched: {folders})"))
                 continue

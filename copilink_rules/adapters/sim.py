@@ -1,0 +1,551 @@
+"""The `sim` broker: an in-process market, a leader that trades, a copier that mirrors it onto
+followers with realistic latency, and fault injection (scripted, or random by seed).
+
+Time is virtual: `advance(seconds)` moves the simulation; the runner decides whether that
+happens in real time or accelerated. Everything is deterministic for a given scenario and seed,
+and the whole state saves to JSON (`save` / `load`) so a restarted engine can meet the same
+broker again, as it would a real one.
+
+Faults (`SimFault.kind`):
+  missed_entry / missed_exit  the copier loses the leader's entry / exit of trade N for a follower
+  reversal                    the follower's position flips to the opposite side (stale reversal)
+  disconnect                  the account drops for `duration` s: data frozen, commands refused,
+                              copies lost
+  stale                       connected, but the account's data stops refreshing for `duration` s
+  reject                      the next `count` engine commands to the account are rejected
+  delay                       engine orders to the account fill `delay` s late for `duration` s
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from copilink_rules.instruments import Catalog, default_catalog
+from copilink_rules.model import Snapshot
+
+from .base import BrokerAnswer, register
+
+FaultKind = Literal["missed_entry", "missed_exit", "reversal", "disconnect", "stale", "reject",
+                    "delay"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SimFollower(_Strict):
+    id: str
+    ratio: float = Field(default=1.0, gt=0)
+    firm: str | None = None
+    instrument: str | None = Field(default=None, description="contract it trades (default: "
+                                   "the leader's; e.g. MNQH6 to copy NQ as micros)")
+
+
+class SimTrade(_Strict):
+    at: float = Field(ge=0, description="seconds after the start")
+    side: Literal["long", "short"]
+    qty: int = Field(gt=0)
+    hold: float = Field(gt=0, description="seconds the leader stays in")
+
+
+class SimFault(_Strict):
+    kind: FaultKind
+    account: str
+    at: float = Field(default=0.0, ge=0)
+    trade: int | None = Field(default=None, ge=0, description="trade index (missed_*)")
+    duration: float = Field(default=0.0, ge=0)
+    count: int = Field(default=1, ge=1)
+    delay: float = Field(default=0.0, ge=0)
+
+
+class SimScenario(_Strict):
+    """What the simulated session looks like. Omitted trades / faults can be drawn by seed."""
+
+    start: AwareDatetime = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+    seed: int = 1
+    instrument: str = "NQH6"
+    price: float = 18000.0
+    leader: str = "LEAD"
+    leader_firm: str | None = "apex"
+    followers: list[SimFollower] = Field(default_factory=lambda: [
+        SimFollower(id="F1"), SimFollower(id="F2"), SimFollower(id="F3")])
+    trades: list[SimTrade] | None = None
+    random_trades: int = Field(default=0, ge=0, description="draw this many trades by seed")
+    faults: list[SimFault] = Field(default_factory=list)
+    random_faults: int = Field(default=0, ge=0, description="draw this many faults by seed")
+    latency: tuple[float, float] = (0.25, 0.75)
+    stop_ticks: int = Field(default=80, gt=0, description="leader's protective stop distance")
+
+
+@dataclass
+class _Position:
+    qty: int
+    avg: float
+    opened: float
+
+
+@dataclass
+class _Order:
+    id: str
+    symbol: str
+    side: str
+    qty: int
+    type: str
+    stop_price: float | None
+    tag: str
+
+
+@dataclass
+class _Account:
+    id: str
+    role: str
+    leader: str | None
+    ratio: float
+    firm: str | None
+    symbol: str
+    connected: bool = True
+    copier: str = "active"
+    realized: float = 0.0
+    positions: dict[str, _Position] = field(default_factory=dict)
+    orders: dict[str, _Order] = field(default_factory=dict)
+    frozen: dict[str, Any] | None = None  # the data last seen, while disconnected or stale
+    frozen_at: float | None = None
+
+
+class SimBroker:
+    """A simulated broker. Not thread-safe: one runner drives it."""
+
+    name = "sim"
+
+    def __init__(self, scenario: SimScenario, catalog: Catalog | None = None) -> None:
+        self.scenario = scenario
+        self.catalog = catalog or default_catalog()
+        self.rng = random.Random(scenario.seed)  # noqa: S311 - a market simulation, not crypto
+        self.elapsed = 0.0
+        self.price = scenario.price
+        self.accounts: dict[str, _Account] = {}
+        leader = _Account(scenario.leader, "leader", None, 1.0, scenario.leader_firm,
+                          scenario.instrument)
+        self.accounts[leader.id] = leader
+        for f in scenario.followers:
+            self.accounts[f.id] = _Account(f.id, "follower", scenario.leader, f.ratio, f.firm,
+                                           f.instrument or scenario.instrument)
+        self.trades = list(scenario.trades or []) or self._random_trades()
+        self.faults = list(scenario.faults) + self._random_faults()
+        self.events: list[tuple[float, int, str, dict[str, Any]]] = []
+        self._seq = 0
+        self.log: list[dict[str, Any]] = []  # every command the broker received
+        self.skipping: dict[str, int] = {}  # follower -> leader trade it sits out
+        self.rejects: dict[str, int] = {}
+        self._delays: dict[str, dict[str, float]] = {}  # account -> {until, delay}
+        self.current_trade: int | None = None
+        for index, trade in enumerate(self.trades):
+            self._schedule(trade.at, "leader_enter", {"trade": index})
+            self._schedule(trade.at + trade.hold, "leader_exit", {"trade": index})
+        for index, fault in enumerate(self.faults):
+            if fault.kind in ("reversal", "disconnect", "stale", "reject", "delay"):
+                self._schedule(fault.at, "fault", {"fault": index})
+
+    # --- scenario helpers ---------------------------------------------------------------------
+
+    def _random_trades(self) -> list[SimTrade]:
+        trades, at = [], 5.0
+        for _ in range(self.scenario.random_trades):
+            hold = self.rng.uniform(6.0, 20.0)
+            trades.append(SimTrade(at=round(at, 2), side=self.rng.choice(["long", "short"]),
+                                   qty=self.rng.randint(1, 3), hold=round(hold, 2)))
+            at += hold + self.rng.uniform(4.0, 12.0)
+        return trades
+
+    def _random_faults(self) -> list[SimFault]:
+        faults: list[SimFault] = []
+        followers = [f.id for f in self.scenario.followers]
+        if not followers or not self.trades:
+            return faults
+        end = self.trades[-1].at + self.trades[-1].hold
+        for _ in range(self.scenario.random_faults):
+            kind = self.rng.choice(["missed_entry", "missed_exit", "reversal", "disconnect",
+                                    "stale", "reject", "delay"])
+            account = self.rng.choice(followers)
+            at = round(self.rng.uniform(0, end), 2)
+            trade = self.rng.randrange(len(self.trades))
+            faults.append(SimFault(kind=kind, account=account, at=at, trade=trade,
+                                   duration=round(self.rng.uniform(2.0, 12.0), 2),
+                                   count=self.rng.randint(1, 3),
+                                   delay=round(self.rng.uniform(0.5, 3.0), 2)))
+        return faults
+
+    @property
+    def now(self) -> datetime:
+        return self.scenario.start + timedelta(seconds=self.elapsed)
+
+    @property
+    def end(self) -> float:
+        """Seconds until the last scheduled event (trades and faults)."""
+        last = max((t.at + t.hold for t in self.trades), default=0.0)
+        faults = max((f.at + f.duration for f in self.faults), default=0.0)
+        return max(last, faults) + 5.0
+
+    def _schedule(self, at: float, kind: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        self.events.append((at, self._seq, kind, data))
+        self.events.sort(key=lambda e: (e[0], e[1]))
+
+    # --- the market moving ------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        """Move virtual time forward, applying every event that falls due."""
+        target = self.elapsed + seconds
+        while self.events and self.events[0][0] <= target + 1e-9:
+            at, _, kind, data = self.events.pop(0)
+            self._walk_to(max(self.elapsed, at))
+            getattr(self, f"_on_{kind}")(**data)
+        self._walk_to(target)
+
+    def _walk_to(self, at: float) -> None:
+        tick = self.catalog.parse(self.scenario.instrument).tick_size
+        while self.elapsed + 0.25 <= at + 1e-9:
+            self.elapsed += 0.25
+            self.price += tick * self.rng.choice((-1, 0, 0, 1))
+        self.elapsed = max(self.elapsed, at)
+        for account in self.accounts.values():
+            if account.frozen is None:
+                continue
+            until = account.frozen.get("_until", 0.0)
+            if self.elapsed >= until:
+                account.frozen = None
+                account.frozen_at = None
+                account.connected = True
+
+    def _fill(self, account: _Account, symbol: str, delta: int) -> None:
+        """Apply a fill of `delta` contracts at the market price."""
+        if delta == 0:
+            return
+        position = account.positions.get(symbol)
+        tick_value = self.catalog.parse(symbol).tick_value
+        tick_size = self.catalog.parse(symbol).tick_size
+        if position is None:
+            account.positions[symbol] = _Position(delta, self.price, self.elapsed)
+            return
+        new = position.qty + delta
+        if position.qty * delta < 0:  # closing some or all
+            closed = min(abs(delta), abs(position.qty))
+            direction = 1 if position.qty > 0 else -1
+            account.realized += direction * closed * (self.price - position.avg) / tick_size * \
+                tick_value
+        if new == 0:
+            del account.positions[symbol]
+            for order_id in [o.id for o in account.orders.values() if o.symbol == symbol]:
+                del account.orders[order_id]  # brackets go with the position
+        elif position.qty * new < 0:
+            account.positions[symbol] = _Position(new, self.price, self.elapsed)
+        else:
+            if abs(new) > abs(position.qty):
+                position.avg = (position.avg * position.qty + self.price * delta) / new
+            position.qty = new
+
+    def _copy(self, trade: int, delta_equiv: float, stage: str) -> None:
+        """The copier mirrors a leader change onto each follower, after a latency."""
+        for account in self.accounts.values():
+            if account.role != "follower":
+                continue
+            missed = any(f.kind == f"missed_{stage}" and f.account == account.id and
+                         f.trade == trade for f in self.faults)
+            if missed:
+                continue
+            lo, hi = self.scenario.latency
+            delay = self.rng.uniform(lo, hi)
+            self._schedule(self.elapsed + delay, "copy", {
+                "account": account.id, "trade": trade, "delta_equiv": delta_equiv})
+
+    def _on_leader_enter(self, trade: int) -> None:
+        spec = self.trades[trade]
+        leader = self.accounts[self.scenario.leader]
+        qty = spec.qty if spec.side == "long" else -spec.qty
+        self.current_trade = trade
+        self._fill(leader, leader.symbol, qty)
+        tick = self.catalog.parse(leader.symbol).tick_size
+        stop = self.price - qty / abs(qty) * self.scenario.stop_ticks * tick
+        leader.orders["L-stop"] = _Order("L-stop", leader.symbol, "sell" if qty > 0 else "buy",
+                                         abs(qty), "stop", round(stop, 2), "")
+        self._copy(trade, qty * self.catalog.parse(leader.symbol).size, "entry")
+
+    def _on_leader_exit(self, trade: int) -> None:
+        leader = self.accounts[self.scenario.leader]
+        position = leader.positions.get(leader.symbol)
+        if position is None:
+            return
+        delta = -position.qty
+        self._fill(leader, leader.symbol, delta)
+        self.current_trade = None
+        self._copy(trade, delta * self.catalog.parse(leader.symbol).size, "exit")
+
+    def _on_copy(self, account: str, trade: int, delta_equiv: float) -> None:
+        follower = self.accounts[account]
+        if not follower.connected or follower.copier != "active" or \
+                self.skipping.get(account) == trade:
+            return  # lost: the copier could not reach it, was paused, or sits this trade out
+        size = self.catalog.parse(follower.symbol).size
+        self._fill(follower, follower.symbol, round(delta_equiv * follower.ratio / size))
+
+    def _on_fault(self, fault: int) -> None:
+        spec = self.faults[fault]
+        account = self.accounts.get(spec.account)
+        if account is None:
+            return
+        if spec.kind == "reversal":
+            position = account.positions.get(account.symbol)
+            if position is not None:
+                self._fill(account, account.symbol, -2 * position.qty)
+            else:
+                leader = self.accounts[self.scenario.leader].positions.get(
+                    self.accounts[self.scenario.leader].symbol)
+                side = -1 if leader is None or leader.qty > 0 else 1
+                size = self.catalog.parse(account.symbol).size
+                self._fill(account, account.symbol, side * max(1, round(1 / size)))
+        elif spec.kind in ("disconnect", "stale"):
+            if account.frozen is None:
+                account.frozen = self._account_data(account)
+                account.frozen_at = self.elapsed
+            account.frozen["_until"] = max(account.frozen.get("_until", 0.0),
+                                           self.elapsed + spec.duration)
+            if spec.kind == "disconnect":
+                account.connected = False
+        elif spec.kind == "reject":
+            self.rejects[account.id] = self.rejects.get(account.id, 0) + spec.count
+        elif spec.kind == "delay":
+            self._delays[account.id] = {"until": self.elapsed + spec.duration,
+                                        "delay": spec.delay}
+
+    def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str) -> None:
+        target = self.accounts[account]
+        self._fill(target, symbol, delta)
+        self._record(tag, "filled")
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _account_data(self, account: _Account) -> dict[str, Any]:
+        unrealized = 0.0
+        positions = []
+        for symbol, p in account.positions.items():
+            inst = self.catalog.parse(symbol)
+            unrealized += p.qty * (self.price - p.avg) / inst.tick_size * inst.tick_value
+            positions.append({"instrument": symbol, "qty": p.qty, "avg_price": round(p.avg, 4),
+                              "opened_at": self._iso(p.opened)})
+        data: dict[str, Any] = {
+            "id": account.id, "role": account.role, "firm": account.firm,
+            "balance": round(50000.0 + account.realized, 2),
+            "realized_pnl": round(account.realized, 2),
+            "unrealized_pnl": round(unrealized, 2), "positions": positions,
+            "orders": [{"id": o.id, "instrument": o.symbol, "side": o.side, "qty": o.qty,
+                        "type": o.type, "stop_price": o.stop_price}
+                       for o in account.orders.values()],
+        }
+        if account.role == "follower":
+            data["leader"] = account.leader
+            data["ratio"] = account.ratio
+        return data
+
+    def _iso(self, elapsed: float) -> str:
+        return (self.scenario.start + timedelta(seconds=elapsed)).isoformat()
+
+    def snapshot(self) -> Snapshot:
+        accounts = []
+        for account in self.accounts.values():
+            if account.frozen is not None:
+                data = {k: v for k, v in account.frozen.items() if not k.startswith("_")}
+                data["updated_at"] = self._iso(account.frozen_at or 0.0)
+            else:
+                data = self._account_data(account)
+                data["updated_at"] = self._iso(self.elapsed)
+            data["connected"] = account.connected
+            if account.role == "follower":
+                data["copier"] = account.copier
+            accounts.append(data)
+        symbols = {a.symbol for a in self.accounts.values()}
+        quotes = {s: {"bid": round(self.price - self.catalog.parse(s).tick_size, 4),
+                      "ask": round(self.price, 4), "last": round(self.price, 4)}
+                  for s in sorted(symbols)}
+        return Snapshot.model_validate({"time": self.now.isoformat(), "quotes": quotes,
+                                        "accounts": accounts})
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _record(self, tag: str, status: str, **data: Any) -> None:
+        for entry in self.log:
+            if entry["tag"] == tag and tag:
+                entry["status"] = status
+                entry.update(data)
+                return
+        self.log.append({"tag": tag, "status": status, "time": self.elapsed, **data})
+
+    def _refuse(self, account: str, tag: str, kind: str) -> BrokerAnswer | None:
+        target = self.accounts.get(account)
+        if target is None:
+            answer = BrokerAnswer("rejected", f"unknown account {account!r}")
+        elif not target.connected:
+            answer = BrokerAnswer("rejected", f"account {account} is not connected")
+        elif self.rejects.get(account, 0) > 0:
+            self.rejects[account] -= 1
+            answer = BrokerAnswer("rejected", "order rejected by the broker (simulated fault)")
+        else:
+            return None
+        self.log.append({"tag": tag, "status": "rejected", "time": self.elapsed,
+                         "account": account, "kind": kind, "reason": answer.reason})
+        return answer
+
+    def _order_fill(self, account: str, symbol: str, delta: int, tag: str,
+                    kind: str) -> BrokerAnswer:
+        delay = self._delays.get(account)
+        self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
+                         "account": account, "kind": kind, "instrument": symbol,
+                         "delta": delta})
+        if delay is not None and self.elapsed < delay["until"]:
+            self._schedule(self.elapsed + delay["delay"], "engine_fill",
+                           {"account": account, "symbol": symbol, "delta": delta, "tag": tag})
+            return BrokerAnswer("accepted", "", tag)
+        self._on_engine_fill(account, symbol, delta, tag)
+        return BrokerAnswer("filled", "", tag)
+
+    def flatten(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
+        refused = self._refuse(account, tag, "flatten")
+        if refused:
+            return refused
+        target = self.accounts[account]
+        family = self.catalog.parse(instrument).family if instrument else None
+        symbols = [s for s in target.positions
+                   if family is None or self.catalog.parse(s).family == family]
+        for order_id in [o.id for o in target.orders.values()
+                         if family is None or self.catalog.parse(o.symbol).family == family]:
+            del target.orders[order_id]
+        if not symbols:
+            self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
+                             "account": account, "kind": "flatten", "delta": 0})
+            return BrokerAnswer("filled", "already flat", tag)
+        answer = BrokerAnswer("filled", "", tag)
+        for symbol in symbols:
+            answer = self._order_fill(account, symbol, -target.positions[symbol].qty, tag,
+                                      "flatten")
+        return answer
+
+    def cancel_orders(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
+        refused = self._refuse(account, tag, "cancel_orders")
+        if refused:
+            return refused
+        target = self.accounts[account]
+        family = self.catalog.parse(instrument).family if instrument else None
+        for order_id in [o.id for o in target.orders.values()
+                         if family is None or self.catalog.parse(o.symbol).family == family]:
+            del target.orders[order_id]
+        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
+                         "account": account, "kind": "cancel_orders"})
+        return BrokerAnswer("filled", "", tag)
+
+    def place_order(self, account: str, instrument: str, side: Literal["buy", "sell"],
+                    qty: int, order_type: Literal["market", "stop"], tag: str,
+                    stop_price: float | None = None) -> BrokerAnswer:
+        refused = self._refuse(account, tag, f"place_{order_type}")
+        if refused:
+            return refused
+        if order_type == "stop":
+            self.accounts[account].orders[tag] = _Order(tag, instrument, side, qty, "stop",
+                                                        stop_price, tag)
+            self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
+                             "account": account, "kind": "place_stop", "instrument": instrument})
+            return BrokerAnswer("accepted", "", tag)
+        delta = qty if side == "buy" else -qty
+        return self._order_fill(account, instrument, delta, tag, "place_market")
+
+    def _copier(self, follower: str, tag: str, state: str) -> BrokerAnswer:
+        target = self.accounts.get(follower)
+        if target is None or target.role != "follower":
+            return BrokerAnswer("rejected", f"no follower named {follower!r}")
+        target.copier = state
+        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
+                         "account": follower, "kind": f"copier_{state}"})
+        return BrokerAnswer("filled", "", tag)
+
+    def pause_copier(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._copier(follower, tag, "paused")
+
+    def resume_copier(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._copier(follower, tag, "active")
+
+    def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
+        if self.current_trade is not None:
+            self.skipping[follower] = self.current_trade
+        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
+                         "account": follower, "kind": "skip_entry"})
+        return BrokerAnswer("filled", "", tag)
+
+    def find_tag(self, tag: str) -> BrokerAnswer | None:
+        for entry in self.log:
+            if entry["tag"] == tag:
+                status = entry["status"]
+                return BrokerAnswer(status if status in ("accepted", "filled", "rejected")
+                                    else "accepted", entry.get("reason", ""), tag)
+        return None
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole simulated broker to `path` (atomically)."""
+        state = {
+            "version": 1,
+            "scenario": self.scenario.model_dump(mode="json"),
+            "rng": _jsonable(self.rng.getstate()),
+            "elapsed": self.elapsed, "price": self.price,
+            "accounts": {k: asdict(v) for k, v in self.accounts.items()},
+            "trades": [t.model_dump() for t in self.trades],
+            "faults": [f.model_dump() for f in self.faults],
+            "events": self.events, "seq": self._seq, "log": self.log,
+            "skipping": self.skipping, "rejects": self.rejects,
+            "delays": self._delays, "current_trade": self.current_trade,
+        }
+        temporary = Path(f"{path}.tmp")
+        temporary.write_text(json.dumps(state), encoding="utf-8")
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, catalog: Catalog | None = None) -> SimBroker:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        broker = cls(SimScenario.model_validate(state["scenario"]), catalog)
+        broker.rng.setstate(_tupled(state["rng"]))
+        broker.elapsed, broker.price = state["elapsed"], state["price"]
+        broker.accounts = {}
+        for key, raw in state["accounts"].items():
+            raw["positions"] = {s: _Position(**p) for s, p in raw["positions"].items()}
+            raw["orders"] = {o: _Order(**v) for o, v in raw["orders"].items()}
+            broker.accounts[key] = _Account(**raw)
+        broker.trades = [SimTrade.model_validate(t) for t in state["trades"]]
+        broker.faults = [SimFault.model_validate(f) for f in state["faults"]]
+        broker.events = [(e[0], e[1], e[2], e[3]) for e in state["events"]]
+        broker._seq = state["seq"]
+        broker.log = state["log"]
+        broker.skipping = state["skipping"]
+        broker.rejects = state["rejects"]
+        broker._delays = state["delays"]
+        broker.current_trade = state["current_trade"]
+        return broker
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def _make(settings: dict[str, Any]) -> SimBroker:
+    return SimBroker(SimScenario.model_validate(settings))
+
+
+register("sim", _make)

@@ -1,0 +1,135 @@
+"""`copilink.yaml`: what `copilink-rules run --config` runs. Validated with file:line errors.
+
+```yaml
+broker:
+  name: sim                   # sim (ninjatrader, tradovate, projectx: not in this release)
+  settings: {seed: 7, random_trades: 5, random_faults: 3}   # the adapter's own settings
+  speed: 1.0                  # sim only: simulated seconds per real second
+accounts:                     # roles, ratios and firms (sim: the simulated accounts)
+  - {id: LEAD, role: leader, firm: apex}
+  - {id: F1, role: follower, ratio: 1.0, firm: apex}
+  - {id: F2, role: follower, ratio: 1.0, firm: topstep, instrument: MNQH6}
+rules: [rules/desync.yaml]    # files or folders, relative to this file
+params: {stuck_grace: 2s}     # like --set
+journal: copilink.db
+tick: 250ms
+pre_session: "09:25"          # local time of the pre-session check (optional)
+timezone: America/New_York
+kill_file: copilink.kill      # while this file exists, no automatic order is sent
+alerts:
+  log_file: copilink-alerts.log
+  webhooks:
+    - {url: "https://discord.com/api/webhooks/...", style: discord}
+    - {url: "https://api.telegram.org/bot<token>/sendMessage", style: telegram, chat_id: "123"}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError, Problem, RuleFileError
+from .rules.loader import parse_duration
+from .snapshots import format_loc
+from .sources import YamlSyntaxError, load_yaml
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Strict):
+    name: str = "sim"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    speed: float = Field(default=1.0, gt=0, le=1000)
+
+
+class AccountConfig(_Strict):
+    id: str = Field(min_length=1)
+    role: Literal["leader", "follower"]
+    leader: str | None = None
+    ratio: float = Field(default=1.0, gt=0)
+    firm: str | None = None
+    instrument: str | None = None
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    style: Literal["discord", "telegram", "json"] = "json"
+    chat_id: str | None = None
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+
+
+class AlertsConfig(_Strict):
+    log_file: str | None = None
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+
+class RunConfig(_Strict):
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    accounts: list[AccountConfig] = Field(default_factory=list)
+    rules: list[str] = Field(default_factory=lambda: ["rules/desync.yaml"])
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    journal: str = "copilink.db"
+    tick: str = "250ms"
+    pre_session: str | None = Field(default=None, pattern=r"^\d{1,2}:\d{2}$")
+    timezone: str = "America/New_York"
+    kill_file: str | None = "copilink.kill"
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("tick")
+    @classmethod
+    def _tick(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if not 0.05 <= seconds <= 60:
+            raise ValueError("tick must be between 50ms and 60s")
+        return value
+
+    @property
+    def tick_seconds(self) -> float:
+        return parse_duration(self.tick)
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, Path]:
+    """The config and the folder its relative paths are relative to."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{file}: cannot read config: {exc.strerror}") from None
+    try:
+        data, lines = load_yaml(text)
+    except YamlSyntaxError as exc:
+        raise RuleFileError([Problem(file, exc.line, str(exc))]) from None
+    try:
+        config = RunConfig.model_validate(data or {})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(Problem(file, lines.line_of(list(loc)),
+                                    f"{format_loc(loc)}: {message}"))
+        raise RuleFileError(problems) from None
+    return config, Path(path).resolve().parent
+
+
+def sim_settings(config: RunConfig) -> dict[str, Any]:
+    """The sim scenario: its own settings, with `accounts` mapped onto leader and followers."""
+    settings = dict(config.broker.settings)
+    leaders = [a for a in config.accounts if a.role == "leader"]
+    if len(leaders) > 1:
+        raise InputError("the sim broker runs one leader; the config names "
+                         f"{len(leaders)}: {', '.join(a.id for a in leaders)}")
+    if leaders:
+        settings.setdefault("leader", leaders[0].id)
+        settings.setdefault("leader_firm", leaders[0].firm)
+    followers = [a for a in config.accounts if a.role == "follower"]
+    if followers:
+        settings.setdefault("followers", [
+            {"id": a.id, "ratio": a.ratio, "firm": a.firm, "instrument": a.instrument}
+            for a in followers])
+    return settings

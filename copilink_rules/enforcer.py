@@ -1,0 +1,461 @@
+"""Decisions become broker commands, tracked until the broker's world shows they worked.
+
+Lifecycle of a corrective action (flatten, catch-up, cancel):
+
+    pending --(snapshot shows it done)--> confirmed
+       |  \\--(rejected, or not done within `verify_after`)--> retrying --(backoff)--> pending
+       \\--(attempts exhausted)--> escalated: critical alert, incident, every follower paused
+
+Safety, whatever the rules say:
+* at most one outstanding corrective action per account and instrument family;
+* no order to a disconnected or stale account (it waits until the account is reachable);
+* a catch-up never adds past `max_contracts` (when the rules declare it), never to a locked
+  account, never against a position on the other side;
+* the kill switch (file, signal or call) stops every automatic order at once;
+* `dry_run` journals what would be sent and sends nothing.
+
+Every command is journaled as `sending` before it goes out and updated with the answer; a
+restarted enforcer asks the broker about those by tag instead of sending them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .adapters.base import BrokerAdapter, BrokerAnswer
+from .alerts import Alert, Alerts
+from .instruments import Catalog, default_catalog
+from .journal import OPEN_STATUSES, CommandRow, Journal, iso
+from .model import Account, Decision, Snapshot
+from .rules.loader import Policy
+
+log = logging.getLogger("copilink_rules.enforcer")
+
+CORRECTIVE = ("flatten", "catch_up", "cancel_orders")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)$")
+
+
+class KillSwitch:
+    """Stops every automatic order: engaged by `engage()`, a signal handler, or a file."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._engaged = False
+        self.reason = ""
+
+    def engage(self, reason: str = "kill switch engaged") -> None:
+        self._engaged = True
+        self.reason = reason
+
+    def release(self) -> None:
+        self._engaged = False
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+    @property
+    def engaged(self) -> bool:
+        if self._engaged:
+            return True
+        if self.path is not None and self.path.exists():
+            self.reason = f"kill file {self.path} exists"
+            return True
+        return False
+
+
+@dataclass
+class Action:
+    """One corrective action and its lifecycle."""
+
+    tag: str
+    base_tag: str
+    account: str
+    instrument: str | None
+    family: str | None
+    kind: str
+    rule: str | None
+    args: dict[str, Any]
+    status: str = "pending"
+    attempt: int = 1
+    sent_at: datetime | None = None
+    next_try: datetime | None = None
+    reason: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.account, self.family or "*")
+
+
+@dataclass
+class Lock:
+    account: str
+    state: str
+    until: datetime
+    reason: str
+    rule: str | None
+
+
+@dataclass
+class Enforcer:
+    broker: BrokerAdapter
+    journal: Journal
+    alerts: Alerts
+    policy: Policy
+    dry_run: bool = False
+    kill_switch: KillSwitch = field(default_factory=KillSwitch)
+    catalog: Catalog = field(default_factory=default_catalog)
+    backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
+    verify_after: float = 5.0
+    on_command: Callable[[str, str, str], None] | None = None  # (kind, account, tag): hooks
+    outstanding: dict[tuple[str, str], Action] = field(default_factory=dict)
+    locks: dict[str, Lock] = field(default_factory=dict)
+    escalated: list[Action] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.max_contracts = self.policy.param("max_contracts", None)
+        self._zones = {r.id: r.timezone for r in self.policy.rules}
+        self._day_start = str(self.policy.param("trading_day_start", "18:00"))
+        self._follower_ids: list[str] = []
+
+    # --- restart ----------------------------------------------------------------------------
+
+    def restore(self, now: datetime) -> list[str]:
+        """Pick up open commands and locks from the journal; ask the broker about commands
+        whose answer was never journaled. Returns notes for the log."""
+        notes = []
+        for row in self.journal.commands(OPEN_STATUSES):
+            action = Action(row.tag, row.tag.split("~")[0], row.account, row.instrument,
+                            row.family, row.action, row.rule, row.args, row.status, row.attempt,
+                            datetime.fromisoformat(row.updated.replace("Z", "+00:00")))
+            if row.status == "sending":
+                answer = self.broker.find_tag(row.tag)
+                if answer is None:
+                    action.status = "retrying"  # never reached the broker: send it again
+                    action.next_try = now
+                    notes.append(f"{row.tag}: never reached the broker; will send it again")
+                else:
+                    self._answered(action, answer, now)
+                    notes.append(f"{row.tag}: the broker has it ({answer.status})")
+            if action.kind in CORRECTIVE:
+                self.outstanding[action.key] = action
+        for lock in self.journal.locks():
+            until = datetime.fromisoformat(lock["until"].replace("Z", "+00:00"))
+            if until > now:
+                self.locks[lock["account"]] = Lock(lock["account"], lock["state"], until,
+                                                   lock["reason"], lock["rule"])
+        return notes
+
+    # --- each tick ----------------------------------------------------------------------------
+
+    def process(self, snapshot: Snapshot, decisions: list[Decision]) -> list[Action]:
+        """Follow up open actions against `snapshot`, then carry out new decisions."""
+        now = snapshot.time
+        accounts = {a.id: a for a in snapshot.accounts}
+        self._follower_ids = [a.id for a in snapshot.accounts if a.role == "follower"]
+        self._expire_locks(now)
+        self._follow_up(snapshot, accounts, now)
+        started = []
+        for decision in decisions:
+            if decision.suppressed is not False or decision.action == "error":
+                continue
+            action = self._carry_out(decision, snapshot, accounts, now)
+            if action is not None:
+                started.append(action)
+        return started
+
+    def _expire_locks(self, now: datetime) -> None:
+        for account, lock in list(self.locks.items()):
+            if lock.until <= now:
+                del self.locks[account]
+                self.journal.unlock(account)
+                self._alert(now, "info", f"{account}: {lock.state} lock expired", account)
+
+    def _reachable(self, account: Account | None, now: datetime) -> bool:
+        if account is None or not account.connected:
+            return False
+        stale_after = float(self.policy.param("stale_after", 5.0))
+        return account.updated_at is None or (now - account.updated_at).total_seconds() <= \
+            stale_after
+
+    def _done(self, action: Action, account: Account | None) -> bool:
+        """Does the broker's world show the action worked?"""
+        if account is None:
+            return False
+        in_family = [p for p in account.positions if p.qty != 0 and (
+            action.family is None or self.catalog.parse(p.instrument).family == action.family)]
+        if action.kind == "flatten":
+            return not in_family
+        if action.kind == "cancel_orders":
+            return not [o for o in account.orders if o.status in ("working", "pending") and (
+                action.family is None or
+                self.catalog.parse(o.instrument).family == action.family)]
+        if action.kind == "catch_up":
+            wanted = int(action.args.get("qty", 0))
+            held = sum(p.qty * self.catalog.parse(p.instrument).size for p in in_family)
+            return wanted != 0 and held * wanted > 0
+        return True
+
+    def _follow_up(self, snapshot: Snapshot, accounts: dict[str, Account],
+                   now: datetime) -> None:
+        for key, action in list(self.outstanding.items()):
+            account = accounts.get(action.account)
+            if action.status in ("pending", "sending") and self._done(action, account):
+                action.status = "confirmed"
+                self.journal.command_status(action.tag, "confirmed", now, "verified in snapshot")
+                del self.outstanding[key]
+                continue
+            if action.status == "pending" and action.sent_at is not None and \
+                    (now - action.sent_at).total_seconds() >= self.verify_after:
+                self._failed_attempt(action, now, f"not done {self.verify_after:g}s after "
+                                     "the broker accepted it")
+            if action.status == "retrying" and action.next_try is not None and \
+                    now >= action.next_try:
+                if not self._reachable(account, now):
+                    continue  # waits: never an order to an unreachable account
+                if action.kind == "catch_up":
+                    self._finish(action, now, "failed", "catch-up not retried: price moves on")
+                    continue
+                self._send(action, now, retry=True)
+
+    def _failed_attempt(self, action: Action, now: datetime, reason: str) -> None:
+        if action.attempt > len(self.backoff):
+            self._escalate(action, now, reason)
+            return
+        action.status = "retrying"
+        action.next_try = now + timedelta(seconds=self.backoff[action.attempt - 1])
+        action.reason = reason
+        self.journal.command_status(action.tag, "retrying", now, reason)
+
+    def _finish(self, action: Action, now: datetime, status: str, reason: str) -> None:
+        action.status = status
+        self.journal.command_status(action.tag, status, now, reason)
+        self.outstanding.pop(action.key, None)
+
+    def _escalate(self, action: Action, now: datetime, reason: str) -> None:
+        self._finish(action, now, "escalated", reason)
+        self.escalated.append(action)
+        message = (f"{action.account}: {action.kind} {action.instrument or 'all instruments'} "
+                   f"failed after {action.attempt} attempt(s) ({reason}); every follower paused "
+                   "— act by hand now")
+        self._alert(now, "critical", message, action.account, action.rule)
+        self.journal.incident(now, action.account, action.instrument, action.rule, "critical",
+                              message, {}, [f"escalated {action.tag}", "pause all followers"])
+        for follower in self._followers():
+            self._copier_command("pause_copier", follower, action.rule, now)
+
+    def _followers(self) -> list[str]:
+        """The followers of the last snapshot processed."""
+        return list(self._follower_ids)
+
+    # --- carrying out decisions ---------------------------------------------------------------
+
+    def _carry_out(self, decision: Decision, snapshot: Snapshot,
+                   accounts: dict[str, Account], now: datetime) -> Action | None:
+        kind = decision.action
+        if kind == "alert":
+            self._decision_alert(decision, snapshot, accounts, now)
+            return None
+        if kind == "lock_account":
+            self._lock(decision, now)
+            return None
+        if kind in ("pause_copier", "resume_copier"):
+            targets = self._followers() if decision.args.get("all_followers") or \
+                decision.account is None else [decision.account]
+            for follower in targets:
+                self._copier_command(kind, follower, decision.rule, now)
+            return None
+        if kind == "skip_entry":
+            if decision.account and decision.instrument:
+                tag = self._tag()
+                self._journal_command(tag, decision.account, decision.instrument, None, kind,
+                                      decision.rule, {}, "sending", 1, now)
+                if self.dry_run:
+                    self.journal.command_status(tag, "dry_run", now)
+                    return None
+                answer = self.broker.skip_entry(decision.account, decision.instrument, tag)
+                self._journal_answer(tag, answer, now, final=True)
+            return None
+        if kind not in CORRECTIVE or decision.account is None:
+            return None  # block_order / reduce_order belong to the pre-trade gate
+        family = self.catalog.parse(decision.instrument).family if decision.instrument else None
+        action = Action("", "", decision.account, decision.instrument, family, kind,
+                        decision.rule, dict(decision.args))
+        refusal = self._refusal(action, accounts.get(decision.account), now)
+        if refusal:
+            tag = self._tag()
+            self._journal_command(tag, action.account, action.instrument, family, kind,
+                                  action.rule, action.args, "blocked", 1, now, refusal)
+            log.info("%s %s %s blocked: %s", kind, action.account, action.instrument, refusal)
+            return None
+        action.tag = action.base_tag = self._tag()
+        self.outstanding[action.key] = action
+        self._send(action, now)
+        return action
+
+    def _refusal(self, action: Action, account: Account | None, now: datetime) -> str | None:
+        existing = self.outstanding.get(action.key)
+        if existing is not None:
+            return f"{existing.kind} {existing.tag} is still outstanding for this account " \
+                "and instrument"
+        if self.kill_switch.engaged:
+            return f"kill switch: {self.kill_switch.reason}"
+        if not self._reachable(account, now):
+            return f"account {action.account} is disconnected or stale: no orders"
+        if action.kind != "catch_up" or account is None:
+            return None
+        lock = self.locks.get(action.account)
+        if lock is not None:
+            return f"account is locked ({lock.state}) until {iso(lock.until)}: no new exposure"
+        qty = int(action.args.get("qty", 0))
+        if qty == 0:
+            return "catch-up of 0 contracts"
+        held = sum(p.qty for p in account.positions
+                   if self.catalog.parse(p.instrument).family == action.family)
+        if held * qty < 0:
+            return "the follower holds the other side: a catch-up would not fix that"
+        if held != 0:
+            return "the follower is no longer flat"
+        if self.max_contracts is not None:
+            total = sum(abs(p.qty) for p in account.positions)
+            room = int(self.max_contracts) - total
+            if room <= 0:
+                return f"max_contracts {self.max_contracts} reached"
+            if abs(qty) > room:
+                action.args["qty"] = room if qty > 0 else -room
+                action.args["reduced_from"] = qty
+        return None
+
+    def _send(self, action: Action, now: datetime, retry: bool = False) -> None:
+        if retry:
+            action.attempt += 1
+            action.tag = f"{action.base_tag}~{action.attempt}"
+        self._journal_command(action.tag, action.account, action.instrument, action.family,
+                              action.kind, action.rule, action.args, "sending", action.attempt,
+                              now)
+        if self.dry_run:
+            self._finish(action, now, "dry_run", "run --dry-run: not sent")
+            return
+        if self.kill_switch.engaged:
+            self._finish(action, now, "blocked", f"kill switch: {self.kill_switch.reason}")
+            return
+        if self.on_command is not None:
+            self.on_command(action.kind, action.account, action.tag)
+        answer = self._call(action)
+        action.sent_at = now
+        self._answered(action, answer, now)
+
+    def _call(self, action: Action) -> BrokerAnswer:
+        try:
+            if action.kind == "flatten":
+                return self.broker.flatten(action.account, action.instrument, action.tag)
+            if action.kind == "cancel_orders":
+                return self.broker.cancel_orders(action.account, action.instrument, action.tag)
+            qty = int(action.args["qty"])
+            assert action.instrument is not None
+            answer = self.broker.place_order(action.account, action.instrument,
+                                             "buy" if qty > 0 else "sell", abs(qty), "market",
+                                             action.tag)
+            stop = action.args.get("stop_price")
+            if answer.ok and stop is not None:
+                self.broker.place_order(action.account, action.instrument,
+                                        "sell" if qty > 0 else "buy", abs(qty), "stop",
+                                        f"{action.tag}-stop", float(stop))
+            return answer
+        except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
+            return BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}")
+
+    def _answered(self, action: Action, answer: BrokerAnswer, now: datetime) -> None:
+        self.journal.answer(action.tag, now, answer.status, answer.reason)
+        if answer.ok:
+            action.status = "pending"
+            action.sent_at = action.sent_at or now
+            self.journal.command_status(action.tag, "pending", now, answer.reason or None)
+        else:
+            self._alert(now, "warning", f"{action.account}: broker rejected {action.kind} "
+                        f"({answer.reason}); attempt {action.attempt}", action.account,
+                        action.rule)
+            self._failed_attempt(action, now, f"rejected: {answer.reason}")
+
+    def _copier_command(self, kind: str, follower: str, rule: str | None,
+                        now: datetime) -> None:
+        tag = self._tag()
+        self._journal_command(tag, follower, None, None, kind, rule, {}, "sending", 1, now)
+        if self.dry_run:
+            self.journal.command_status(tag, "dry_run", now)
+            return
+        try:
+            answer = (self.broker.pause_copier(follower, tag) if kind == "pause_copier"
+                      else self.broker.resume_copier(follower, tag))
+        except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
+            answer = BrokerAnswer("rejected", f"broker error: {exc}")
+        self._journal_answer(tag, answer, now, final=True)
+
+    def _journal_answer(self, tag: str, answer: BrokerAnswer, now: datetime,
+                        final: bool) -> None:
+        self.journal.answer(tag, now, answer.status, answer.reason)
+        status = ("confirmed" if final else "pending") if answer.ok else "rejected"
+        self.journal.command_status(tag, status, now, answer.reason or None)
+
+    def _journal_command(self, tag: str, account: str, instrument: str | None,
+                         family: str | None, kind: str, rule: str | None, args: dict[str, Any],
+                         status: str, attempt: int, now: datetime,
+                         reason: str | None = None) -> None:
+        self.journal.command(CommandRow(tag, iso(now), account, instrument, family, kind, rule,
+                                        args, status, attempt, reason, iso(now)))
+
+    def _tag(self) -> str:
+        return f"CLR-{self.journal.next_sequence():06d}"
+
+    def _lock(self, decision: Decision, now: datetime) -> None:
+        if decision.account is None:
+            return
+        state = str(decision.args.get("state", "halted"))
+        until = self.lock_until(str(decision.args.get("until", "next_trading_day")), now,
+                                self._zones.get(decision.rule, ZoneInfo("America/New_York")))
+        current = self.locks.get(decision.account)
+        if current is not None and current.state == "halted" and state == "reducing":
+            return  # a halted lock is stricter than a reducing one
+        self.locks[decision.account] = Lock(decision.account, state, until, decision.reason,
+                                            decision.rule)
+        self.journal.lock(decision.account, state, until, decision.reason, decision.rule, now)
+        self._alert(now, "critical", f"{decision.account} locked ({state}) until "
+                    f"{until.astimezone(self._zones.get(decision.rule, ZoneInfo('UTC')))}",
+                    decision.account, decision.rule)
+
+    def lock_until(self, text: str, now: datetime, zone: ZoneInfo) -> datetime:
+        """When a lock given as next_trading_day / next_session / HH:MM / duration ends."""
+        if match := _DURATION.match(text):
+            unit = {"s": 1, "m": 60, "h": 3600}[match[2]]
+            return now + timedelta(seconds=float(match[1]) * unit)
+        at = time.fromisoformat(self._day_start if text in ("next_trading_day", "next_session")
+                                else text)
+        local = now.astimezone(zone)
+        candidate = datetime.combine(local.date(), at, tzinfo=zone)
+        if candidate <= local:
+            candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=zone)
+        return candidate.astimezone(now.tzinfo)
+
+    def _decision_alert(self, decision: Decision, snapshot: Snapshot,
+                        accounts: dict[str, Account], now: datetime) -> None:
+        severity = str(decision.args.get("severity", decision.severity))
+        self._alert(now, severity, decision.reason, decision.account, decision.rule)
+        if decision.args.get("incident"):
+            own = accounts.get(decision.account or "")
+            leader = own.leader if own is not None else None
+            involved = [a for a in snapshot.accounts if a.id in (decision.account, leader)]
+            positions = {a.id: [p.model_dump(mode="json") for p in a.positions]
+                         for a in involved}
+            self.journal.incident(now, decision.account, decision.instrument, decision.rule,
+                                  severity, decision.reason, positions,
+                                  [f"{decision.rule}: {decision.reason}"])
+
+    def _alert(self, now: datetime, severity: str, message: str, account: str | None,
+               rule: str | None = None) -> None:
+        self.journal.alert(now, severity, account, message)
+        self.alerts.send(Alert(now, severity, message, account, rule))

@@ -1,0 +1,231 @@
+"""The journal: SQLite (WAL) record of every tick, decision, command, broker answer, lock and
+incident, written before or as it happens, with a schema version.
+
+Commands are written *before* they are sent (status `sending`) and updated with the broker's
+answer, so after a crash the engine knows what it may already have sent and asks the broker
+(by tag) instead of sending it again. The engine's own state is saved with every tick.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+from .model import Decision
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ticks (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, digest TEXT NOT NULL, accounts INTEGER);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, rule TEXT, action TEXT, account TEXT,
+    instrument TEXT, severity TEXT, suppressed TEXT, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS commands (
+    tag TEXT PRIMARY KEY, time TEXT NOT NULL, account TEXT NOT NULL, instrument TEXT,
+    family TEXT, action TEXT NOT NULL, rule TEXT, args TEXT NOT NULL, status TEXT NOT NULL,
+    attempt INTEGER NOT NULL, reason TEXT, updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS answers (
+    id INTEGER PRIMARY KEY, tag TEXT NOT NULL, time TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT);
+CREATE TABLE IF NOT EXISTS locks (
+    account TEXT PRIMARY KEY, state TEXT NOT NULL, until TEXT NOT NULL, reason TEXT,
+    rule TEXT, time TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, account TEXT, instrument TEXT, rule TEXT,
+    severity TEXT NOT NULL, summary TEXT NOT NULL, positions TEXT NOT NULL,
+    actions TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, severity TEXT NOT NULL, account TEXT,
+    message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS engine_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1), time TEXT, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS commands_status ON commands (status);
+CREATE INDEX IF NOT EXISTS incidents_time ON incidents (time);
+"""
+
+OPEN_STATUSES = ("sending", "pending", "retrying")
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class CommandRow:
+    tag: str
+    time: str
+    account: str
+    instrument: str | None
+    family: str | None
+    action: str
+    rule: str | None
+    args: dict[str, Any]
+    status: str
+    attempt: int
+    reason: str | None
+    updated: str
+
+
+class Journal:
+    """One SQLite file. Safe to use from the scheduler's threads (one connection, a lock)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: cannot open the journal: {exc}") from None
+        self._lock = threading.RLock()
+        version = self._meta("schema_version")
+        if version is None:
+            self._set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(version) > SCHEMA_VERSION:
+            raise StateError(f"{self.path}: journal schema version {version} was written by a "
+                             f"newer copilink-rules (this one reads {SCHEMA_VERSION}); upgrade")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._exec("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                   "SET value = excluded.value", (key, value))
+
+    def next_sequence(self) -> int:
+        """A counter that survives restarts (for order tags)."""
+        with self.transaction():
+            value = int(self._meta("sequence") or 0) + 1
+            self._set_meta("sequence", str(value))
+        return value
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def tick(self, moment: datetime, digest: str, accounts: int) -> None:
+        self._exec("INSERT INTO ticks (time, digest, accounts) VALUES (?, ?, ?)",
+                   (iso(moment), digest, accounts))
+
+    def decisions(self, decisions: list[Decision]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO decisions (time, rule, action, account, instrument, severity, "
+                "suppressed, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(iso(d.time), d.rule, d.action, d.account, d.instrument, d.severity,
+                  d.suppressed or None, json.dumps(d.to_json_dict(), default=str))
+                 for d in decisions])
+
+    def command(self, row: CommandRow) -> None:
+        self._exec(
+            "INSERT INTO commands (tag, time, account, instrument, family, action, rule, args, "
+            "status, attempt, reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.tag, row.time, row.account, row.instrument, row.family, row.action, row.rule,
+             json.dumps(row.args, default=str), row.status, row.attempt, row.reason,
+             row.updated))
+
+    def command_status(self, tag: str, status: str, moment: datetime,
+                       reason: str | None = None) -> None:
+        self._exec("UPDATE commands SET status = ?, reason = COALESCE(?, reason), updated = ? "
+                   "WHERE tag = ?", (status, reason, iso(moment), tag))
+
+    def answer(self, tag: str, moment: datetime, status: str, reason: str) -> None:
+        self._exec("INSERT INTO answers (tag, time, status, reason) VALUES (?, ?, ?, ?)",
+                   (tag, iso(moment), status, reason))
+
+    def lock(self, account: str, state: str, until: datetime, reason: str, rule: str | None,
+             moment: datetime) -> None:
+        self._exec("INSERT INTO locks (account, state, until, reason, rule, time) VALUES "
+                   "(?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET state = excluded.state,"
+                   " until = excluded.until, reason = excluded.reason, rule = excluded.rule, "
+                   "time = excluded.time", (account, state, iso(until), reason, rule,
+                                             iso(moment)))
+
+    def unlock(self, account: str) -> None:
+        self._exec("DELETE FROM locks WHERE account = ?", (account,))
+
+    def incident(self, moment: datetime, account: str | None, instrument: str | None,
+                 rule: str | None, severity: str, summary: str, positions: Any,
+                 actions: list[str]) -> None:
+        self._exec("INSERT INTO incidents (time, account, instrument, rule, severity, summary, "
+                   "positions, actions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (iso(moment), account, instrument, rule, severity, summary,
+                    json.dumps(positions, default=str), json.dumps(actions)))
+
+    def alert(self, moment: datetime, severity: str, account: str | None, message: str) -> None:
+        self._exec("INSERT INTO alerts (time, severity, account, message) VALUES (?, ?, ?, ?)",
+                   (iso(moment), severity, account, message))
+
+    def save_engine_state(self, moment: datetime | None, data: dict[str, Any]) -> None:
+        self._exec("INSERT INTO engine_state (id, time, data) VALUES (1, ?, ?) ON CONFLICT(id) "
+                   "DO UPDATE SET time = excluded.time, data = excluded.data",
+                   (iso(moment) if moment else None, json.dumps(data)))
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def engine_state(self) -> dict[str, Any] | None:
+        row = self._exec("SELECT data FROM engine_state WHERE id = 1").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def commands(self, statuses: tuple[str, ...] | None = None) -> list[CommandRow]:
+        sql = "SELECT tag, time, account, instrument, family, action, rule, args, status, " \
+            "attempt, reason, updated FROM commands"
+        params: tuple[Any, ...] = ()
+        if statuses:
+            sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            params = statuses
+        rows = self._exec(sql + " ORDER BY time, tag", params).fetchall()
+        return [CommandRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8],
+                           r[9], r[10], r[11]) for r in rows]
+
+    def locks(self) -> list[dict[str, Any]]:
+        rows = self._exec("SELECT account, state, until, reason, rule, time FROM locks")
+        return [dict(zip(("account", "state", "until", "reason", "rule", "time"), r,
+                         strict=True)) for r in rows.fetchall()]
+
+    def incidents(self, since: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT time, account, instrument, rule, severity, summary, positions, actions " \
+            "FROM incidents"
+        params: tuple[Any, ...] = ()
+        if since:
+            sql += " WHERE time >= ?"
+            params = (since,)
+        rows = self._exec(sql + " ORDER BY time, id", params).fetchall()
+        return [{"time": r[0], "account": r[1], "instrument": r[2], "rule": r[3],
+                 "severity": r[4], "summary": r[5], "positions": json.loads(r[6]),
+                 "actions": json.loads(r[7])} for r in rows]
+
+    def count(self, table: str) -> int:
+        if table not in ("ticks", "decisions", "commands", "answers", "locks", "incidents",
+                         "alerts"):
+            raise ValueError(f"no journal table {table!r}")
+        return int(self._exec(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608

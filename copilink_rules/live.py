@@ -1,0 +1,100 @@
+"""Wiring a live session together for `run` and `demo`: broker, journal, alerts, session,
+scheduler and terminal view."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.live import Live
+
+from .adapters.base import BrokerAdapter
+from .adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
+from .alerts import Alert, Alerts, Webhook
+from .config import RunConfig
+from .scheduler import LiveRunner
+from .session import Session
+from .view import render
+
+log = logging.getLogger("copilink_rules.live")
+
+# The demo: the three desyncs of the seed article, a broker rejection and a disconnect.
+DEMO_SCENARIO = SimScenario(
+    seed=7,
+    followers=[SimFollower(id="F1", firm="apex"), SimFollower(id="F2", firm="topstep"),
+               SimFollower(id="F3", firm="tradeify", instrument="MNQH6"),
+               SimFollower(id="F4", firm="apex")],
+    trades=[SimTrade(at=4, side="long", qty=2, hold=12),
+            SimTrade(at=24, side="short", qty=1, hold=14),
+            SimTrade(at=44, side="long", qty=1, hold=10)],
+    faults=[
+        SimFault(kind="missed_entry", account="F2", trade=0),   # missed entry -> catch up
+        SimFault(kind="missed_exit", account="F3", trade=0),    # stuck follower -> flatten
+        SimFault(kind="reversal", account="F4", at=29),         # opposite -> flatten + pause
+        SimFault(kind="disconnect", account="F1", at=50, duration=8),  # misses the exit
+        SimFault(kind="reject", account="F1", at=57, count=1),  # first flatten refused
+    ],
+)
+
+
+def alert_printer(out: TextIO) -> Callable[[Alert], None]:
+    def show(alert: Alert) -> None:
+        out.write(alert.line() + "\n")
+        out.flush()
+
+    return show
+
+
+def build_alerts(config: RunConfig, base: Path, terminal: Callable[[Alert], None] | None
+                 ) -> Alerts:
+    log_file = base / config.alerts.log_file if config.alerts.log_file else None
+    hooks = [Webhook(h.url, h.style, h.chat_id, h.min_severity) for h in config.alerts.webhooks]
+    return Alerts(terminal=terminal, log_file=log_file, webhooks=hooks)
+
+
+def run_live(session: Session, broker: BrokerAdapter, *, tick: float, speed: float,
+             until: float | None, out: TextIO, view: bool, pre_session: str | None = None,
+             timezone: str = "America/New_York", sim_state: Path | None = None,
+             title: str = "copilink-rules") -> LiveRunner:
+    """Run until Ctrl-C / SIGTERM, or until the simulated session reaches `until` seconds."""
+    interval = tick
+    if isinstance(broker, SimBroker):
+        # the engine always sees the market every `tick` of simulated time; a faster speed
+        # means more ticks per real second, not coarser ones
+        sim = broker
+        interval = tick / speed
+
+        def advance() -> None:
+            sim.advance(tick)
+
+        session.before_tick = advance
+    console = Console(file=out) if view else None
+    live: Any = Live(render(session, title), console=console, refresh_per_second=4,
+                     transient=False) if console is not None else nullcontext()
+
+    def after_tick() -> None:
+        if sim_state is not None and isinstance(broker, SimBroker):
+            broker.save(sim_state)
+        if console is not None:
+            live.update(render(session, title))
+
+    def finished() -> bool:
+        return until is not None and isinstance(broker, SimBroker) and broker.elapsed >= until
+
+    runner = LiveRunner(session, tick_seconds=interval, pre_session_at=pre_session,
+                        timezone=timezone, should_stop=finished, on_tick=after_tick)
+    with live:
+        runner.run(install_signals=True)
+    return runner
+
+
+def make_sim(settings: dict[str, Any], sim_state: Path | None) -> SimBroker:
+    if sim_state is not None and sim_state.exists():
+        return SimBroker.load(sim_state)
+    return SimBroker(SimScenario.model_validate(settings))
+
+

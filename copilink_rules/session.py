@@ -1,0 +1,171 @@
+"""A live session: each tick reads a snapshot from the broker, evaluates the rules, journals
+everything, and lets the enforcer act. The scheduler (scheduler.py) calls `tick` on a timer;
+tests and benchmarks call it in a loop.
+
+Order within a tick, chosen for crash safety: the decisions are journaled first; each command
+is journaled as `sending` before it goes out and updated with the broker's answer; the
+engine's state is saved last. A crash at any point leaves either a command the journal knows
+about (and the restarted enforcer asks the broker about it by tag) or an engine state from
+before the tick (and the rule fires again, meeting the outstanding command instead of sending
+a second one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .adapters.base import BrokerAdapter
+from .alerts import Alert, Alerts
+from .enforcer import Enforcer, KillSwitch
+from .engine import Engine
+from .errors import CopilinkError
+from .instruments import Catalog, default_catalog
+from .journal import Journal
+from .model import Decision, Snapshot
+from .rules.loader import Policy, expand_paths, load_policy
+
+log = logging.getLogger("copilink_rules.session")
+
+
+@dataclass
+class Session:
+    broker: BrokerAdapter
+    journal: Journal
+    alerts: Alerts
+    rules: Sequence[str | Path]
+    overrides: dict[str, str] = field(default_factory=dict)
+    rules_path: Sequence[str | Path] = ()
+    dry_run: bool = False
+    kill_switch: KillSwitch = field(default_factory=KillSwitch)
+    catalog: Catalog = field(default_factory=default_catalog)
+    before_tick: Callable[[], None] | None = None  # e.g. advance the sim's clock
+    on_command: Callable[[str, str, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.policy: Policy = load_policy(self.rules, self.overrides, self.rules_path)
+        self.engine = Engine(self.policy, self.catalog)
+        self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
+                                 dry_run=self.dry_run, kill_switch=self.kill_switch,
+                                 catalog=self.catalog, on_command=self.on_command)
+        self.recent: deque[Decision] = deque(maxlen=12)
+        self.last_snapshot: Snapshot | None = None
+        self.ticks = 0
+        self._tick_lock = threading.Lock()
+        self._mtimes = self._rule_mtimes()
+
+    def start(self) -> list[str]:
+        """Continue from the journal, if it holds a previous run. Returns notes."""
+        notes: list[str] = []
+        saved = self.journal.engine_state()
+        if saved is not None:
+            notes += self.engine.restore_state(saved)
+            notes.append(f"continuing from the journal {self.journal.path} (engine state of "
+                         f"{saved.get('time')})")
+        snapshot = self.broker.snapshot()
+        notes += self.enforcer.restore(snapshot.time)
+        return notes
+
+    def tick(self) -> list[Decision]:
+        """One evaluation. Never raises for a broker or input problem: it alerts instead."""
+        if not self._tick_lock.acquire(blocking=False):
+            log.warning("tick skipped: the previous tick is still running")
+            return []
+        try:
+            if self.before_tick is not None:
+                self.before_tick()
+            try:
+                snapshot = self.broker.snapshot()
+                decisions = self.engine.evaluate(snapshot)
+            except (CopilinkError, ValueError) as exc:
+                self._problem(f"tick skipped: {exc}")
+                return []
+            except Exception as exc:  # noqa: BLE001 - a broker failure must not stop the run
+                self._problem(f"tick skipped: broker error {type(exc).__name__}: {exc}")
+                return []
+            digest = hashlib.sha256(snapshot.model_dump_json().encode()).hexdigest()[:16]
+            with self.journal.transaction():
+                self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
+                self.journal.decisions(decisions)
+            self.enforcer.process(snapshot, decisions)
+            self.journal.save_engine_state(snapshot.time, self.engine.save_state())
+            self.recent.extend(d for d in decisions if d.suppressed is False)
+            self.last_snapshot = snapshot
+            self.ticks += 1
+            return decisions
+        finally:
+            self._tick_lock.release()
+
+    def pre_session_check(self) -> list[Decision]:
+        """Evaluate the pre-session rules now and alert what is not ready."""
+        snapshot = self.broker.snapshot()
+        engine = Engine(self.policy, self.catalog)  # no history: its own engine
+        decisions = engine.evaluate(snapshot, as_if_held=True, stage="pre_session")
+        blocking = [d for d in decisions if d.suppressed is False]
+        self.journal.decisions(decisions)
+        if blocking:
+            for d in blocking:
+                self._send(snapshot.time, d.severity, f"pre-session: {d.reason}", d.account)
+        else:
+            self._send(snapshot.time, "info", f"pre-session check: READY "
+                       f"({len(snapshot.accounts)} accounts)", None)
+        return decisions
+
+    # --- hot reload -----------------------------------------------------------------------------
+
+    def _rule_mtimes(self) -> dict[str, float]:
+        files, _ = expand_paths(self.rules)
+        for info in self.policy.rulesets:
+            files.append(Path(info.file))
+        out = {}
+        for file in files:
+            try:
+                out[str(file)] = file.stat().st_mtime
+            except OSError:
+                out[str(file)] = -1.0
+        return out
+
+    def reload_if_changed(self) -> str | None:
+        """Reload the rules when a file changed. All or nothing: a bad file keeps the old
+        rules in force and says why. Returns what happened, or None if nothing changed."""
+        mtimes = self._rule_mtimes()
+        if mtimes == self._mtimes:
+            return None
+        self._mtimes = mtimes
+        now = self.last_snapshot.time if self.last_snapshot else datetime.now().astimezone()
+        try:
+            policy = load_policy(self.rules, self.overrides, self.rules_path)
+        except CopilinkError as exc:
+            message = f"rule files changed but are not valid; the old rules stay in force:\n{exc}"
+            self._send(now, "critical", message, None)
+            return message
+        with self._tick_lock:
+            state = self.engine.save_state()
+            engine = Engine(policy, self.catalog)
+            engine.restore_state(state)
+            self.policy = policy
+            self.engine = engine
+            self.enforcer.policy = policy
+        message = f"rules reloaded: {policy.name} version {policy.version}"
+        self._send(now, "info", message, None)
+        return message
+
+    def _problem(self, message: str) -> None:
+        moment = self.last_snapshot.time if self.last_snapshot else datetime.now().astimezone()
+        self._send(moment, "critical", message, None)
+
+    def _send(self, moment: datetime, severity: str, message: str, account: str | None) -> None:
+        self.journal.alert(moment, severity, account, message)
+        self.alerts.send(Alert(moment, severity, message, account))
+
+    def summary(self) -> dict[str, Any]:
+        return {"ticks": self.ticks, "commands": self.journal.count("commands"),
+                "incidents": self.journal.count("incidents"),
+                "decisions": self.journal.count("decisions")}
