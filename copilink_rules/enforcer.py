@@ -119,6 +119,7 @@ class Enforcer:
 
     def __post_init__(self) -> None:
         self.max_contracts = self.policy.param("max_contracts", None)
+        self.entry_max_data_age = float(self.policy.param("entry_max_data_age", 1.0))
         self._zones = {r.id: r.timezone for r in self.policy.rules}
         self._day_start = str(self.policy.param("trading_day_start", "18:00"))
         self._follower_ids: list[str] = []
@@ -286,7 +287,11 @@ class Enforcer:
         family = self.catalog.parse(decision.instrument).family if decision.instrument else None
         action = Action("", "", decision.account, decision.instrument, family, kind,
                         decision.rule, dict(decision.args))
-        refusal = self._refusal(action, accounts.get(decision.account), now)
+        account = accounts.get(decision.account)
+        if kind == "catch_up":
+            # an order that adds exposure is checked against the freshest data there is
+            account, now_fresh = self._fresh_account(decision.account, account, now)
+        refusal = self._refusal(action, account, now if kind != "catch_up" else now_fresh)
         if refusal:
             tag = self._tag()
             self._journal_command(tag, action.account, action.instrument, family, kind,
@@ -297,6 +302,15 @@ class Enforcer:
         self.outstanding[action.key] = action
         self._send(action, now)
         return action
+
+    def _fresh_account(self, account_id: str, seen: Account | None,
+                       now: datetime) -> tuple[Account | None, datetime]:
+        try:
+            snapshot = self.broker.snapshot()
+        except Exception:  # noqa: BLE001 - without a fresh read, the tick's data must do
+            return seen, now
+        fresh = next((a for a in snapshot.accounts if a.id == account_id), None)
+        return fresh, snapshot.time
 
     def _refusal(self, action: Action, account: Account | None, now: datetime) -> str | None:
         existing = self.outstanding.get(action.key)
@@ -309,6 +323,10 @@ class Enforcer:
             return f"account {action.account} is disconnected or stale: no orders"
         if action.kind != "catch_up" or account is None:
             return None
+        age = (now - account.updated_at).total_seconds() if account.updated_at else 0.0
+        if age > self.entry_max_data_age:
+            return (f"data of {action.account} is {age:.1f}s old; an order that adds exposure "
+                    f"needs data under {self.entry_max_data_age:g}s old")
         lock = self.locks.get(action.account)
         if lock is not None:
             return f"account is locked ({lock.state}) until {iso(lock.until)}: no new exposure"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def cli(*argv: str) -> tuple[int, str, str]:
 def golden(name: str, text: str) -> None:
     path = GOLDEN / name
     text = text.replace(str(REPO) + "/", "")
+    # the rule-set version is a hash of the rule files: it changes with every edit of them
+    text = re.sub(r"version [0-9a-f]{12}", "version <hash>", text)
     if os.environ.get("UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
@@ -40,7 +43,7 @@ def test_validate_reports_ok_files() -> None:
     code, out, err = cli("validate", DESYNC)
     assert code == 0, err
     assert "rule set desync (9 rules)" in out
-    assert out.splitlines()[-1].startswith("valid: 9 rules, 7 params, version ")
+    assert out.splitlines()[-1].startswith("valid: 9 rules, 8 params, version ")
 
 
 def test_validate_reports_every_problem_as_file_line_rule_message(tmp_path: Path) -> None:

@@ -326,8 +326,16 @@ class SimBroker:
 
     def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str) -> None:
         target = self.accounts[account]
+        family = self.catalog.parse(symbol).family
         self._fill(target, symbol, delta)
-        self._record(tag, "filled")
+        leader = self.accounts[self.scenario.leader]
+        self._record(tag, "filled", symbol, filled_at=self.elapsed,
+                     after=self.exposure(target, family), leader=self.exposure(leader, family),
+                     contracts_after=sum(abs(p.qty) for p in target.positions.values()))
+
+    def exposure(self, account: _Account, family: str) -> float:
+        return sum(p.qty * self.catalog.parse(s).size for s, p in account.positions.items()
+                   if self.catalog.parse(s).family == family)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -378,13 +386,23 @@ class SimBroker:
 
     # --- commands -----------------------------------------------------------------------------
 
-    def _record(self, tag: str, status: str, **data: Any) -> None:
+    def _record(self, tag: str, status: str, instrument: str | None = None,
+                **data: Any) -> None:
+        """Update the log entry of `tag` (for `instrument`, when one command had several)."""
         for entry in self.log:
-            if entry["tag"] == tag and tag:
+            if tag and entry["tag"] == tag and instrument in (None, entry.get("instrument")):
                 entry["status"] = status
                 entry.update(data)
                 return
         self.log.append({"tag": tag, "status": status, "time": self.elapsed, **data})
+
+    def _conditions(self, account: str) -> dict[str, Any]:
+        """How the account stood when a command arrived (for the invariant checks)."""
+        target = self.accounts.get(account)
+        if target is None:
+            return {}
+        return {"connected": target.connected,
+                "data_age": 0.0 if target.frozen_at is None else self.elapsed - target.frozen_at}
 
     def _refuse(self, account: str, tag: str, kind: str) -> BrokerAnswer | None:
         target = self.accounts.get(account)
@@ -398,7 +416,8 @@ class SimBroker:
         else:
             return None
         self.log.append({"tag": tag, "status": "rejected", "time": self.elapsed,
-                         "account": account, "kind": kind, "reason": answer.reason})
+                         "account": account, "kind": kind, "reason": answer.reason,
+                         **self._conditions(account)})
         return answer
 
     def _order_fill(self, account: str, symbol: str, delta: int, tag: str,
@@ -406,7 +425,7 @@ class SimBroker:
         delay = self._delays.get(account)
         self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
                          "account": account, "kind": kind, "instrument": symbol,
-                         "delta": delta})
+                         "delta": delta, **self._conditions(account)})
         if delay is not None and self.elapsed < delay["until"]:
             self._schedule(self.elapsed + delay["delay"], "engine_fill",
                            {"account": account, "symbol": symbol, "delta": delta, "tag": tag})
