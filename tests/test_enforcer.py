@@ -1,0 +1,221 @@
+"""The enforcer: action lifecycle, idempotency, reachability, kill switch, dry run, locks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from copilink_rules.adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
+from copilink_rules.alerts import Alerts
+from copilink_rules.enforcer import KillSwitch, Lock
+from copilink_rules.journal import Journal
+from copilink_rules.model import Decision
+from copilink_rules.session import Session
+
+from .conftest import REPO
+
+DESYNC = REPO / "rules" / "desync.yaml"
+
+
+def make(faults: list[SimFault] | None = None, *, dry_run: bool = False,
+         kill: KillSwitch | None = None, rules: list[Path] | None = None,
+         trades: list[SimTrade] | None = None) -> tuple[SimBroker, Session]:
+    scenario = SimScenario(
+        followers=[SimFollower(id="F1"), SimFollower(id="F2")],
+        trades=trades or [SimTrade(at=2, side="long", qty=2, hold=6)],
+        faults=faults or [])
+    broker = SimBroker(scenario)
+    session = Session(broker, Journal(":memory:"), Alerts(), rules or [DESYNC],
+                      rules_path=[REPO / "rules"], dry_run=dry_run,
+                      kill_switch=kill or KillSwitch(),
+                      before_tick=lambda: broker.advance(0.25))
+    session.start()
+    return broker, session
+
+
+def run_until(session: Session, broker: SimBroker, seconds: float) -> None:
+    while broker.elapsed < seconds:
+        session.tick()
+
+
+def commands(session: Session) -> list[tuple[str, str, str, int]]:
+    return [(c.action, c.account, c.status, c.attempt) for c in session.journal.commands()]
+
+
+def test_a_stuck_follower_is_flattened_and_verified_flat() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)])
+    run_until(session, broker, 14)
+    assert commands(session) == [("flatten", "F2", "confirmed", 1)]
+    assert broker.accounts["F2"].positions == {}
+    (row,) = session.journal.commands()
+    assert row.reason == "verified in snapshot"
+    assert row.tag.startswith("CLR-")
+
+
+def test_a_rejected_flatten_is_retried_with_backoff_until_it_works() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
+                            SimFault(kind="reject", account="F2", at=9, count=2)])
+    run_until(session, broker, 20)
+    assert commands(session) == [("flatten", "F2", "retrying", 1),
+                                 ("flatten", "F2", "retrying", 2),
+                                 ("flatten", "F2", "confirmed", 3)]
+    times = [c.time for c in session.journal.commands()]
+    # backoff: 1 s after the first rejection, 2 s after the second
+    assert times == ["2026-03-02T14:30:10.000Z", "2026-03-02T14:30:11.000Z",
+                     "2026-03-02T14:30:13.000Z"]
+
+
+def test_a_broker_that_never_complies_escalates_and_pauses_every_follower() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
+                            SimFault(kind="reject", account="F2", at=9, count=10)])
+    run_until(session, broker, 30)
+    flattens = [c for c in commands(session) if c[0] == "flatten"]
+    assert flattens[-1][2] == "escalated"
+    assert len(flattens) == 4  # the first try and three retries
+    assert {a.id: a.copier for a in broker.accounts.values() if a.role == "follower"} == {
+        "F1": "paused", "F2": "paused"}
+    incidents = session.journal.incidents()
+    assert incidents[-1]["severity"] == "critical"
+    assert "act by hand now" in incidents[-1]["summary"]
+    assert any("act by hand" in a.message for a in session.alerts.sent)
+
+
+def test_no_order_reaches_a_disconnected_follower_and_it_is_flattened_once_back() -> None:
+    broker, session = make([SimFault(kind="disconnect", account="F2", at=5, duration=8)])
+    run_until(session, broker, 20)
+    flattens = [e for e in broker.log if e.get("kind") == "flatten"]
+    # the leader exited at 8 s while F2 was down (5-13 s): flattened the moment it is back
+    assert [(e["account"], e["time"]) for e in flattens] == [("F2", 13.0)]
+    assert all(e.get("connected", True) for e in broker.log)
+
+
+def test_kill_switch_file_stops_every_automatic_order(tmp_path: Path) -> None:
+    kill_file = tmp_path / "copilink.kill"
+    kill_file.write_text("stop")
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)],
+                           kill=KillSwitch(kill_file))
+    run_until(session, broker, 14)
+    assert [e for e in broker.log if e.get("kind") == "flatten"] == []
+    assert commands(session) == [("flatten", "F2", "blocked", 1)]
+    (row,) = session.journal.commands()
+    assert row.reason is not None
+    assert "kill switch" in row.reason
+    KillSwitch(kill_file).release()
+    assert not kill_file.exists()
+
+
+def test_dry_run_journals_what_it_would_send_and_sends_nothing() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)],
+                           dry_run=True)
+    run_until(session, broker, 14)
+    assert [e for e in broker.log if e["tag"].startswith("CLR-")] == []
+    assert commands(session) == [("flatten", "F2", "dry_run", 1)]
+
+
+def test_one_outstanding_corrective_action_per_account_and_instrument() -> None:
+    # fills are delayed 3 s: while the first flatten is outstanding, nothing else is sent
+    # for F2 in NQ, although the follower still shows the position for 3 more seconds
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
+                            SimFault(kind="delay", account="F2", at=9, duration=10, delay=3)])
+    run_until(session, broker, 20)
+    engine_orders = [e for e in broker.log if e.get("kind") == "flatten"]
+    assert len(engine_orders) == 1
+    assert commands(session)[0][:3] == ("flatten", "F2", "confirmed")
+
+
+def write_limits(tmp_path: Path, max_contracts: int) -> Path:
+    path = tmp_path / "limits.yaml"
+    path.write_text(f"ruleset: limits\nextends: [desync]\nparams: {{max_contracts: "
+                    f"{max_contracts}}}\nrules: []\n")
+    return path
+
+
+def test_catch_up_is_reduced_to_stay_within_max_contracts(tmp_path: Path) -> None:
+    broker, session = make([SimFault(kind="missed_entry", account="F2", trade=0)],
+                           rules=[write_limits(tmp_path, 1)],
+                           trades=[SimTrade(at=2, side="long", qty=2, hold=10)])
+    run_until(session, broker, 8)
+    (row,) = session.journal.commands()
+    assert (row.action, row.args["qty"], row.args["reduced_from"]) == ("catch_up", 1, 2)
+    assert broker.accounts["F2"].positions["NQH6"].qty == 1
+
+
+def test_catch_up_is_refused_on_a_locked_account(tmp_path: Path) -> None:
+    broker, session = make([SimFault(kind="missed_entry", account="F2", trade=0)],
+                           trades=[SimTrade(at=2, side="long", qty=2, hold=10)])
+    session.enforcer.locks["F2"] = Lock("F2", "reducing", datetime(2030, 1, 1, tzinfo=UTC),
+                                        "test", None)
+    run_until(session, broker, 8)
+    (row,) = session.journal.commands()
+    assert (row.action, row.status) == ("catch_up", "blocked")
+    assert "locked (reducing)" in (row.reason or "")
+    assert "F2" not in {a for a, acc in broker.accounts.items() if acc.positions}
+
+
+@pytest.mark.parametrize(
+    ("now", "until", "expected"),
+    [
+        # EST (winter): 18:00 New York is 23:00 UTC
+        ("2026-03-06T15:00:00+00:00", "next_trading_day", "2026-03-06T23:00:00+00:00"),
+        # after 18:00 it is the next evening's 18:00
+        ("2026-03-06T23:30:00+00:00", "next_session", "2026-03-07T23:00:00+00:00"),
+        # across the spring change (March 8): EDT, 18:00 New York is 22:00 UTC
+        ("2026-03-07T23:30:00+00:00", "next_trading_day", "2026-03-08T22:00:00+00:00"),
+        # across the autumn change (November 1): EST again, 23:00 UTC
+        ("2026-10-31T23:30:00+00:00", "next_trading_day", "2026-11-01T23:00:00+00:00"),
+        ("2026-03-06T15:00:00+00:00", "16:59", "2026-03-06T21:59:00+00:00"),
+        ("2026-03-06T15:00:00+00:00", "90m", "2026-03-06T16:30:00+00:00"),
+    ],
+)
+def test_lock_expiry_follows_the_trading_day_across_dst(now: str, until: str,
+                                                         expected: str) -> None:
+    _, session = make()
+    result = session.enforcer.lock_until(until, datetime.fromisoformat(now),
+                                         ZoneInfo("America/New_York"))
+    assert result == datetime.fromisoformat(expected)
+
+
+def test_lock_decisions_persist_in_the_journal_and_expire() -> None:
+    broker, session = make()
+    now = broker.snapshot().time
+    decision = Decision(time=now, ruleset="t", rule="stuck-follower", action="lock_account",
+                        account="F1", instrument=None, severity="critical", reason="test",
+                        args={"state": "halted", "until": "30s"})
+    session.enforcer.process(broker.snapshot(), [decision])
+    assert session.journal.locks()[0]["state"] == "halted"
+    broker.advance(31)
+    session.enforcer.process(broker.snapshot(), [])
+    assert session.journal.locks() == []
+    assert "F1" not in session.enforcer.locks
+
+
+def test_broker_errors_are_answers_not_crashes() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)])
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("socket closed")
+
+    broker.flatten = explode  # type: ignore[method-assign,assignment]
+    run_until(session, broker, 12)
+    first = session.journal.commands()[0]
+    assert first.status == "retrying"
+    assert "broker error: ConnectionError: socket closed" in (first.reason or "")
+
+
+def test_a_failing_snapshot_read_skips_the_tick_with_an_alert() -> None:
+    broker, session = make()
+    original: Callable[[], object] = broker.snapshot
+
+    def broken() -> object:
+        raise TimeoutError("no answer from the broker")
+
+    broker.snapshot = broken  # type: ignore[method-assign,assignment]
+    assert session.tick() == []
+    assert "broker error TimeoutError" in session.alerts.sent[-1].message
+    broker.snapshot = original  # type: ignore[method-assign,assignment]
+    session.tick()
+    assert session.ticks == 1

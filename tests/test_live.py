@@ -1,0 +1,328 @@
+"""Journal, alerts, scheduler, the run/demo/incidents/kill commands, and crash-restart."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from freezegun import freeze_time
+
+from copilink_rules.adapters import create_adapter
+from copilink_rules.adapters.sim import SimBroker
+from copilink_rules.alerts import Alert, Alerts, Webhook
+from copilink_rules.cli import run
+from copilink_rules.errors import StateError
+from copilink_rules.journal import Journal
+from copilink_rules.scheduler import LiveRunner, daily_trigger, next_fire_times
+from copilink_rules.session import Session
+
+from .conftest import REPO
+from .test_invariants import check_invariants
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    return run(list(argv), out, err), out.getvalue(), err.getvalue()
+
+
+# --- journal --------------------------------------------------------------------------------
+
+def test_journal_uses_wal_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="schema version 99 was written by a newer"):
+        Journal(path)
+
+
+def test_journal_sequence_survives_a_reopen(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    assert [journal.next_sequence() for _ in range(3)] == [1, 2, 3]
+    journal.close()
+    assert Journal(tmp_path / "j.db").next_sequence() == 4
+
+
+# --- alerts ---------------------------------------------------------------------------------
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        _Hook.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook_server() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    _Hook.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhooks_post_discord_and_telegram_bodies(webhook_server: str, tmp_path: Path) -> None:
+    log_file = tmp_path / "alerts.log"
+    alerts = Alerts(log_file=log_file, webhooks=[
+        Webhook(webhook_server, "discord"), Webhook(webhook_server, "telegram", chat_id="42"),
+        Webhook(webhook_server, "json", min_severity="critical")])
+    moment = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+    alerts.send(Alert(moment, "critical", "F2 flattened", "F2", "stuck-follower"))
+    alerts.send(Alert(moment, "warning", "F3 skipped", "F3"))
+    alerts.flush()
+    alerts.close()
+    bodies = _Hook.received
+    assert {"content": "14:30:00 [CRITICAL] F2 flattened"} in bodies
+    assert {"chat_id": "42", "text": "14:30:00 [WARNING] F3 skipped"} in bodies
+    assert [b for b in bodies if "severity" in b] == [{
+        "time": "2026-03-02T14:30:00+00:00", "severity": "critical", "account": "F2",
+        "rule": "stuck-follower", "message": "F2 flattened"}]
+    assert len(bodies) == 5
+    assert log_file.read_text().count("\n") == 2
+    assert alerts.failures == []
+
+
+def test_an_unreachable_webhook_never_blocks_enforcement() -> None:
+    # 10.255.255.1 is not routable: a connect would hang until the timeout
+    alerts = Alerts(webhooks=[Webhook("http://10.255.255.1:9/hook", "discord")], timeout=3)
+    moment = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+    start = time.perf_counter()
+    for _ in range(20):
+        alerts.send(Alert(moment, "critical", "still enforcing"))
+    assert time.perf_counter() - start < 0.5
+    alerts.flush(timeout=10)
+    assert alerts.failures
+    assert alerts.failures[0].startswith("webhook http://10.255.255.1:9/hook:")
+    alerts.close()
+
+
+# --- adapters registry ----------------------------------------------------------------------
+
+def test_unknown_adapters_are_a_clear_lookup_error() -> None:
+    with pytest.raises(LookupError, match="No broker adapter named 'tradovat'; known: sim, "
+                                          "replay, ninjatrader, tradovate, projectx"):
+        create_adapter("tradovat", {})
+    with pytest.raises(LookupError, match="'tradovate' is not available in this release"):
+        create_adapter("tradovate", {})
+    assert isinstance(create_adapter("sim", {"seed": 3}), SimBroker)
+
+
+# --- scheduler ------------------------------------------------------------------------------
+
+def test_daily_jobs_fire_at_local_time_across_the_trading_day_boundary_and_dst() -> None:
+    trigger = daily_trigger("18:00", "America/New_York")
+    with freeze_time("2026-03-06 22:59:59", tz_offset=0):
+        start = datetime.now(UTC)
+        fires = next_fire_times(trigger, start, 4)
+    # Friday 18:00 EST = 23:00 UTC; after the spring change on Sunday 8 March, 22:00 UTC
+    assert [f.astimezone(UTC).isoformat() for f in fires] == [
+        "2026-03-06T23:00:00+00:00", "2026-03-07T23:00:00+00:00",
+        "2026-03-08T22:00:00+00:00", "2026-03-09T22:00:00+00:00"]
+    with freeze_time("2026-10-31 21:00:00"):
+        fires = next_fire_times(trigger, datetime.now(UTC), 2)
+    assert [f.astimezone(UTC).isoformat() for f in fires] == [
+        "2026-10-31T22:00:00+00:00", "2026-11-01T23:00:00+00:00"]
+
+
+def test_the_scheduler_ticks_without_overlap_and_stops_cleanly() -> None:
+    broker = create_adapter("sim", {"random_trades": 2, "seed": 5})
+    assert isinstance(broker, SimBroker)
+    session = Session(broker, Journal(":memory:"), Alerts(), [REPO / "rules" / "desync.yaml"],
+                      before_tick=lambda: broker.advance(0.25))
+    slow_ticks = []
+
+    def slow() -> None:
+        slow_ticks.append(time.perf_counter())
+        time.sleep(0.05)  # longer than the 20 ms interval: runs must not pile up
+
+    runner = LiveRunner(session, tick_seconds=0.02, reload_every=0, on_tick=slow,
+                        should_stop=lambda: session.ticks >= 15)
+    thread = threading.Thread(target=runner.run, kwargs={"install_signals": False})
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert session.ticks >= 15
+    gaps = [b - a for a, b in itertools.pairwise(slow_ticks)]
+    assert min(gaps) >= 0.045  # never two at once
+    assert runner.errors == []
+
+
+def test_hot_reload_is_all_or_nothing(tmp_path: Path) -> None:
+    rules = tmp_path / "mine.yaml"
+    rules.write_text("ruleset: mine\nextends: [desync]\nparams: {stuck_grace: 2s}\nrules: []\n")
+    broker = create_adapter("sim", {"seed": 2})
+    session = Session(broker, Journal(":memory:"), Alerts(), [rules],
+                      rules_path=[REPO / "rules"])
+    session.tick()
+    version = session.policy.version
+    os.utime(rules, (time.time() + 5, time.time() + 5))
+    rules.write_text("ruleset: mine\nextends: [desync]\nparams: {stuck_grace: two}\nrules: []\n")
+    message = session.reload_if_changed()
+    assert message is not None
+    assert "the old rules stay in force" in message
+    assert session.policy.version == version
+    rules.write_text("ruleset: mine\nextends: [desync]\nparams: {stuck_grace: 4s}\nrules: []\n")
+    os.utime(rules, (time.time() + 10, time.time() + 10))
+    assert (session.reload_if_changed() or "").startswith("rules reloaded")
+    assert session.policy.params["stuck_grace"].value == 4.0
+    assert session.reload_if_changed() is None
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def test_demo_resolves_the_three_desyncs_and_prints_the_incident_report(tmp_path: Path) -> None:
+    journal = tmp_path / "demo.db"
+    code, out, err = cli("demo", "--speed", "40", "--no-view", "--journal", str(journal))
+    assert code == 0, err
+    assert "catching up long" in out
+    assert "F3 still holds long 20 MNQH6 while leader LEAD is flat" in out
+    assert "F4 is long 1 NQH6 against leader LEAD short 1 NQH6" in out
+    assert "# Incident report" in out
+    db = Journal(journal)
+    statuses = {(c.action, c.account): c.status for c in db.commands()}
+    assert statuses[("catch_up", "F2")] == "confirmed"
+    assert statuses[("flatten", "F3")] == "confirmed"
+    assert statuses[("flatten", "F4")] == "confirmed"
+    assert statuses[("pause_copier", "F4")] == "confirmed"
+    code, md, _ = cli("incidents", "--db", str(journal))
+    assert code == 0
+    assert md.startswith("# Incident report")
+    assert "opposite-position" in md
+    code, csv_text, _ = cli("incidents", "--db", str(journal), "--format", "csv")
+    assert csv_text.splitlines()[0] == "time,account,instrument,rule,severity,summary," \
+        "positions,actions,commands"
+    code, js, _ = cli("incidents", "--db", str(journal), "--format", "json",
+                      "--since", "2030-01-01T00:00:00Z")
+    assert json.loads(js) == []
+
+
+def test_incidents_of_a_missing_journal_is_a_clear_error(tmp_path: Path) -> None:
+    code, _, err = cli("incidents", "--db", str(tmp_path / "none.db"))
+    assert code == 1
+    assert "no such journal" in err
+
+
+def test_kill_command_creates_and_releases_the_kill_file(tmp_path: Path) -> None:
+    kill = tmp_path / "copilink.kill"
+    assert cli("kill", "--file", str(kill))[0] == 0
+    assert kill.exists()
+    assert cli("kill", "--file", str(kill), "--release")[0] == 0
+    assert not kill.exists()
+
+
+def test_run_rejects_an_unknown_broker_and_a_bad_config(tmp_path: Path) -> None:
+    code, _, err = cli("run", "--broker", "tradovat", "--rules", str(REPO / "rules"))
+    assert code == 2
+    assert "No broker adapter named 'tradovat'" in err
+    config = tmp_path / "copilink.yaml"
+    config.write_text("broker: {name: sim}\ntick: 250ms\njournl: x.db\n")
+    code, _, err = cli("run", "--config", str(config))
+    assert code == 1
+    assert err.strip() == f"{config}:3: journl: unknown field"
+
+
+CONFIG = """
+broker:
+  name: sim
+  speed: 20
+  settings:
+    seed: 11
+    trades:
+      - {{at: 3, side: long, qty: 2, hold: 8}}
+      - {{at: 16, side: short, qty: 1, hold: 10}}
+      - {{at: 32, side: long, qty: 1, hold: 8}}
+    faults:
+      - {{kind: missed_exit, account: F2, trade: 0}}
+      - {{kind: reversal, account: F1, at: 20}}
+      - {{kind: missed_exit, account: F3, trade: 2}}
+accounts:
+  - {{id: LEAD, role: leader, firm: apex}}
+  - {{id: F1, role: follower, firm: apex}}
+  - {{id: F2, role: follower, firm: apex}}
+  - {{id: F3, role: follower, firm: apex}}
+rules: [{rules}]
+journal: journal.db
+kill_file: copilink.kill
+"""
+
+
+def test_run_survives_sigkill_and_resumes_without_resending(tmp_path: Path) -> None:
+    rules = tmp_path / "lockout.yaml"
+    rules.write_text(textwrap.dedent("""
+        ruleset: lockout
+        extends: [desync]
+        rules:
+          - id: lock-after-opposite
+            scope: pair
+            when: not leader.flat and not follower.flat and leader.side != follower.side
+            for: 1s
+            then:
+              - lock_account: {state: reducing, until: next_trading_day}
+    """))
+    (tmp_path / "copilink.yaml").write_text(CONFIG.format(rules=rules))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "copilink_rules", "run", "--config", "copilink.yaml",
+               "--sim-state", "sim.json", "--duration", "45", "--no-view",
+               "--rules-path", str(REPO / "rules")]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "journal.db"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait for the lock (t = 21 s): mid-session
+        if journal.exists() and _count(journal, "locks") > 0:
+            break
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate(timeout=10)
+    assert first.returncode == -signal.SIGKILL
+    before = _count(journal, "commands")
+    assert before > 0
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "continuing from the journal" in second.stdout
+    broker = SimBroker.load(tmp_path / "sim.json")
+    assert check_invariants(broker) == []
+    # no order twice: each tag once at the broker, and one flatten per desync episode
+    tags = [(e["tag"], e.get("instrument")) for e in broker.log if e["tag"].startswith("CLR-")]
+    assert len(tags) == len(set(tags))
+    flattens = [(e["account"]) for e in broker.log if e.get("kind") == "flatten"]
+    assert sorted(flattens) == ["F1", "F2", "F3"]
+    # the lock taken before the crash is still there, and still enforced
+    db = Journal(journal)
+    assert [(lock["account"], lock["state"]) for lock in db.locks()] == [("F1", "reducing")]
+    db.close()
+
+
+def _count(path: Path, table: str) -> int:
+    try:
+        with sqlite3.connect(path, timeout=1) as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    except sqlite3.Error:
+        return 0
