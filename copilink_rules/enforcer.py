@@ -21,10 +21,9 @@ restarted enforcer asks the broker about those by tag instead of sending them ag
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,7 +38,6 @@ from .rules.loader import Policy
 log = logging.getLogger("copilink_rules.enforcer")
 
 CORRECTIVE = ("flatten", "catch_up", "cancel_orders")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)$")
 
 
 class KillSwitch:
@@ -121,7 +119,6 @@ class Enforcer:
         self.max_contracts = self.policy.param("max_contracts", None)
         self.entry_max_data_age = float(self.policy.param("entry_max_data_age", 1.0))
         self._zones = {r.id: r.timezone for r in self.policy.rules}
-        self._day_start = str(self.policy.param("trading_day_start", "18:00"))
         self._follower_ids: list[str] = []
 
     # --- restart ----------------------------------------------------------------------------
@@ -434,30 +431,18 @@ class Enforcer:
         if decision.account is None:
             return
         state = str(decision.args.get("state", "halted"))
-        until = self.lock_until(str(decision.args.get("until", "next_trading_day")), now,
-                                self._zones.get(decision.rule, ZoneInfo("America/New_York")))
+        # the engine worked out when the lock ends (the firm's trading day, DST and all)
+        until = datetime.fromisoformat(str(decision.args["until_time"]))
         current = self.locks.get(decision.account)
         if current is not None and current.state == "halted" and state == "reducing":
             return  # a halted lock is stricter than a reducing one
         self.locks[decision.account] = Lock(decision.account, state, until, decision.reason,
                                             decision.rule)
         self.journal.lock(decision.account, state, until, decision.reason, decision.rule, now)
+        zone = self._zones.get(decision.rule, ZoneInfo("UTC"))
         self._alert(now, "critical", f"{decision.account} locked ({state}) until "
-                    f"{until.astimezone(self._zones.get(decision.rule, ZoneInfo('UTC')))}",
-                    decision.account, decision.rule)
-
-    def lock_until(self, text: str, now: datetime, zone: ZoneInfo) -> datetime:
-        """When a lock given as next_trading_day / next_session / HH:MM / duration ends."""
-        if match := _DURATION.match(text):
-            unit = {"s": 1, "m": 60, "h": 3600}[match[2]]
-            return now + timedelta(seconds=float(match[1]) * unit)
-        at = time.fromisoformat(self._day_start if text in ("next_trading_day", "next_session")
-                                else text)
-        local = now.astimezone(zone)
-        candidate = datetime.combine(local.date(), at, tzinfo=zone)
-        if candidate <= local:
-            candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=zone)
-        return candidate.astimezone(now.tzinfo)
+                    f"{until.astimezone(zone):%Y-%m-%d %H:%M %Z}", decision.account,
+                    decision.rule)
 
     def _decision_alert(self, decision: Decision, snapshot: Snapshot,
                         accounts: dict[str, Account], now: datetime) -> None:

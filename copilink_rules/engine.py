@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,7 +40,7 @@ from .namespace import (
     QuoteView,
 )
 from .rules.expressions import compile_batch
-from .rules.loader import CompiledRule, Policy
+from .rules.loader import CompiledRule, Policy, TradingDay
 
 STATE_VERSION = 1
 DEFAULT_STALE_AFTER = 5.0
@@ -65,6 +65,27 @@ class _RuleState:
     since: datetime
     fired: bool = False
     held: bool = False
+
+
+@dataclass(slots=True)
+class _Metrics:
+    """What the engine remembers about an account's money, across ticks and restarts."""
+
+    day: str  # trading day label, YYYY-MM-DD
+    day_start: float  # equity when the trading day began
+    peak: float  # highest equity seen
+    peak_eod: float  # highest end-of-day balance
+    best_day: float  # best completed day's P&L
+    last_equity: float
+    size: float
+
+
+@dataclass(slots=True)
+class _Lock:
+    state: str  # halted | reducing
+    until: datetime
+    rule: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -167,6 +188,10 @@ class Engine:
         self._first_seen: dict[str, tuple[int, datetime]] = {}  # account|family -> (side, t)
         self.last_time: datetime | None = None
         self._instrument_views: dict[str, Any] = {}
+        self._metrics: dict[str, _Metrics] = {}
+        self._locks: dict[str, _Lock] = {}
+        self._days: dict[str | None, tuple[str, datetime]] = {}  # firm -> (label, next start)
+        self._notes: list[Decision] = []  # lock expiries, reported with the next decisions
         self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage])
                         for stage in ("session", "pre_session")}
 
@@ -181,6 +206,7 @@ class Engine:
             raise StateError(f"snapshot time {now.isoformat()} is earlier than the previous "
                              f"one ({self.last_time.isoformat()}); the engine's time cannot go "
                              "back")
+        self._expire_locks(now)
         infos = self._accounts(snapshot, now)
         groups = self._groups[stage]
         scopes = {g.scope for g in groups}
@@ -209,10 +235,26 @@ class Engine:
                             del table[key]
         errors.sort(key=lambda e: (e[0], e[1]))
         proposals.sort(key=lambda p: (p.order, p.target_index))
-        decisions = [decision for _, _, decision in errors]
+        decisions = self._notes + [decision for _, _, decision in errors]
+        self._notes = []
         decisions.extend(self._resolve(proposals, infos, now))
         self.last_time = now
         return decisions
+
+    def _expire_locks(self, now: datetime) -> None:
+        for account, lock in list(self._locks.items()):
+            if lock.until <= now:
+                del self._locks[account]
+                self._notes.append(Decision(
+                    time=now, ruleset="(engine)", rule=lock.rule, action="alert",
+                    account=account, instrument=None, severity="info",
+                    reason=f"{account}: the {lock.state} lock from {lock.rule} ended",
+                    args={"lock_expired": lock.state}, version=self.policy.version))
+
+    @property
+    def locks(self) -> dict[str, tuple[str, datetime, str]]:
+        """Account -> (state, until, rule) of every lock in force."""
+        return {a: (lock.state, lock.until, lock.rule) for a, lock in self._locks.items()}
 
     def save_state(self) -> dict[str, Any]:
         """The engine's state as versioned, JSON-ready data."""
@@ -232,6 +274,12 @@ class Engine:
                            for rule, fired in self._last_fired.items() if fired},
             "entries": {pair: list(entry) for pair, entry in self._entries.items()},
             "first_seen": {key: [side, iso(m)] for key, (side, m) in self._first_seen.items()},
+            "metrics": {a: {"day": m.day, "day_start": m.day_start, "peak": m.peak,
+                            "peak_eod": m.peak_eod, "best_day": m.best_day,
+                            "last_equity": m.last_equity, "size": m.size}
+                        for a, m in self._metrics.items()},
+            "locks": {a: {"state": lock.state, "until": iso(lock.until), "rule": lock.rule,
+                          "reason": lock.reason} for a, lock in self._locks.items()},
         }
 
     def save_state_json(self) -> str:
@@ -269,6 +317,10 @@ class Engine:
             self._entries = {p: (str(e[0]), str(e[1])) for p, e in data.get("entries", {}).items()}
             self._first_seen = {k: (int(v[0]), datetime.fromisoformat(v[1]))
                                 for k, v in data.get("first_seen", {}).items()}
+            self._metrics = {a: _Metrics(**m) for a, m in data.get("metrics", {}).items()}
+            self._locks = {a: _Lock(lock["state"], datetime.fromisoformat(lock["until"]),
+                                    lock["rule"], lock["reason"])
+                           for a, lock in data.get("locks", {}).items()}
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise StateError(f"saved engine state is damaged: {exc!r}") from None
         return notes
@@ -280,7 +332,7 @@ class Engine:
         seen_keys: set[str] = set()
         for account in snapshot.accounts:
             families: dict[str, _Family] = {}
-            contracts = 0
+            contracts = minis = micros = 0
             overnight = ({self.catalog.parse(s).symbol for s in account.overnight}
                          if account.overnight else ())
             undeclared = 0
@@ -289,6 +341,10 @@ class Engine:
                     continue
                 instrument = self.catalog.parse(position.instrument)
                 contracts += abs(position.qty)
+                if instrument.micro:
+                    micros += abs(position.qty)
+                else:
+                    minis += abs(position.qty)
                 if instrument.symbol not in overnight:
                     undeclared += 1
                 family = families.get(instrument.family)
@@ -318,6 +374,12 @@ class Engine:
             age = (now - account.updated_at).total_seconds() if account.updated_at else 0.0
             stale = age > self.stale_after
             reachable = account.connected and not stale
+            equity = account.balance + account.unrealized_pnl
+            day = self._trading_day(account.firm, now)
+            metrics = self._update_metrics(account, equity, day)
+            day_pnl = equity - metrics.day_start
+            total = equity - metrics.size
+            lock = self._locks.get(account.id)
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
                 account.id, account.role, account.firm or "", account.leader or "",
                 account.ratio if account.role == "follower" else 1.0, account.connected,
@@ -325,7 +387,10 @@ class Engine:
                 account.unrealized_pnl, account.realized_pnl + account.unrealized_pnl,
                 not families, contracts, len(families),
                 sum(1 for o in account.orders if o.status in _WORKING) if account.orders else 0,
-                undeclared,
+                undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
+                total, max(metrics.best_day, day_pnl),
+                day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
+                False, "", lock.state if lock else "", lock is not None,
             )
             why = "" if reachable else (
                 f"account {account.id} is disconnected" if not account.connected
@@ -333,7 +398,34 @@ class Engine:
             infos[account.id] = _AccountInfo(account, view, families, reachable, why)
         for key in [k for k in self._first_seen if k not in seen_keys]:
             del self._first_seen[key]
+        _mark_hedges(infos)
         return infos
+
+    def _trading_day(self, firm: str | None, now: datetime) -> str:
+        cached = self._days.get(firm)
+        if cached is None or now >= cached[1]:
+            trading_day = self.policy.trading_day(firm)
+            cached = self._days[firm] = (trading_day.label(now).isoformat(),
+                                         trading_day.next_start(now))
+        return cached[0]
+
+    def _update_metrics(self, account: Account, equity: float, day: str) -> _Metrics:
+        metrics = self._metrics.get(account.id)
+        if metrics is None:
+            start = account.balance - account.realized_pnl  # the broker's today's realized
+            size = account.size or start
+            metrics = self._metrics[account.id] = _Metrics(
+                day, start, max(size, equity), max(size, start), 0.0, equity, size)
+        elif metrics.day != day:  # a new trading day: close the previous one
+            metrics.best_day = max(metrics.best_day, metrics.last_equity - metrics.day_start)
+            metrics.peak_eod = max(metrics.peak_eod, metrics.last_equity)
+            metrics.day_start = metrics.last_equity
+            metrics.day = day
+        if account.size is not None:
+            metrics.size = account.size
+        metrics.peak = max(metrics.peak, equity)
+        metrics.last_equity = equity
+        return metrics
 
     def _env(self, now: datetime) -> Env:
         env = Env()
@@ -582,6 +674,10 @@ class Engine:
                     continue
                 winners[same] = p
             stronger = _stronger(p, kept.get(account, []), self._entries)
+            if stronger is None and p.action == "catch_up" and account in self._locks:
+                lock = self._locks[account]
+                stronger = (f"account is locked ({lock.state}) by rule {lock.rule} until "
+                            f"{lock.until.isoformat()}: no new exposure")
             if stronger:
                 p.suppressed = stronger
                 continue
@@ -620,7 +716,10 @@ class Engine:
         return kept
 
     def _record(self, p: _Proposal, now: datetime) -> None:
-        """Remember what a decision that passed means for cooldowns and the leader's trade."""
+        """Remember what a decision that passed means for cooldowns, locks and the leader's
+        trade."""
+        if p.action == "lock_account" and p.target.account is not None:
+            self._lock(p, now)
         if p.action in ORDER_ACTIONS:
             state = self._states[p.rule.id].get(p.target.key)
             if state is not None:
@@ -632,6 +731,20 @@ class Engine:
         current = self._entries.get(p.target.pair_key)
         if current is None or ENTRY_PRECEDENCE[p.action] > ENTRY_PRECEDENCE[current[1]]:
             self._entries[p.target.pair_key] = (p.target.trade, p.action)
+
+    def _lock(self, p: _Proposal, now: datetime) -> None:
+        account = p.target.account
+        assert account is not None
+        state = str(p.args.get("state", "halted"))
+        until = lock_until(str(p.args.get("until", "next_trading_day")), now,
+                           p.rule.timezone, self.policy.trading_day(account.firm))
+        current = self._locks.get(account.id)
+        if current is not None and current.state == "halted" and state == "reducing" and \
+                current.until >= until:
+            p.args["until_time"] = current.until.isoformat()
+            return  # the halted lock in force is stricter
+        self._locks[account.id] = _Lock(state, until, p.rule.id, p.reason)
+        p.args["until_time"] = until.isoformat()
 
     def _decision(self, p: _Proposal, now: datetime) -> Decision:
         severity = (p.args.get("severity") if p.action == "alert" else None) or \
@@ -684,6 +797,39 @@ def _stronger(p: _Proposal, kept: list[_Proposal],
 
 
 _FLAT = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
+
+
+def lock_until(text: str, now: datetime, zone: Any, trading_day: TradingDay) -> datetime:
+    """When a lock given as next_trading_day / next_session / HH:MM / a duration ends."""
+    if text in ("next_trading_day", "next_session"):
+        return trading_day.next_start(now)
+    if text[-1] in "smh" and ":" not in text:
+        unit = {"s": 1, "m": 60, "h": 3600}[text[-1]]
+        return now + timedelta(seconds=float(text[:-1]) * unit)
+    return TradingDay(zone, text).next_start(now)
+
+
+def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
+    """Flag accounts holding the other side of a family than another account at their firm."""
+    sides: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for info in infos.values():
+        firm = info.account.firm
+        if not firm:
+            continue
+        for family, held in info.families.items():
+            side = 1 if held.equiv > 0 else -1
+            sides.setdefault((firm, family), {}).setdefault(side, []).append(info.account.id)
+    for (firm, family), by_side in sides.items():
+        if len(by_side) < 2:
+            continue
+        del firm, family
+        for side, accounts in by_side.items():
+            others = by_side.get(-side, [])
+            for account in accounts:
+                view = infos[account].view
+                view.hedged = True
+                known = [a for a in view.hedged_with.split(",") if a]
+                view.hedged_with = ",".join(sorted(set(known) | set(others)))
 
 
 def _position_view(family: _Family | None, now: datetime, overnight: bool) -> Any:

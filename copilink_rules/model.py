@@ -83,6 +83,7 @@ class Account(_Strict):
     leader: str | None = None
     ratio: float = Field(default=1.0, gt=0)
     firm: str | None = None
+    size: float | None = Field(default=None, gt=0)
     connected: bool = True
     copier: CopierState = "active"
     updated_at: UtcDatetime | None = None

@@ -39,6 +39,24 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "positions": (NUM, "number of instruments with an open position"),
         "working_orders": (NUM, "number of working orders"),
         "undeclared_positions": (NUM, "open positions not declared in `overnight`"),
+        # metrics the engine keeps itself, per trading day of the account's firm
+        "size": (NUM, "account size (starting balance; `size` in the snapshot)"),
+        "equity": (NUM, "balance + unrealized P&L"),
+        "day_pnl": (NUM, "P&L of the current trading day, realized + unrealized"),
+        "peak": (NUM, "highest equity seen (what an intraday trailing drawdown follows)"),
+        "peak_eod": (NUM, "highest end-of-day balance (what an end-of-day trailing drawdown "
+                          "follows)"),
+        "total_profit": (NUM, "equity - size"),
+        "best_day": (NUM, "best trading day's P&L so far, today included"),
+        "day_share": (NUM, "today's P&L / total profit (0 when there is no profit)"),
+        "trading_day": (STR, "the current trading day of the account's firm, YYYY-MM-DD"),
+        "minis": (NUM, "open full-size contracts (NQ, ES, ...), absolute"),
+        "micros": (NUM, "open micro contracts (MNQ, MES, ...), absolute"),
+        "hedged": (BOOL, "another account at the same firm holds the other side of a family "
+                         "this account holds (micro vs mini included)"),
+        "hedged_with": (STR, "those accounts, comma-separated"),
+        "lock": (STR, '"", "halted" or "reducing": the account\'s lock'),
+        "locked": (BOOL, "the account has a lock"),
     },
     "position": {
         "qty": (NUM, "signed contracts (+ long, - short) in this family"),

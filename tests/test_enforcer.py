@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -12,8 +12,10 @@ import pytest
 from copilink_rules.adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
 from copilink_rules.alerts import Alerts
 from copilink_rules.enforcer import KillSwitch, Lock
+from copilink_rules.engine import lock_until
 from copilink_rules.journal import Journal
 from copilink_rules.model import Decision
+from copilink_rules.rules.loader import TradingDay
 from copilink_rules.session import Session
 
 from .conftest import REPO
@@ -173,9 +175,8 @@ def test_catch_up_is_refused_on_a_locked_account(tmp_path: Path) -> None:
 )
 def test_lock_expiry_follows_the_trading_day_across_dst(now: str, until: str,
                                                          expected: str) -> None:
-    _, session = make()
-    result = session.enforcer.lock_until(until, datetime.fromisoformat(now),
-                                         ZoneInfo("America/New_York"))
+    zone = ZoneInfo("America/New_York")
+    result = lock_until(until, datetime.fromisoformat(now), zone, TradingDay(zone, "18:00"))
     assert result == datetime.fromisoformat(expected)
 
 
@@ -184,7 +185,8 @@ def test_lock_decisions_persist_in_the_journal_and_expire() -> None:
     now = broker.snapshot().time
     decision = Decision(time=now, ruleset="t", rule="stuck-follower", action="lock_account",
                         account="F1", instrument=None, severity="critical", reason="test",
-                        args={"state": "halted", "until": "30s"})
+                        args={"state": "halted", "until": "30s",
+                              "until_time": (now + timedelta(seconds=30)).isoformat()})
     session.enforcer.process(broker.snapshot(), [decision])
     assert session.journal.locks()[0]["state"] == "halted"
     broker.advance(31)

@@ -123,7 +123,9 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
          """, ["FILE:6: r1: message {account.nope}: account has no field 'nope'; known: id, "
                "role, firm, leader_id, ratio, connected, stale, reachable, data_age, copier, "
                "balance, realized_pnl, unrealized_pnl, pnl, flat, contracts, positions, "
-               "working_orders, undeclared_positions (at column 1)"]),
+               "working_orders, undeclared_positions, size, equity, day_pnl, peak, peak_eod, "
+               "total_profit, best_day, day_share, trading_day, minis, micros, hedged, "
+               "hedged_with, lock, locked (at column 1)"]),
         ("""
          ruleset: demo
          rules:

@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,6 +136,36 @@ class RuleSetInfo:
     as_of: str | None
     timezone: str
     extends: tuple[str, ...]
+    firm: str | None = None
+    trading_day_start: str = "18:00"
+
+
+@dataclass(frozen=True)
+class TradingDay:
+    """When a firm's trading day starts: local time in a timezone (the evening before)."""
+
+    zone: ZoneInfo
+    start: str  # "HH:MM"
+
+    def label(self, moment: datetime) -> date:
+        """The trading day `moment` belongs to: after the start time, it is tomorrow's."""
+        local = moment.astimezone(self.zone)
+        hour, minute = (int(x) for x in self.start.split(":"))
+        day = local.date()
+        return day + timedelta(days=1) if (local.hour, local.minute) >= (hour, minute) else day
+
+    def next_start(self, moment: datetime) -> datetime:
+        """The next start of a trading day after `moment` (UTC)."""
+        local = moment.astimezone(self.zone)
+        at = time.fromisoformat(self.start)
+        candidate = datetime.combine(local.date(), at, tzinfo=self.zone)
+        if candidate <= local:
+            candidate = datetime.combine(local.date() + timedelta(days=1), at,
+                                         tzinfo=self.zone)
+        return candidate.astimezone(UTC)
+
+
+DEFAULT_TRADING_DAY = TradingDay(ZoneInfo("America/New_York"), "18:00")
 
 
 @dataclass
@@ -162,6 +193,17 @@ class Policy:
     def param(self, name: str, default: Any) -> Any:
         found = self.params.get(name)
         return default if found is None else found.value
+
+    def trading_day(self, firm: str | None) -> TradingDay:
+        """The trading day of `firm` (from its rule set), else 18:00 New York (CME)."""
+        for info in self.rulesets:
+            if firm is not None and info.firm == firm:
+                return TradingDay(ZoneInfo(info.timezone), info.trading_day_start)
+        return DEFAULT_TRADING_DAY
+
+    @property
+    def firms(self) -> dict[str, RuleSetInfo]:
+        return {info.firm: info for info in self.rulesets if info.firm}
 
 
 # --- parsing one file ---------------------------------------------------------------------
@@ -416,6 +458,7 @@ def load_policy(
             source=by_name[n].model.source,
             as_of=_iso_date(by_name[n].model.as_of),
             timezone=by_name[n].model.timezone, extends=tuple(by_name[n].model.extends),
+            firm=by_name[n].model.firm, trading_day_start=by_name[n].model.trading_day_start,
         )
         for n in order
     ]
@@ -655,11 +698,14 @@ def _compile_rule(
     if len(problems) > before or when is None:
         return None
     applies = rule.applies_to
+    firms = frozenset(applies.firms) if applies and applies.firms is not None else None
+    if parsed.model.firm is not None:  # a firm's rules are for that firm's accounts only
+        firms = (firms or frozenset({parsed.model.firm})) & {parsed.model.firm}
     return CompiledRule(
         ruleset=ruleset, id=rule.id, description=rule.description, scope=rule.scope,
         stage=rule.stage,
         roles=frozenset(applies.roles) if applies and applies.roles is not None else None,
-        firms=frozenset(applies.firms) if applies and applies.firms is not None else None,
+        firms=firms,
         accounts=(frozenset(applies.accounts)
                   if applies and applies.accounts is not None else None),
         when=when, hold=hold, cooldown=cooldown, actions=tuple(actions),

@@ -166,7 +166,15 @@ class RuleSetFile(_Strict):
     source: str | None = Field(default=None, description="where the numbers come from")
     as_of: date | None = Field(default=None, description="date the numbers were true")
     extends: list[str] = Field(default_factory=list, description="names of parent rule sets")
+    firm: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="the prop firm these rules are for: they apply only to accounts whose "
+        "`firm` is this, and the firm's trading day below sets their daily metrics")
     timezone: str = Field(default="America/New_York", description="IANA timezone for local time")
+    trading_day_start: str = Field(
+        default="18:00", pattern=r"^([01]?\d|2[0-3]):[0-5]\d$",
+        description="local time a trading day starts (the evening before its date): daily "
+        "P&L resets and locks `until: next_trading_day` end here")
     params: dict[str, int | float | bool | str | ParamSpec] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
 
