@@ -24,6 +24,7 @@ from .adapters import create_adapter
 from .adapters.base import BrokerAdapter
 from .adapters.sim import SimBroker
 from .alerts import Alerts
+from .calendar import load_calendar
 from .config import RunConfig, load_config, sim_settings
 from .enforcer import KillSwitch
 from .engine import Engine
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="folder searched for `extends` parents (repeatable)")
         p.add_argument("--instruments", metavar="FILE",
                        help="user instrument catalog (YAML) adding or overriding contracts")
+        p.add_argument("--calendar", metavar="FILE",
+                       help="news calendar (YAML or CSV) for news_blackout()")
 
     def with_format(p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=("table", "jsonl"), default=None,
@@ -172,6 +175,20 @@ def _policy(args: argparse.Namespace, paths: Sequence[str]) -> Policy:
     return load_policy(paths, parse_overrides(args.set), args.rules_path)
 
 
+def _engine(args: argparse.Namespace, policy: Policy, catalog: Catalog,
+            stderr: TextIO) -> Engine:
+    calendar = load_calendar(args.calendar, catalog) if getattr(args, "calendar", None) \
+        else None
+    if calendar is None and uses_news(policy):
+        stderr.write("warning: these rules use news_blackout() but no --calendar was given: "
+                     "no news blackout will ever be in force\n")
+    return Engine(policy, catalog, calendar)
+
+
+def uses_news(policy: Policy) -> bool:
+    return any("news_blackout(" in rule.when.source for rule in policy.rules)
+
+
 def _format(args: argparse.Namespace, stdout: TextIO) -> str:
     if args.format:
         return str(args.format)
@@ -204,7 +221,7 @@ def cmd_dry_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
                    f"{policy.name} (version {policy.version}); nothing is sent.\n"
                    "One snapshot has no history: every true condition is reported as if it "
                    "had held for its `for`.")
-    printer.write(Engine(policy, catalog).evaluate(snapshot, as_if_held=True))
+    printer.write(_engine(args, policy, catalog, stderr).evaluate(snapshot, as_if_held=True))
     printer.summary(_summary(printer, 1))
     return EXIT_OK
 
@@ -212,7 +229,7 @@ def cmd_dry_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
 def cmd_replay(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     catalog = _catalog(args)
     policy = _policy(args, args.rules)
-    engine = Engine(policy, catalog)
+    engine = _engine(args, policy, catalog, stderr)
     if args.load_state:
         for note in engine.restore_state(_read_json(args.load_state)):
             stderr.write(f"note: {note}\n")
@@ -233,7 +250,8 @@ def cmd_check(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     catalog = _catalog(args)
     policy = _policy(args, args.rules)
     snapshot = load_snapshot(args.state, catalog)
-    decisions = Engine(policy, catalog).evaluate(snapshot, as_if_held=True, stage="pre_session")
+    decisions = _engine(args, policy, catalog, stderr).evaluate(snapshot, as_if_held=True,
+                                                                stage="pre_session")
     blocking = [d for d in decisions if d.suppressed is False]
     fmt = _format(args, stdout)
     if fmt == "jsonl":

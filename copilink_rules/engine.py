@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .calendar import Calendar
 from .errors import EvaluationError, StateError
 from .instruments import Catalog, Instrument, default_catalog
 from .model import ORDER_ACTIONS, Account, Decision, Snapshot
@@ -176,8 +177,10 @@ class _AccountInfo:
 class Engine:
     """Evaluates a Policy against snapshots, one after another, keeping its state."""
 
-    def __init__(self, policy: Policy, catalog: Catalog | None = None) -> None:
+    def __init__(self, policy: Policy, catalog: Catalog | None = None,
+                 calendar: Calendar | None = None) -> None:
         self.policy = policy
+        self.calendar = calendar
         self.catalog = catalog or default_catalog()
         self.params = policy.param_values
         self.stale_after = float(policy.param("stale_after", DEFAULT_STALE_AFTER))
@@ -427,17 +430,19 @@ class Engine:
         metrics.last_equity = equity
         return metrics
 
-    def _env(self, now: datetime) -> Env:
+    def _env(self, now: datetime, families: Any = None) -> Env:
         env = Env()
         env.params = self.params
         env.now = now
+        env.calendar = self.calendar
+        env.families = families
         return env
 
     def _account_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                          now: datetime) -> list[_Target]:
         targets = []
         for info in infos.values():
-            env = self._env(now)
+            env = self._env(now, info.families.keys())
             env.account = info.view
             targets.append(_Target(info.account.id, info.account, env))
         return targets
@@ -494,7 +499,7 @@ class Engine:
                     entry = None
                 instrument = (lead or foll).instrument  # type: ignore[union-attr]
                 expected = (lead.equiv if lead else 0.0) * follower.ratio
-                env = self._env(now)
+                env = self._env(now, (family,))
                 env.account = info.view
                 env.leader_account = leader.view
                 env.leader = lead_view

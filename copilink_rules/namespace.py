@@ -191,7 +191,7 @@ class MissingQuote:
 class Env:
     """Everything one evaluation can see. Unused slots stay unset for the scope."""
 
-    __slots__ = (*NAMES, "local")
+    __slots__ = (*NAMES, "local", "calendar", "families")
 
     params: SimpleNamespace
     now: datetime
@@ -206,3 +206,5 @@ class Env:
     instrument: Any  # InstrumentView
     quote: QuoteView | MissingQuote
     accounts: Any  # AccountsView
+    calendar: Any  # calendar.Calendar | None
+    families: Any  # the instrument families this target is about (None: all)

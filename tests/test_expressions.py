@@ -48,6 +48,8 @@ def env(**overrides: object) -> Env:
     e.instrument = InstrumentView(symbol="NQH26", root="NQ", family="NQ", tick_size=0.25,
                                   tick_value=5.0, micro=False)
     e.quote = QuoteView("NQH26", 18000.0, 18000.5, 18001.0)
+    e.calendar = None
+    e.families = ("NQ",)
     for key, value in overrides.items():
         setattr(e, key, value)
     return e

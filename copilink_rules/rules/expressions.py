@@ -118,6 +118,34 @@ def fn_time_between(env: Env, start: Any, end: Any) -> bool:
     return lo <= now < hi if lo <= hi else (now >= lo or now < hi)
 
 
+def fn_tier(value: Any, pairs: tuple[Any, ...]) -> Any:
+    """tier(account.size, 25000, 1500, 50000, 2500, 3000): the result of the first `upto` that
+    is >= value, else the last argument. For limits that depend on the account size."""
+    if len(pairs) % 2 == 0:
+        raise EvaluationError("tier() needs value, then pairs of (upto, result), then a result "
+                              "for anything larger")
+    value = _number(value, "tier()")
+    for index in range(0, len(pairs) - 1, 2):
+        if value <= _number(pairs[index], "tier()"):
+            return pairs[index + 1]
+    return pairs[-1]
+
+
+def fn_news_blackout(env: Env, before: Any, after: Any, impact: Any = "high") -> bool:
+    """news_blackout(before_s, after_s[, "high"]) -> an event of at least that impact, affecting
+    an instrument of this account (or pair), is less than `before` seconds away or less than
+    `after` seconds past. False when no calendar was loaded (the CLI warns about that)."""
+    if impact not in ("low", "medium", "high"):
+        raise EvaluationError(f'news_blackout() impact must be "low", "medium" or "high", '
+                              f"got {impact!r}")
+    calendar = env.calendar
+    if calendar is None:
+        return False
+    event = calendar.active(env.now, _number(before, "news_blackout()"),
+                            _number(after, "news_blackout()"), env.families, impact)
+    return event is not None
+
+
 @dataclass(frozen=True)
 class LibraryFunction:
     impl: Callable[..., Any]
@@ -143,6 +171,10 @@ LIBRARY: dict[str, LibraryFunction] = {
     "minutes_since": LibraryFunction(fn_minutes_since, True, (1, 1), NUM, "minutes_since(t)"),
     "time_between": LibraryFunction(fn_time_between, True, (2, 2), BOOL,
                                     'time_between("HH:MM", "HH:MM")'),
+    "news_blackout": LibraryFunction(fn_news_blackout, True, (2, 3), BOOL,
+                                     'news_blackout(before_s, after_s[, "high"])'),
+    "tier": LibraryFunction(lambda value, *pairs: fn_tier(value, pairs), False, (4, 15), NUM,
+                            "tier(value, upto1, result1, upto2, result2, ..., otherwise)"),
 }
 ENV_FUNCTIONS_NEED = {"ticks": "instrument"}  # functions that need a name of a certain scope
 
@@ -425,7 +457,8 @@ def parse_expression(source: object) -> ast.expr:
     """Parse with CPython's parser in expression mode; every failure is an ExpressionError."""
     if not isinstance(source, str):
         raise ExpressionError(f"an expression must be a string, got {source!r}")
-    text = source.strip()
+    # an expression is one line of meaning: YAML `>` and `|` blocks may break it anywhere
+    text = " ".join(source.split("\n")).strip()
     if not text:
         raise ExpressionError("the expression is empty")
     if len(text) > MAX_EXPRESSION_LENGTH:
