@@ -327,8 +327,12 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     journal = Journal(journal_path)
     kill = KillSwitch(base / config.kill_file if config.kill_file else None)
     try:
+        calendar = load_calendar(base / config.calendar) if config.calendar else None
         session = Session(broker, journal, alerts, rules, overrides, args.rules_path,
-                          dry_run=args.dry_run, kill_switch=kill)
+                          dry_run=args.dry_run, kill_switch=kill, calendar=calendar)
+        if calendar is None and uses_news(session.policy):
+            stderr.write("warning: these rules use news_blackout() but the config names no "
+                         "calendar: no news blackout will ever be in force\n")
         for note in session.start():
             stdout.write(f"note: {note}\n")
         stdout.write(f"running {session.policy.name} (version {session.policy.version}) on "

@@ -16,6 +16,7 @@ tick: 250ms
 pre_session: "09:25"          # local time of the pre-session check (optional)
 timezone: America/New_York
 kill_file: copilink.kill      # while this file exists, no automatic order is sent
+calendar: news.yaml           # news calendar for news_blackout() (optional)
 alerts:
   log_file: copilink-alerts.log
   webhooks:
@@ -78,6 +79,7 @@ class RunConfig(_Strict):
     pre_session: str | None = Field(default=None, pattern=r"^\d{1,2}:\d{2}$")
     timezone: str = "America/New_York"
     kill_file: str | None = "copilink.kill"
+    calendar: str | None = Field(default=None, description="news calendar (YAML or CSV)")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("tick")

@@ -25,6 +25,7 @@ says whether the accounts should pass it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .calendar import load_calendar
 from .engine import Engine
 from .errors import CopilinkError, PolicyTestError, Problem
 from .instruments import Catalog, default_catalog
@@ -96,6 +98,10 @@ class Case(_Strict):
     timeline: str | list[dict[str, Any]] | None = None
     check: bool = False
     ready: bool | None = None
+    calendar: str | None = None
+    restart_after: int | None = Field(
+        default=None, ge=1, description="save the engine's state after this many snapshots "
+        "and continue in a fresh engine restored from it, as a restarted session would")
     set: dict[str, str | int | float | bool] = Field(default_factory=dict)
     expect: list[Matcher] = Field(default_factory=list)
     forbid: list[Matcher] = Field(default_factory=list)
@@ -113,6 +119,7 @@ class Case(_Strict):
 
 class TestFile(_Strict):
     rules: list[str] = Field(min_length=1)
+    calendar: str | None = None
     set: dict[str, str | int | float | bool] = Field(default_factory=dict)
     cases: list[Case] = Field(min_length=1)
 
@@ -187,8 +194,12 @@ def run_case(engine: Engine, case: Case, snapshots: Iterable[Snapshot]) -> tuple
     failures: list[str] = []
     single = case.snapshot is not None
     stage = "pre_session" if case.check else "session"
-    for snapshot in snapshots:
+    for number, snapshot in enumerate(snapshots, start=1):
         decisions.extend(engine.evaluate(snapshot, as_if_held=single or case.check, stage=stage))
+        if case.restart_after == number:
+            saved = json.loads(json.dumps(engine.save_state()))
+            engine = Engine(engine.policy, engine.catalog, engine.calendar)
+            engine.restore_state(saved)
     if case.ready is not None:
         blocking = [d for d in decisions if d.suppressed is False]
         if case.ready and blocking:
@@ -229,15 +240,16 @@ def run_test_files(paths: Iterable[str | Path],
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+        if path.is_dir():  # in folders, test files end in _test.yaml (like opa's _test.rego)
+            files.extend(sorted(p for p in path.rglob("*")
+                                if p.name.endswith(("_test.yaml", "_test.yml"))))
         elif path.is_file():
             files.append(path)
         else:
             raise PolicyTestError([Problem(str(path), None, "no such file or folder")])
     if not files:
         raise PolicyTestError([Problem(", ".join(map(str, paths)), None,
-                                       "no policy-test files (*.yaml) found")])
+                                       "no policy-test files (*_test.yaml) found")])
     results: list[CaseResult] = []
     for path in files:
         spec, lines = _load_file(path)
@@ -248,7 +260,10 @@ def run_test_files(paths: Iterable[str | Path],
             overrides = {k: _text(v) for k, v in {**spec.set, **case.set}.items()}
             try:
                 policy = load_policy(rules, overrides)
-                engine = Engine(policy, catalog)
+                calendar_file = case.calendar or spec.calendar
+                calendar = load_calendar(path.parent / calendar_file, catalog) \
+                    if calendar_file else None
+                engine = Engine(policy, catalog, calendar)
                 _, result.failures = run_case(
                     engine, case, _snapshots(case, index, path, lines, catalog))
             except CopilinkError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 from .adapters.base import BrokerAdapter
 from .alerts import Alert, Alerts
+from .calendar import Calendar
 from .enforcer import Enforcer, KillSwitch
 from .engine import Engine
 from .errors import CopilinkError
@@ -46,12 +47,13 @@ class Session:
     dry_run: bool = False
     kill_switch: KillSwitch = field(default_factory=KillSwitch)
     catalog: Catalog = field(default_factory=default_catalog)
+    calendar: Calendar | None = None
     before_tick: Callable[[], None] | None = None  # e.g. advance the sim's clock
     on_command: Callable[[str, str, str], None] | None = None
 
     def __post_init__(self) -> None:
         self.policy: Policy = load_policy(self.rules, self.overrides, self.rules_path)
-        self.engine = Engine(self.policy, self.catalog)
+        self.engine = Engine(self.policy, self.catalog, self.calendar)
         self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
                                  dry_run=self.dry_run, kill_switch=self.kill_switch,
                                  catalog=self.catalog, on_command=self.on_command)
@@ -106,7 +108,7 @@ class Session:
     def pre_session_check(self) -> list[Decision]:
         """Evaluate the pre-session rules now and alert what is not ready."""
         snapshot = self.broker.snapshot()
-        engine = Engine(self.policy, self.catalog)  # no history: its own engine
+        engine = Engine(self.policy, self.catalog, self.calendar)  # no history: its own
         decisions = engine.evaluate(snapshot, as_if_held=True, stage="pre_session")
         blocking = [d for d in decisions if d.suppressed is False]
         self.journal.decisions(decisions)
@@ -148,7 +150,7 @@ class Session:
             return message
         with self._tick_lock:
             state = self.engine.save_state()
-            engine = Engine(policy, self.catalog)
+            engine = Engine(policy, self.catalog, self.calendar)
             engine.restore_state(state)
             self.policy = policy
             self.engine = engine
