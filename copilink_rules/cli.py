@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from pydantic import ValidationError
+
 from . import __version__
 from .adapters import create_adapter
 from .adapters.base import BrokerAdapter
@@ -29,6 +31,7 @@ from .config import RunConfig, load_config, sim_settings
 from .enforcer import KillSwitch
 from .engine import Engine
 from .errors import CopilinkError, ParamError, RuleFileError, StateError
+from .gate import Gate, OrderRequest
 from .incidents import collect
 from .incidents import render as render_incidents
 from .instruments import Catalog, default_catalog
@@ -96,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     with_rules(p)
     with_format(p)
     p.add_argument("--state", required=True, metavar="FILE", help="snapshot (.json or .yaml)")
+
+    p = sub.add_parser("gate", help="pre-trade gate: may the copier send this order?")
+    with_rules(p)
+    with_format(p)
+    p.add_argument("--state", required=True, metavar="FILE", help="snapshot (.json or .yaml)")
+    p.add_argument("--order", required=True, metavar="JSON",
+                   help='e.g. \'{"account": "F1", "instrument": "NQH6", "side": "buy", '
+                   '"qty": 2}\'')
+    p.add_argument("--load-state", metavar="FILE", help="engine state with the locks in force "
+                   "(replay --save-state)")
 
     p = sub.add_parser("test", help="run policy tests (cases with expected decisions)")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -285,6 +298,35 @@ def cmd_test(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def cmd_gate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    catalog = _catalog(args)
+    policy = _policy(args, args.rules)
+    try:
+        order = OrderRequest.model_validate_json(args.order)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "order"
+        raise ParamError(f"--order: {where}: {first['msg']}") from None
+    catalog.parse(order.instrument)
+    snapshot = load_snapshot(args.state, catalog)
+    engine = _engine(args, policy, catalog, stderr)
+    if args.load_state:
+        for note in engine.restore_state(_read_json(args.load_state)):
+            stderr.write(f"note: {note}\n")
+    engine.evaluate(snapshot, as_if_held=True)  # locks the snapshot itself calls for
+    gate = Gate(policy, catalog, engine.calendar)
+    gate.update(snapshot, engine.locks)
+    answer = gate.check(order)
+    if _format(args, stdout) == "jsonl":
+        stdout.write(json.dumps(answer.to_json_dict()) + "\n")
+    else:
+        stdout.write(f"{answer.verdict.upper()} {answer.qty} {order.instrument} for "
+                     f"{order.account}\n")
+        for reason in answer.reasons:
+            stdout.write(f"  - {reason}\n")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     stdout.write(ruleset_json_schema_text())
     return EXIT_OK
@@ -422,6 +464,7 @@ _COMMANDS = {
     "replay": cmd_replay,
     "check": cmd_check,
     "test": cmd_test,
+    "gate": cmd_gate,
     "schema": cmd_schema,
     "run": cmd_run,
     "demo": cmd_demo,

@@ -1,0 +1,134 @@
+"""The pre-trade gate: allow / block / reduce, and why."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from copilink_rules.calendar import Calendar, NewsEvent
+from copilink_rules.engine import Engine
+from copilink_rules.gate import Gate, OrderRequest
+from copilink_rules.rules import load_policy
+
+from .conftest import REPO, account, pos, snap
+
+FIRMS = REPO / "rules" / "firms"
+MORNING = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # 10:00 New York
+
+
+def gate_for(*accounts: dict[str, Any], at: datetime = MORNING, rules: Path = FIRMS /
+             "apex.yaml", calendar: Calendar | None = None, evaluate: bool = False) -> Gate:
+    policy = load_policy([rules])
+    snapshot = snap(at, *accounts)
+    gate = Gate(policy, calendar=calendar)
+    locks: dict[str, Any] = {}
+    if evaluate:
+        engine = Engine(policy, calendar=calendar)
+        engine.evaluate(snapshot, as_if_held=True)
+        locks = engine.locks
+    gate.update(snapshot, locks)
+    return gate
+
+
+def order(**fields: Any) -> OrderRequest:
+    base: dict[str, Any] = {"account": "F1", "instrument": "NQH6", "side": "buy", "qty": 1}
+    return OrderRequest(**{**base, **fields})
+
+
+LEAD = account("LEAD", "leader", firm="apex", size=50000, balance=50000)
+
+
+def test_an_ordinary_order_is_allowed() -> None:
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000))
+    answer = gate.check(order(qty=2))
+    assert (answer.verdict, answer.qty, answer.reasons) == ("allow", 2, ())
+
+
+def test_exposure_past_max_contracts_is_reduced_then_blocked() -> None:
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000,
+                                  positions=[pos("NQH6", 8)]))
+    reduced = gate.check(order(qty=5))
+    assert (reduced.verdict, reduced.qty) == ("reduce", 2)
+    assert "apex allows 10 contracts, 8 held" in reduced.reasons[0]
+    # micros count as a tenth: 20 micros fit in the 2 contracts left, 21 do not
+    assert gate.check(order(instrument="MNQH6", qty=20)).verdict == "allow"
+    assert gate.check(order(instrument="MNQH6", qty=21)).qty == 20
+    full = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000,
+                                  positions=[pos("NQH6", 10)]))
+    assert full.check(order(qty=1)).verdict == "block"
+    # reducing is always fine
+    assert full.check(order(side="sell", qty=3)).verdict == "allow"
+
+
+def test_orders_that_create_a_hedge_or_an_opposite_position_are_blocked() -> None:
+    gate = gate_for(account("LEAD", "leader", firm="apex", positions=[pos("NQH6", 1)]),
+                    account("F1", firm="apex", size=50000, balance=50000),
+                    account("F2", firm="topstep", positions=[pos("ESH6", -1, 5000.0)]))
+    opposite = gate.check(order(side="sell", qty=1))
+    assert opposite.verdict == "block"
+    assert opposite.reasons == ("would leave F1 short NQ against its leader LEAD",)
+    # closing with micros what was opened with a mini only reduces exposure
+    assert gate.check(order(account="LEAD", instrument="MNQH6", side="sell", qty=10)
+                      ).verdict == "allow"
+    # micro against mini at the same firm is a hedge too
+    hedge = gate_for(account("LEAD", "leader", firm="apex"),
+                     account("F1", firm="apex", positions=[pos("ESH6", 1, 5000.0)]),
+                     account("F2", firm="apex"))
+    blocked = hedge.check(order(account="F2", instrument="MESH6", side="sell", qty=1))
+    assert blocked.reasons == ("would hedge F2 against F1 in ES at apex",)
+    # an account at another firm is not a hedge
+    other_firm = gate_for(account("LEAD", "leader", firm="apex"),
+                          account("F1", firm="topstep", positions=[pos("ESH6", 1, 5000.0)]),
+                          account("F2", firm="apex", size=50000, balance=50000))
+    assert other_firm.check(order(account="F2", instrument="ESH6", side="sell")).verdict == \
+        "allow"
+
+
+def test_locked_accounts_only_reduce() -> None:
+    # 47,000 on a 50K Apex account is past the drawdown buffer: the engine halts it
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=47000,
+                                  positions=[pos("NQH6", 2)]), evaluate=True)
+    assert gate.check(order(qty=1)).reasons == ("F1 is halted: only orders that reduce "
+                                                "exposure pass",)
+    assert gate.check(order(side="sell", qty=2)).verdict == "allow"
+    assert gate.check(order(side="sell", qty=3)).verdict == "block"  # flips: adds exposure
+
+
+def test_after_the_flat_by_time_no_new_exposure() -> None:
+    late = datetime(2026, 3, 2, 22, 0, tzinfo=UTC)  # 17:00 New York
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000), at=late)
+    answer = gate.check(order())
+    assert answer.reasons == ("after the apex flat-by time 16:59:00: no new exposure",)
+    evening = datetime(2026, 3, 2, 23, 1, tzinfo=UTC)  # 18:01: the next session is open
+    assert gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000),
+                    at=evening).check(order()).verdict == "allow"
+
+
+def test_news_blackouts_block_new_exposure_in_affected_instruments() -> None:
+    calendar = Calendar([NewsEvent(time=datetime(2026, 3, 6, 13, 30, tzinfo=UTC), name="NFP",
+                                   instruments=("ES",))])
+    near = datetime(2026, 3, 6, 13, 29, 30, tzinfo=UTC)
+    follower = account("F1", firm="takeprofit", size=50000, balance=50000)
+    gate = gate_for(account("LEAD", "leader", firm="takeprofit"), follower, at=near,
+                    rules=FIRMS / "takeprofit.yaml", calendar=calendar)
+    assert gate.check(order(instrument="ESH6")).reasons == ("news blackout for ES: NFP",)
+    assert gate.check(order(instrument="NQH6")).verdict == "allow"
+
+
+@pytest.mark.parametrize(("price", "verdict"), [(18001.0, "allow"), (18001.25, "block")])
+def test_a_late_entry_beyond_the_slippage_threshold_is_blocked(price: float,
+                                                              verdict: str) -> None:
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000))
+    answer = gate.check(order(leader_price=18000.0, price=price))
+    assert answer.verdict == verdict
+    if verdict == "block":
+        assert answer.reasons == ("late entry: 18001.25 is 5 ticks from the leader's 18000 "
+                                  "(at most 4)",)
+
+
+def test_unknown_accounts_are_blocked() -> None:
+    gate = gate_for(LEAD)
+    assert gate.check(order(account="NOPE")).reasons == ("unknown account 'NOPE'",)
