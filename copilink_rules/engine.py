@@ -776,6 +776,11 @@ def _rank(p: _Proposal) -> int:
 def _stronger(p: _Proposal, kept: list[_Proposal],
               entries: dict[str, tuple[str, str]]) -> str | None:
     """Why a more restrictive decision on the same account overrides `p`, if one does."""
+    if p.action == "flatten" and p.target.family is not None:
+        for other in kept:
+            if other.action == "flatten" and other.target.family is None:
+                return (f"covered by the flatten of every instrument from rule "
+                        f"{other.rule.id}")
     if p.action == "catch_up":
         entry = entries.get(p.target.pair_key or "")
         if entry is not None and entry[0] == p.target.trade and entry[1] != "catch_up":
