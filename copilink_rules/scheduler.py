@@ -62,8 +62,14 @@ class LiveRunner:
             self.scheduler.add_job(self.session.pre_session_check,
                                    daily_trigger(self.pre_session_at, self.timezone),
                                    id="pre_session", name="pre-session check")
-        self.scheduler.add_job(self._daily_reset, daily_trigger(self.day_start, self.timezone),
-                               id="daily_reset", name="trading-day reset")
+        # a reset at each firm's trading-day start (18:00 New York unless a firm file says)
+        boundaries = {(info.trading_day_start, info.timezone)
+                      for info in self.session.policy.firms.values()}
+        boundaries.add((self.day_start, self.timezone))
+        for index, (start, zone) in enumerate(sorted(boundaries)):
+            self.scheduler.add_job(self._daily_reset, daily_trigger(start, zone),
+                                   id=f"daily_reset_{index}",
+                                   name=f"trading-day reset {start} {zone}")
         if self.reload_every > 0:
             self.scheduler.add_job(self.session.reload_if_changed,
                                    IntervalTrigger(seconds=self.reload_every), id="reload",

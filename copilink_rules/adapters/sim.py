@@ -433,17 +433,22 @@ class SimBroker:
         self._on_engine_fill(account, symbol, delta, tag)
         return BrokerAnswer("filled", "", tag)
 
+    def _cancel(self, target: _Account, instrument: str | None) -> str | None:
+        """Cancel the working orders in `instrument`'s family (all when None); the family."""
+        family = self.catalog.parse(instrument).family if instrument else None
+        for order_id in [o.id for o in target.orders.values()
+                         if family is None or self.catalog.parse(o.symbol).family == family]:
+            del target.orders[order_id]
+        return family
+
     def flatten(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
         refused = self._refuse(account, tag, "flatten")
         if refused:
             return refused
         target = self.accounts[account]
-        family = self.catalog.parse(instrument).family if instrument else None
+        family = self._cancel(target, instrument)
         symbols = [s for s in target.positions
                    if family is None or self.catalog.parse(s).family == family]
-        for order_id in [o.id for o in target.orders.values()
-                         if family is None or self.catalog.parse(o.symbol).family == family]:
-            del target.orders[order_id]
         if not symbols:
             self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
                              "account": account, "kind": "flatten", "delta": 0})
@@ -458,11 +463,7 @@ class SimBroker:
         refused = self._refuse(account, tag, "cancel_orders")
         if refused:
             return refused
-        target = self.accounts[account]
-        family = self.catalog.parse(instrument).family if instrument else None
-        for order_id in [o.id for o in target.orders.values()
-                         if family is None or self.catalog.parse(o.symbol).family == family]:
-            del target.orders[order_id]
+        self._cancel(self.accounts[account], instrument)
         self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
                          "account": account, "kind": "cancel_orders"})
         return BrokerAnswer("filled", "", tag)
