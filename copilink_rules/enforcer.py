@@ -30,10 +30,11 @@ from zoneinfo import ZoneInfo
 
 from .adapters.base import BrokerAdapter, BrokerAnswer
 from .alerts import Alert, Alerts
+from .engine import lock_until
 from .instruments import Catalog, default_catalog
 from .journal import OPEN_STATUSES, CommandRow, Journal, iso
 from .model import Account, Decision, Snapshot
-from .rules.loader import Policy
+from .rules.loader import DEFAULT_TRADING_DAY, Policy
 
 log = logging.getLogger("copilink_rules.enforcer")
 
@@ -432,7 +433,11 @@ class Enforcer:
             return
         state = str(decision.args.get("state", "halted"))
         # the engine worked out when the lock ends (the firm's trading day, DST and all)
-        until = datetime.fromisoformat(str(decision.args["until_time"]))
+        if "until_time" in decision.args:
+            until = datetime.fromisoformat(str(decision.args["until_time"]))
+        else:  # a decision made elsewhere: the CME trading day
+            until = lock_until(str(decision.args.get("until", "next_trading_day")), now,
+                               ZoneInfo("America/New_York"), DEFAULT_TRADING_DAY)
         current = self.locks.get(decision.account)
         if current is not None and current.state == "halted" and state == "reducing":
             return  # a halted lock is stricter than a reducing one
