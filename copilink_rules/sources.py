@@ -81,7 +81,12 @@ class LineMap:
 
 def load_yaml(text: str) -> tuple[Any, LineMap]:
     """Parse one YAML document; return the data and where each value sits."""
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # rejects control characters already
+    except yaml.reader.ReaderError as exc:
+        at_line = text.count("\n", 0, exc.position) + 1
+        raise YamlSyntaxError(f"invalid YAML: character #x{exc.character:04x} is not allowed "
+                              "in a YAML file", at_line) from None
     try:
         node = loader.get_single_node()
         data = None if node is None else loader.construct_document(node)
@@ -92,6 +97,8 @@ def load_yaml(text: str) -> tuple[Any, LineMap]:
         raise YamlSyntaxError(f"invalid YAML: {message}", line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"invalid YAML: {exc}", None) from None
+    except RecursionError:
+        raise YamlSyntaxError("invalid YAML: nested too deeply", None) from None
     finally:
         loader.dispose()
     line_map = LineMap(default=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import textwrap
@@ -11,6 +12,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from copilink_rules.errors import ParamError, RuleFileError
 from copilink_rules.rules import load_policy
@@ -323,3 +326,25 @@ def test_shipped_desync_rules_validate() -> None:
     ids = {r.id for r in policy.rules}
     assert {"stuck-follower", "opposite-position", "missed-entry-catch-up", "missed-entry-skip",
             "account-unreachable", "pre-session-not-flat"} <= ids
+
+
+yaml_pieces = st.sampled_from([
+    "ruleset: x\n", "rules:\n", "  - id: r\n", "    when: account.flat\n", "    then: [flatten]\n",
+    "params: {a: 1}\n", "extends: [x]\n", "extends: [nowhere]\n", "    for: 2s\n",
+    "    scope: pair\n",
+    "timezone: Mars/Base\n", "firm: apex\n", "  - {id: r, when: '1 +', then: [x]}\n", "- a\n",
+    "{", "}", "[", "]", ":", "\t", "&a ", "*a ", "<<: *a\n", "!!python/object:os.system\n",
+    "    when: account.__class__\n", "params: {t: 16:59, b: no}\n", "\x00", "é", "---\n",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(yaml_pieces | st.text(max_size=5), max_size=25).map("".join))
+def test_hostile_rule_files_only_ever_raise_our_own_errors(text: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.yaml"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        with contextlib.suppress(RuleFileError, ParamError):
+            load_policy([path])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from copilink_rules.errors import SnapshotError
 from copilink_rules.snapshots import iter_timeline, load_snapshot, load_timeline
@@ -114,3 +118,21 @@ def test_missing_file(tmp_path: Path) -> None:
         load_snapshot(tmp_path / "nope.json")
     with pytest.raises(SnapshotError, match="cannot read"):
         load_timeline(tmp_path / "nope.jsonl")
+
+
+snapshot_pieces = st.sampled_from([
+    '{"time": "2026-03-02T14:31:05Z", ', '"accounts": [', '{"id": "F1", "role": "follower"}',
+    '{"id": "L", "role": "leader", "positions": [{"instrument": "NQH6", "qty": 1}]}', "]", "}",
+    ", ", '"quotes": {"XYZ": {}}', '"time": 5', "null", "\x1f", "time: x\n", "- a\n", "{",
+])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(snapshot_pieces | st.text(max_size=4), max_size=12).map("".join),
+       st.sampled_from([".json", ".yaml"]))
+def test_hostile_snapshots_only_ever_raise_our_own_errors(text: str, suffix: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"s{suffix}"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        with contextlib.suppress(SnapshotError):
+            load_snapshot(path)
