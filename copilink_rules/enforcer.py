@@ -117,10 +117,15 @@ class Enforcer:
     escalated: list[Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.max_contracts = self.policy.param("max_contracts", None)
-        self.entry_max_data_age = float(self.policy.param("entry_max_data_age", 1.0))
-        self._zones = {r.id: r.timezone for r in self.policy.rules}
         self._follower_ids: list[str] = []
+        self.use_policy(self.policy)
+
+    def use_policy(self, policy: Policy) -> None:
+        """Take the numbers the enforcer needs from `policy` (at start and on hot reload)."""
+        self.policy = policy
+        self.max_contracts = policy.param("max_contracts", None)
+        self.entry_max_data_age = float(policy.param("entry_max_data_age", 1.0))
+        self._zones = {r.id: r.timezone for r in policy.rules}
 
     # --- restart ----------------------------------------------------------------------------
 
@@ -132,6 +137,8 @@ class Enforcer:
             action = Action(row.tag, row.tag.split("~")[0], row.account, row.instrument,
                             row.family, row.action, row.rule, row.args, row.status, row.attempt,
                             datetime.fromisoformat(row.updated.replace("Z", "+00:00")))
+            if row.status == "retrying":
+                action.next_try = now  # its backoff ran out while we were down
             if row.status == "sending":
                 answer = self.broker.find_tag(row.tag)
                 if answer is None:

@@ -22,8 +22,12 @@ def table_line(decision: Decision) -> str:
     target = decision.account or "(all)"
     if decision.instrument:
         target += f" {decision.instrument}"
-    line = f"{moment} {mark} {decision.action:<14} {target:<16} {decision.rule:<24} " \
-        f"{decision.reason}"
+    action = decision.action
+    if action == "lock_account":  # the lock is the news: show its kind and its end
+        action = f"lock {decision.args.get('state', 'halted')}"
+    line = f"{moment} {mark} {action:<14} {target:<16} {decision.rule:<24} {decision.reason}"
+    if "until_time" in decision.args:
+        line += f" [locked until {decision.args['until_time']}]"
     if decision.suppressed:
         line += f"\n{'':>28}   -> suppressed: {decision.suppressed}"
     return line

@@ -154,7 +154,7 @@ class Session:
             engine.restore_state(state)
             self.policy = policy
             self.engine = engine
-            self.enforcer.policy = policy
+            self.enforcer.use_policy(policy)
         message = f"rules reloaded: {policy.name} version {policy.version}"
         self._send(now, "info", message, None)
         return message

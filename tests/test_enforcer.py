@@ -221,3 +221,19 @@ def test_a_failing_snapshot_read_skips_the_tick_with_an_alert() -> None:
     broker.snapshot = original  # type: ignore[method-assign,assignment]
     session.tick()
     assert session.ticks == 1
+
+
+def test_a_restart_picks_up_open_actions_from_the_journal() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
+                            SimFault(kind="reject", account="F2", at=9, count=1)])
+    run_until(session, broker, 10.25)  # the first flatten was rejected: retrying
+    assert commands(session)[-1][2] == "retrying"
+    journal = session.journal
+    restarted = Session(broker, journal, Alerts(), [DESYNC],
+                        before_tick=lambda: broker.advance(0.25))
+    restarted.start()
+    restarted.engine.restore_state(session.engine.save_state())
+    run_until(restarted, broker, 16)
+    flattens = [c for c in commands(restarted) if c[0] == "flatten"]
+    assert flattens[-1][2] == "confirmed"
+    assert len([e for e in broker.log if e.get("kind") == "flatten"]) == 2  # 1 refused, 1 ok

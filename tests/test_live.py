@@ -191,6 +191,12 @@ def test_hot_reload_is_all_or_nothing(tmp_path: Path) -> None:
     os.utime(rules, (time.time() + 10, time.time() + 10))
     assert (session.reload_if_changed() or "").startswith("rules reloaded")
     assert session.policy.params["stuck_grace"].value == 4.0
+    assert session.enforcer.policy is session.policy
+    rules.write_text("ruleset: mine\nextends: [desync]\nparams: {stuck_grace: 4s, "
+                     "entry_max_data_age: 3s}\nrules: []\n")
+    os.utime(rules, (time.time() + 20, time.time() + 20))
+    session.reload_if_changed()
+    assert session.enforcer.entry_max_data_age == 3.0
     assert session.reload_if_changed() is None
 
 
