@@ -349,8 +349,9 @@ def _summary(printer: DecisionPrinter, snapshots: int) -> str:
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if args.config:
         config, base = load_config(args.config)
-    else:
+    else:  # no config: a simulated session with trades and faults drawn by seed
         config, base = RunConfig(), Path.cwd()
+        config.broker.settings = {"random_trades": 40, "random_faults": 12}
     if args.broker:
         config.broker.name = args.broker
     rules = [str(base / r) for r in config.rules] if not args.rules else list(args.rules)

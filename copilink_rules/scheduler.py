@@ -24,6 +24,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from .session import Session
 
 log = logging.getLogger("copilink_rules.scheduler")
+# APScheduler reports a skipped run in its own words too; ours (below) says it once
+logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
+logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def daily_trigger(at: str, zone: str) -> CronTrigger:
