@@ -469,6 +469,7 @@ class Engine:
         lead_views: dict[tuple[str, str], tuple[Any, str, float | None]] = {}
         targets = []
         live_pairs: set[str] = set()
+        params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
         for info in infos.values():
             follower = info.account
             if follower.role != "follower":
@@ -477,7 +478,8 @@ class Engine:
                 leaders[0] if len(leaders) == 1 else None)
             if leader is None:
                 continue
-            overnight = {self.catalog.parse(s).family for s in follower.overnight}
+            overnight = {self.catalog.parse(s).family for s in follower.overnight} \
+                if follower.overnight else ()
             families = leader.families.keys() | info.families.keys()
             for family in sorted(families) if len(families) > 1 else families:
                 lead = leader.families.get(family)
@@ -499,14 +501,17 @@ class Engine:
                     entry = None
                 instrument = (lead or foll).instrument  # type: ignore[union-attr]
                 expected = (lead.equiv if lead else 0.0) * follower.ratio
-                env = self._env(now, (family,))
+                env = Env()  # the hot path: _env() inlined
+                env.params, env.now, env.calendar = params, now, calendar
+                env.families = (family,)
                 env.account = info.view
                 env.leader_account = leader.view
                 env.leader = lead_view
                 env.follower = _position_view(foll, now, family in overnight)
-                env.pair = PairView(family=family, ratio=follower.ratio, expected_equiv=expected,
-                                    entry_action=entry[1] if entry else "")
-                env.instrument = self._instrument_view(instrument)
+                env.pair = PairView(family, follower.ratio, expected,
+                                    entry[1] if entry else "")  # FIELDS["pair"] order
+                env.instrument = instrument_views.get(instrument.symbol) or \
+                    self._instrument_view(instrument)
                 env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = round(expected / instrument.size) if lead else 0
@@ -544,6 +549,8 @@ class Engine:
                    if self._states[rule.id] or self._errors[rule.id]]
         full = (1 << len(rules)) - 1
         batch = group.batch
+        # the outcome per target, kept only when some rule has state to clear afterwards
+        results: dict[str, tuple[int, int]] | None = {} if tracked else None
         for index, target in enumerate(targets):
             account = target.account
             allowed = group.allowed(account) if group.filtered and account is not None else full
@@ -556,17 +563,27 @@ class Engine:
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001
                 mask, failed = self._one_by_one(group, target, index, allowed, now, errors_out)
-            key = target.key
-            for i in tracked:
-                if not (failed >> i) & 1:
-                    self._errors[rules[i][1].id].pop(key, None)
-                    if not (mask >> i) & 1:
-                        self._states[rules[i][1].id].pop(key, None)
+            if results is not None:
+                results[target.key] = (mask, failed)
             while mask:
                 low = mask & -mask
                 mask ^= low
                 order, rule = rules[low.bit_length() - 1]
                 self._on_true(rule, order, target, index, now, as_if_held, proposals)
+        if results is None:
+            return
+        # a condition evaluated false ends its episode; one evaluated at all clears its error
+        for i in tracked:
+            bit = 1 << i
+            rule_id = rules[i][1].id
+            states, errors = self._states[rule_id], self._errors[rule_id]
+            for key in [k for k in states if k in results]:
+                mask, failed = results[key]
+                if not (mask | failed) & bit:
+                    del states[key]
+            for key in [k for k in errors if k in results]:
+                if not results[key][1] & bit:
+                    del errors[key]
 
     def _one_by_one(self, group: _Group, target: _Target, index: int, allowed: int,
                     now: datetime, errors_out: list[tuple[int, int, Decision]]) -> tuple[int,
@@ -845,13 +862,11 @@ def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
 def _position_view(family: _Family | None, now: datetime, overnight: bool) -> Any:
     if family is None:
         return _FLAT[overnight]  # expressions cannot write, so one flat view serves all
-    side = "long" if family.equiv > 0 else "short"
     opened = family.opened_at
-    return PositionView(
-        qty=family.qty, side=side, flat=False, equiv=round(family.equiv, 6),
-        avg_price=family.avg_price, opened_at=opened,
-        age=(now - opened).total_seconds() if opened else 0.0,
-        instrument=family.symbol, overnight=overnight,
+    return PositionView(  # positional, in FIELDS["position"] order: this runs every tick
+        family.qty, "long" if family.equiv > 0 else "short", False, round(family.equiv, 6),
+        family.avg_price, opened, (now - opened).total_seconds() if opened else 0.0,
+        family.symbol, overnight,
     )
 
 
