@@ -108,8 +108,7 @@ class _Target:
     env: Env
     family: str | None = None
     instrument: str | None = None
-    pair_key: str | None = None
-    trade: str | None = None
+    trade: str | None = None  # pair targets: the leader's current trade ("" when flat)
     catch_up_qty: int = 0
     stop_price: float | None = None
 
@@ -515,7 +514,7 @@ class Engine:
                 env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = round(expected / instrument.size) if lead else 0
-                targets.append(_Target(pair_key, follower, env, family, symbol, pair_key, trade,
+                targets.append(_Target(pair_key, follower, env, family, symbol, trade,
                                        catch_up_qty, stop))
         for key in [k for k in self._entries if k not in live_pairs]:
             del self._entries[key]
@@ -748,11 +747,11 @@ class Engine:
                 state.held = False  # a later disconnect in this episode is reported again
         if p.rule.cooldown > 0:
             self._last_fired[p.rule.id][p.target.key] = now
-        if p.target.pair_key is None or p.action not in ENTRY_PRECEDENCE or not p.target.trade:
+        if p.action not in ENTRY_PRECEDENCE or not p.target.trade:  # trade: pair targets only
             return
-        current = self._entries.get(p.target.pair_key)
+        current = self._entries.get(p.target.key)
         if current is None or ENTRY_PRECEDENCE[p.action] > ENTRY_PRECEDENCE[current[1]]:
-            self._entries[p.target.pair_key] = (p.target.trade, p.action)
+            self._entries[p.target.key] = (p.target.trade, p.action)
 
     def _lock(self, p: _Proposal, now: datetime) -> None:
         account = p.target.account
@@ -799,7 +798,7 @@ def _stronger(p: _Proposal, kept: list[_Proposal],
                 return (f"covered by the flatten of every instrument from rule "
                         f"{other.rule.id}")
     if p.action == "catch_up":
-        entry = entries.get(p.target.pair_key or "")
+        entry = entries.get(p.target.key)
         if entry is not None and entry[0] == p.target.trade and entry[1] != "catch_up":
             return (f"no catch-up after {entry[1]} in the same leader trade "
                     f"(follower {p.target.account.id if p.target.account else '?'})")
