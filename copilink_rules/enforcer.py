@@ -285,7 +285,7 @@ class Enforcer:
                     self.journal.command_status(tag, "dry_run", now)
                     return None
                 answer = self.broker.skip_entry(decision.account, decision.instrument, tag)
-                self._journal_answer(tag, answer, now, final=True)
+                self._journal_answer(tag, answer, now)
             return None
         if kind not in CORRECTIVE or decision.account is None:
             return None  # block_order / reduce_order belong to the pre-trade gate
@@ -417,12 +417,12 @@ class Enforcer:
                       else self.broker.resume_copier(follower, tag))
         except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
             answer = BrokerAnswer("rejected", f"broker error: {exc}")
-        self._journal_answer(tag, answer, now, final=True)
+        self._journal_answer(tag, answer, now)
 
-    def _journal_answer(self, tag: str, answer: BrokerAnswer, now: datetime,
-                        final: bool) -> None:
+    def _journal_answer(self, tag: str, answer: BrokerAnswer, now: datetime) -> None:
+        """The answer to a one-shot copier command: accepted is done."""
         self.journal.answer(tag, now, answer.status, answer.reason)
-        status = ("confirmed" if final else "pending") if answer.ok else "rejected"
+        status = "confirmed" if answer.ok else "rejected"
         self.journal.command_status(tag, status, now, answer.reason or None)
 
     def _journal_command(self, tag: str, account: str, instrument: str | None,
