@@ -196,6 +196,11 @@ class Engine:
         self._notes: list[Decision] = []  # lock expiries, reported with the next decisions
         self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage])
                         for stage in ("session", "pre_session")}
+        # cross-account hedges cost a pass over all accounts: only when a rule reads them
+        sources = [r.when.source for r in policy.rules] + [
+            part.source for r in policy.rules for t in r.templates if t is not None
+            for part in t.parts if not isinstance(part, str)]
+        self._hedges = any("hedged" in source for source in sources)
 
     # --- public API -------------------------------------------------------------------------
 
@@ -400,7 +405,8 @@ class Engine:
             infos[account.id] = _AccountInfo(account, view, families, reachable, why)
         for key in [k for k in self._first_seen if k not in seen_keys]:
             del self._first_seen[key]
-        _mark_hedges(infos)
+        if self._hedges:
+            _mark_hedges(infos)
         return infos
 
     def _trading_day(self, firm: str | None, now: datetime) -> str:
