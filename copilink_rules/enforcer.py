@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 from .adapters.base import BrokerAdapter, BrokerAnswer
 from .alerts import Alert, Alerts
-from .engine import lock_until
+from .engine import DEFAULT_STALE_AFTER, lock_until
 from .instruments import Catalog, default_catalog
 from .journal import OPEN_STATUSES, CommandRow, Journal, iso
 from .model import Account, Decision, Snapshot
@@ -125,6 +125,7 @@ class Enforcer:
         self.policy = policy
         self.max_contracts = policy.param("max_contracts", None)
         self.entry_max_data_age = float(policy.param("entry_max_data_age", 1.0))
+        self.stale_after = float(policy.param("stale_after", DEFAULT_STALE_AFTER))
         self._zones = {r.id: r.timezone for r in policy.rules}
 
     # --- restart ----------------------------------------------------------------------------
@@ -183,11 +184,8 @@ class Enforcer:
                 self._alert(now, "info", f"{account}: {lock.state} lock expired", account)
 
     def _reachable(self, account: Account | None, now: datetime) -> bool:
-        if account is None or not account.connected:
-            return False
-        stale_after = float(self.policy.param("stale_after", 5.0))
-        return account.updated_at is None or (now - account.updated_at).total_seconds() <= \
-            stale_after
+        return account is not None and account.connected and \
+            account.data_age(now) <= self.stale_after
 
     def _done(self, action: Action, account: Account | None) -> bool:
         """Does the broker's world show the action worked?"""
@@ -328,7 +326,7 @@ class Enforcer:
             return f"account {action.account} is disconnected or stale: no orders"
         if action.kind != "catch_up" or account is None:
             return None
-        age = (now - account.updated_at).total_seconds() if account.updated_at else 0.0
+        age = account.data_age(now)
         if age > self.entry_max_data_age:
             return (f"data of {action.account} is {age:.1f}s old; an order that adds exposure "
                     f"needs data under {self.entry_max_data_age:g}s old")

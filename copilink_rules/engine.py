@@ -378,7 +378,7 @@ class Engine:
                 if first is None or first[0] != side:
                     first = self._first_seen[key] = (side, now)
                 family.opened_at = first[1]
-            age = (now - account.updated_at).total_seconds() if account.updated_at else 0.0
+            age = account.data_age(now)
             stale = age > self.stale_after
             reachable = account.connected and not stale
             equity = account.balance + account.unrealized_pnl

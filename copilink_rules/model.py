@@ -94,6 +94,10 @@ class Account(_Strict):
     orders: tuple[Order, ...] = ()
     overnight: tuple[str, ...] = ()
 
+    def data_age(self, now: datetime) -> float:
+        """Seconds since the broker last refreshed this account (0 when it did not say)."""
+        return (now - self.updated_at).total_seconds() if self.updated_at else 0.0
+
     @model_validator(mode="after")
     def _leader_only_on_followers(self) -> Account:
         if self.role == "leader" and self.leader is not None:

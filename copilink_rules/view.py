@@ -21,8 +21,7 @@ def render(session: Session, title: str = "copilink-rules") -> Group:
         accounts.add_column(column)
     if snapshot is not None:
         for account in snapshot.accounts:
-            age = (snapshot.time - account.updated_at).total_seconds() \
-                if account.updated_at else 0.0
+            age = account.data_age(snapshot.time)
             link = Text("up", "green") if account.connected else Text("DOWN", "bold red")
             positions = ", ".join(f"{p.qty:+d} {p.instrument}" for p in account.positions) or "flat"
             lock = session.enforcer.locks.get(account.id)
