@@ -199,7 +199,7 @@ def _engine(args: argparse.Namespace, policy: Policy, catalog: Catalog,
 
 
 def uses_news(policy: Policy) -> bool:
-    return any("news_blackout(" in rule.when.source for rule in policy.rules)
+    return policy.mentions("news_blackout(")
 
 
 def _format(args: argparse.Namespace, stdout: TextIO) -> str:

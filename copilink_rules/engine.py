@@ -197,10 +197,7 @@ class Engine:
         self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage])
                         for stage in ("session", "pre_session")}
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
-        sources = [r.when.source for r in policy.rules] + [
-            part.source for r in policy.rules for t in r.templates if t is not None
-            for part in t.parts if not isinstance(part, str)]
-        self._hedges = any("hedged" in source for source in sources)
+        self._hedges = policy.mentions("hedged")
 
     # --- public API -------------------------------------------------------------------------
 

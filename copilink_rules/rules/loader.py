@@ -194,6 +194,18 @@ class Policy:
         found = self.params.get(name)
         return default if found is None else found.value
 
+    def mentions(self, word: str) -> bool:
+        """Does any condition or alert message of the loaded rules use `word`?"""
+        for rule in self.rules:
+            if word in rule.when.source:
+                return True
+            for template in rule.templates:
+                if template is not None and any(
+                        not isinstance(part, str) and word in part.source
+                        for part in template.parts):
+                    return True
+        return False
+
     def trading_day(self, firm: str | None) -> TradingDay:
         """The trading day of `firm` (from its rule set), else 18:00 New York (CME)."""
         for info in self.rulesets:
