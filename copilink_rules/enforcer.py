@@ -177,11 +177,11 @@ class Enforcer:
         return started
 
     def _expire_locks(self, now: datetime) -> None:
+        # the engine reports the end of a lock (an info alert decision); this only tidies up
         for account, lock in list(self.locks.items()):
             if lock.until <= now:
                 del self.locks[account]
                 self.journal.unlock(account)
-                self._alert(now, "info", f"{account}: {lock.state} lock expired", account)
 
     def _reachable(self, account: Account | None, now: datetime) -> bool:
         return account is not None and account.connected and \
