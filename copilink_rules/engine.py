@@ -334,41 +334,50 @@ class Engine:
     def _accounts(self, snapshot: Snapshot, now: datetime) -> dict[str, _AccountInfo]:
         infos: dict[str, _AccountInfo] = {}
         seen_keys: set[str] = set()
+        parse = self.catalog.parse
+        days: dict[str | None, str] = {}  # firm -> trading day, this tick
+        stale_after, locks = self.stale_after, self._locks
         for account in snapshot.accounts:
+            # Hot path: read fields from the model's __dict__, several times faster than
+            # attribute access on a pydantic model (whose class defines __getattr__).
+            a = account.__dict__
+            account_id, firm, connected = a["id"], a["firm"], a["connected"]
+            balance, realized, unrealized = a["balance"], a["realized_pnl"], a["unrealized_pnl"]
             families: dict[str, _Family] = {}
             contracts = minis = micros = 0
-            overnight = ({self.catalog.parse(s).symbol for s in account.overnight}
-                         if account.overnight else ())
+            overnight = {parse(s).symbol for s in a["overnight"]} if a["overnight"] else ()
             undeclared = 0
-            for position in account.positions:
-                if position.qty == 0:
+            for position in a["positions"]:
+                p = position.__dict__
+                qty = p["qty"]
+                if qty == 0:
                     continue
-                instrument = self.catalog.parse(position.instrument)
-                contracts += abs(position.qty)
+                symbol = p["instrument"]
+                instrument = parse(symbol)
+                contracts += abs(qty)
                 if instrument.micro:
-                    micros += abs(position.qty)
+                    micros += abs(qty)
                 else:
-                    minis += abs(position.qty)
+                    minis += abs(qty)
                 if instrument.symbol not in overnight:
                     undeclared += 1
                 family = families.get(instrument.family)
-                equiv = position.qty * instrument.size
+                equiv = qty * instrument.size
                 if family is None:
                     families[instrument.family] = _Family(
-                        position.qty, equiv, instrument, position.instrument,
-                        position.avg_price, position.opened_at)
+                        qty, equiv, instrument, symbol, p["avg_price"], p["opened_at"])
                 else:
                     main_is_new = abs(equiv) > abs(family.equiv)
-                    family.qty += position.qty
+                    family.qty += qty
                     family.equiv += equiv
                     if main_is_new:
-                        family.instrument, family.symbol = instrument, position.instrument
-                        family.avg_price, family.opened_at = position.avg_price, position.opened_at
+                        family.instrument, family.symbol = instrument, symbol
+                        family.avg_price, family.opened_at = p["avg_price"], p["opened_at"]
             for name, family in families.items():
                 if family.opened_at is not None:
                     continue
                 # the broker did not say when the position opened: use when we first saw it
-                key = f"{account.id}|{name}"
+                key = f"{account_id}|{name}"
                 seen_keys.add(key)
                 side = (family.equiv > 0) - (family.equiv < 0)
                 first = self._first_seen.get(key)
@@ -376,32 +385,36 @@ class Engine:
                     first = self._first_seen[key] = (side, now)
                 family.opened_at = first[1]
             age = account.data_age(now)
-            stale = age > self.stale_after
-            reachable = account.connected and not stale
-            equity = account.balance + account.unrealized_pnl
-            day = self._trading_day(account.firm, now)
+            stale = age > stale_after
+            reachable = connected and not stale
+            equity = balance + unrealized
+            day = days.get(firm)
+            if day is None:
+                day = days[firm] = self._trading_day(firm, now)
             metrics = self._update_metrics(account, equity, day)
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
-            lock = self._locks.get(account.id)
+            lock = locks.get(account_id)
+            role, orders = a["role"], a["orders"]
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
-                account.id, account.role, account.firm or "", account.leader or "",
-                account.ratio if account.role == "follower" else 1.0, account.connected,
-                stale, reachable, age, account.copier, account.balance, account.realized_pnl,
-                account.unrealized_pnl, account.realized_pnl + account.unrealized_pnl,
+                account_id, role, firm or "", a["leader"] or "",
+                a["ratio"] if role == "follower" else 1.0, connected,
+                stale, reachable, age, a["copier"], balance, realized,
+                unrealized, realized + unrealized,
                 not families, contracts, len(families),
-                sum(1 for o in account.orders if o.status in _WORKING) if account.orders else 0,
+                sum(1 for o in orders if o.status in _WORKING) if orders else 0,
                 undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
                 total, max(metrics.best_day, day_pnl),
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
                 False, "", lock.state if lock else "", lock is not None,
             )
             why = "" if reachable else (
-                f"account {account.id} is disconnected" if not account.connected
-                else f"account {account.id} data is stale ({age:.1f}s old)")
-            infos[account.id] = _AccountInfo(account, view, families, reachable, why)
-        for key in [k for k in self._first_seen if k not in seen_keys]:
-            del self._first_seen[key]
+                f"account {account_id} is disconnected" if not connected
+                else f"account {account_id} data is stale ({age:.1f}s old)")
+            infos[account_id] = _AccountInfo(account, view, families, reachable, why)
+        if len(seen_keys) != len(self._first_seen):
+            for key in [k for k in self._first_seen if k not in seen_keys]:
+                del self._first_seen[key]
         if self._hedges:
             _mark_hedges(infos)
         return infos
@@ -443,10 +456,13 @@ class Engine:
     def _account_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                          now: datetime) -> list[_Target]:
         targets = []
+        params, calendar = self.params, self.calendar
         for info in infos.values():
-            env = self._env(now, info.families.keys())
+            env = Env()  # the hot path: _env() inlined
+            env.params, env.now, env.calendar = params, now, calendar
+            env.families = info.families.keys()
             env.account = info.view
-            targets.append(_Target(info.account.id, info.account, env))
+            targets.append(_Target(info.view.id, info.account, env))
         return targets
 
     def _global_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
@@ -474,35 +490,43 @@ class Engine:
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
         for info in infos.values():
             follower = info.account
-            if follower.role != "follower":
+            f = follower.__dict__  # hot path: see _accounts
+            if f["role"] != "follower":
                 continue
-            leader = infos.get(follower.leader) if follower.leader else (
+            leader = infos.get(f["leader"]) if f["leader"] else (
                 leaders[0] if len(leaders) == 1 else None)
             if leader is None:
                 continue
-            overnight = {self.catalog.parse(s).family for s in follower.overnight} \
-                if follower.overnight else ()
-            families = leader.families.keys() | info.families.keys()
-            for family in sorted(families) if len(families) > 1 else families:
-                lead = leader.families.get(family)
-                foll = info.families.get(family)
-                cached = lead_views.get((leader.account.id, family))
+            overnight = {self.catalog.parse(s).family for s in f["overnight"]} \
+                if f["overnight"] else ()
+            ratio = f["ratio"]
+            lead_families, foll_families = leader.families, info.families
+            if not foll_families or foll_families.keys() == lead_families.keys():
+                families: Iterable[str] = sorted(lead_families)
+            elif not lead_families:
+                families = sorted(foll_families)
+            else:
+                families = sorted(lead_families.keys() | foll_families.keys())
+            for family in families:
+                lead = lead_families.get(family)
+                foll = foll_families.get(family)
+                cached = lead_views.get((leader.view.id, family))
                 if cached is None:
-                    cached = lead_views[(leader.account.id, family)] = (
+                    cached = lead_views[(leader.view.id, family)] = (
                         _position_view(lead, now, False),
                         f"{(lead.equiv > 0) - (lead.equiv < 0)}@{lead.opened_at.isoformat()}"
                         if lead and lead.opened_at else "",
                         _protective_stop(leader.account, family, self.catalog),
                     )
                 lead_view, trade, stop = cached
-                pair_key = f"{follower.id}|{leader.account.id}|{family}"
+                pair_key = f"{f['id']}|{leader.view.id}|{family}"
                 live_pairs.add(pair_key)
                 entry = self._entries.get(pair_key)
                 if entry is not None and entry[0] != trade:
                     del self._entries[pair_key]
                     entry = None
                 instrument = (lead or foll).instrument  # type: ignore[union-attr]
-                expected = (lead.equiv if lead else 0.0) * follower.ratio
+                expected = (lead.equiv if lead else 0.0) * ratio
                 env = Env()  # the hot path: _env() inlined
                 env.params, env.now, env.calendar = params, now, calendar
                 env.families = (family,)
@@ -510,7 +534,7 @@ class Engine:
                 env.leader_account = leader.view
                 env.leader = lead_view
                 env.follower = _position_view(foll, now, family in overnight)
-                env.pair = PairView(family, follower.ratio, expected,
+                env.pair = PairView(family, ratio, expected,
                                     entry[1] if entry else "")  # FIELDS["pair"] order
                 env.instrument = instrument_views.get(instrument.symbol) or \
                     self._instrument_view(instrument)

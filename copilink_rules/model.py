@@ -7,13 +7,44 @@ in a snapshot is an error, never a silently ignored value.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+
+@lru_cache(maxsize=4096)
+def _utc_from_text(text: str) -> datetime | str:
+    """An ISO 8601 time with an offset, in UTC; the text unchanged for pydantic to report."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is None:
+        return text
+    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+
+
+def _before_utc(value: object) -> object:
+    # A timeline repeats the same `opened_at` on thousands of lines: parse each text once.
+    return _utc_from_text(value) if isinstance(value, str) else value
+
+
+def _after_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+
 
 # Any UTC offset is accepted; times are kept in UTC with the standard library's tzinfo, which
 # the engine subtracts several times faster than pydantic's own.
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda moment: moment.astimezone(UTC))]
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_before_utc), AfterValidator(_after_utc)]
 
 Role = Literal["leader", "follower"]
 CopierState = Literal["active", "paused"]

@@ -27,6 +27,10 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *anchor`: merged keys may be overridden on purpose
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, dict | list):  # `{a: 1}: x` or `? [a, b]`: valid YAML, no key
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a single value, not a mapping or a list",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,

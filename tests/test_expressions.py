@@ -106,6 +106,8 @@ def test_expressions_evaluate_over_the_namespace(source: str, expected: object) 
         ("now_local >= '16:59'", "account", 'wrap times of day with time("HH:MM")'),
         ("account.id > 3", "account", "cannot compare a string with a number"),
         ('time("25:99") > now_local', "account", 'time() needs "HH:MM"'),
+        ('minutes_until("25:00") < 5', "account", 'minutes_until("HH:MM"): time() needs'),
+        ('time_between("09:30", "4pm")', "account", "got '4pm'"),
         ("account.id is None", "account", "'is' / 'is not' are not allowed"),
         ("~account.contracts", "account", "operator ~ is not allowed"),
         ("account.contracts << 2", "account", "operator LShift is not allowed"),

@@ -152,6 +152,11 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
          """, ["FILE:5: invalid YAML: duplicate key 'when' (first on line 4)"]),
         ("""
          ruleset: demo
+         params: {{flat_by: 1}: x}
+         rules: []
+         """, ["FILE:2: invalid YAML: a key must be a single value, not a mapping or a list"]),
+        ("""
+         ruleset: demo
          rules:
            - id: r1
              when: account.flat

@@ -41,7 +41,12 @@ ENV = "__cl_env"
 
 # --- the function library ------------------------------------------------------------------
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
 def _number(value: Any, what: str) -> float:
+    if value.__class__ in _NUMBER_TYPES:  # the common case, in one set lookup
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise EvaluationError(f"{what} needs a number, got {value!r}")
     return value
@@ -369,12 +374,18 @@ class _Checker:
             raise self.fail(node, f"{name}() needs an instrument: use it in scope pair")
         for arg in node.args:
             self.check(arg, depth + 1)
-        if name == "time" and isinstance(node.args[0], ast.Constant):
-            try:
-                _to_time(node.args[0].value)
-            except EvaluationError as exc:
-                raise self.fail(node, str(exc)) from None
+        if name in _TIME_ARGUMENTS:
+            for arg in node.args:
+                if isinstance(arg, ast.Constant):  # a literal time is checked here, at load
+                    try:
+                        _to_time(arg.value)
+                    except EvaluationError as exc:
+                        raise self.fail(node, f"{function.signature}: {exc}") from None
         return function.returns
+
+
+# Functions whose arguments are all times of day: literal ones are parsed once, at load.
+_TIME_ARGUMENTS = frozenset({"time", "minutes_until", "time_between"})
 
 
 _COMPATIBLE = {
@@ -440,10 +451,11 @@ class _Rewriter(ast.NodeTransformer):
         assert isinstance(node.func, ast.Name)
         name = node.func.id
         args = [self.visit(arg) for arg in node.args]
-        if name == "time" and isinstance(args[0], ast.Constant):
-            constant = f"__cl_k{next(_CONSTANT_NAMES)}"  # unique across batched conditions
-            self.constants[constant] = fn_time(args[0].value)  # checked at load
-            return ast.copy_location(ast.Name(id=constant, ctx=ast.Load()), node)
+        if name in _TIME_ARGUMENTS:  # fold literal times (params are literals by now)
+            args = [self._time_constant(arg) if isinstance(arg, ast.Constant) else arg
+                    for arg in args]
+            if name == "time" and isinstance(args[0], ast.Name):
+                return args[0]  # the folded time itself
         if LIBRARY[name].needs_env:
             args.insert(0, ast.Name(id=ENV, ctx=ast.Load()))
         return ast.copy_location(
@@ -451,6 +463,15 @@ class _Rewriter(ast.NodeTransformer):
                      keywords=[]),
             node,
         )
+
+
+    def _time_constant(self, node: ast.Constant) -> ast.expr:
+        constant = f"__cl_k{next(_CONSTANT_NAMES)}"  # unique across batched conditions
+        try:
+            self.constants[constant] = _to_time(node.value)
+        except EvaluationError:
+            return node  # a param of the wrong type: reported when the rule runs
+        return ast.copy_location(ast.Name(id=constant, ctx=ast.Load()), node)
 
 
 def parse_expression(source: object) -> ast.expr:
