@@ -108,6 +108,24 @@ def snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
             "accounts": accounts}
 
 
+def account_envs(policy: Policy, n_accounts: int = 40) -> list[Any]:
+    """What the account-scope conditions of `policy` see for n accounts at 16:30 New York
+    (near the flat-by deadline, so the time conditions are true for some)."""
+    from copilink_rules.engine import Engine  # noqa: PLC0415 - only the condition benchmarks
+    from copilink_rules.model import Snapshot  # noqa: PLC0415
+
+    engine = Engine(policy)
+    snapshot = Snapshot.model_validate(
+        snapshot_dict(n_accounts, T0 + timedelta(hours=7), random.Random(3)))
+    infos = engine._accounts(snapshot, snapshot.time)
+    targets = engine._account_targets(snapshot, infos, snapshot.time)
+    local = snapshot.time.astimezone(policy.rules[0].timezone)
+    for target in targets:
+        target.env.local, target.env.now_local, target.env.weekday = (
+            local, local.time(), local.weekday())
+    return [t.env for t in targets]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -13,18 +13,14 @@ hand-written Python (the floor), side by side (target: within 5x of hand-written
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import simpleeval
-from _workload import ACCOUNT_CONDITIONS, T0, load_bench_policy, snapshot_dict
+from _workload import ACCOUNT_CONDITIONS, account_envs, load_bench_policy
 
-from copilink_rules.engine import Engine
-from copilink_rules.model import Snapshot
 from copilink_rules.rules.expressions import LIBRARY, compile_batch
 
 HAND_WRITTEN = [
@@ -73,16 +69,7 @@ def main() -> None:
     assert len(HAND_WRITTEN) == len(ACCOUNT_CONDITIONS)
     with tempfile.TemporaryDirectory() as tmp:
         policy = load_bench_policy(Path(tmp))
-    engine = Engine(policy)
-    rng = random.Random(3)
-    snapshot = Snapshot.model_validate(snapshot_dict(40, T0 + timedelta(hours=7), rng))
-    infos = engine._accounts(snapshot, snapshot.time)
-    targets = engine._account_targets(snapshot, infos, snapshot.time)
-    local = snapshot.time.astimezone(policy.rules[0].timezone)
-    for target in targets:
-        target.env.local, target.env.now_local, target.env.weekday = (
-            local, local.time(), local.weekday())
-    envs = [t.env for t in targets]
+    envs = account_envs(policy)
     rules = [r for r in policy.rules if r.id.startswith("bench-account-")]
     compiled = [r.when.evaluate for r in rules]
     batch = compile_batch([r.when for r in rules], "bench")

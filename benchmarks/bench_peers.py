@@ -22,18 +22,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import random
 import tempfile
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from _workload import ACCOUNT_CONDITIONS, T0, load_bench_policy, snapshot_dict
+from _workload import ACCOUNT_CONDITIONS, account_envs, load_bench_policy
 from bench_conditions import HAND_WRITTEN, best_of
 
-from copilink_rules.engine import Engine
-from copilink_rules.model import Snapshot
 from copilink_rules.rules.expressions import compile_batch
 
 FLAT_BY_S, OPEN_S, FROM_S, TO_S = 16 * 3600 + 59 * 60, 9 * 3600 + 31 * 60, 16 * 3600, 18 * 3600
@@ -205,17 +201,7 @@ def main() -> None:
         assert len(table) == len(ACCOUNT_CONDITIONS)
     with tempfile.TemporaryDirectory() as tmp:
         policy = load_bench_policy(Path(tmp))
-    engine = Engine(policy)
-    rng = random.Random(3)
-    # 16:30 New York: near the flat-by deadline, so the time conditions are true for some
-    snapshot = Snapshot.model_validate(snapshot_dict(40, T0 + timedelta(hours=7), rng))
-    infos = engine._accounts(snapshot, snapshot.time)
-    targets = engine._account_targets(snapshot, infos, snapshot.time)
-    local = snapshot.time.astimezone(policy.rules[0].timezone)
-    for target in targets:
-        target.env.local, target.env.now_local, target.env.weekday = (
-            local, local.time(), local.weekday())
-    envs = [t.env for t in targets]
+    envs = account_envs(policy)
     batch = compile_batch([r.when for r in policy.rules if r.id.startswith("bench-account-")],
                           "bench")
     expected = [mask([bool(f(env)) for f in HAND_WRITTEN]) for env in envs]
@@ -247,7 +233,7 @@ def main() -> None:
             continue
         fn, inputs = run
         rounds = args.rounds if name in ("hand-written", "copilink-rules") else \
-            max(5, args.rounds // 20)
+            max(20, args.rounds // 20)
         seconds = best_of(fn, inputs, rounds)
         floor = floor or seconds
         print(f"  {name:<16} {seconds * 1e6:9.1f} us   {seconds / floor:7.1f}x hand-written   "
