@@ -757,9 +757,15 @@ class Engine:
             report = held.get((p.rule.id, p.target.key))
             if report is False:
                 continue  # already reported while this account is unreachable
-            if report and p.action in ORDER_ACTIONS and p.target.account is not None:
+            if report and p.target.account is not None:
                 why = infos[p.target.account.id].why_unreachable
-                p.suppressed = f"{why}: no orders until it is reachable again"
+                if p.action in ORDER_ACTIONS:
+                    p.suppressed = f"{why}: no orders until it is reachable again"
+                elif p.action == "alert":  # its message tells of an order that is not sent
+                    on_hold = f" [ON HOLD: {why}; the rule acts once it is reachable again]"
+                    p.reason += on_hold
+                    if "message" in p.args:
+                        p.args["message"] += on_hold
             kept.append(p)
         return kept
 

@@ -185,14 +185,21 @@ def test_orders_are_held_for_a_stale_account_and_sent_once_it_is_fresh(desync: E
 
     timeline = [state(0, -10), state(1, -10), state(2, -10), state(3, -10), state(4, 4),
                 state(5, 5)]
-    result = fired(desync, timeline)
+    decisions = [d for s in timeline for d in desync.evaluate(s)]
+    result = [((d.time - at(0)).total_seconds(), d.rule, d.action, d.suppressed)
+              for d in decisions]
     flattens = [(t, s) for t, rule, a, s in result if a == "flatten"]
     assert flattens == [(2.0, "account F1 data is stale (12.0s old): no orders until it is "
                               "reachable again"), (4.0, False)]
     assert (1.0, "account-unreachable", "pause_copier", False) in result
-    # the held flatten's alert is reported once, not on every tick while stale
-    assert [t for t, rule, a, _ in result if rule == "stuck-follower" and a == "alert"] == [2.0,
-                                                                                          4.0]
+    # the held flatten's alert is reported once, not on every tick while stale, and says the
+    # flatten it announces is on hold; once sent, the alert no longer says so
+    alerts = [(d.time, str(d.args["message"])) for d in decisions
+              if d.rule == "stuck-follower" and d.action == "alert"]
+    assert [(t - at(0)).total_seconds() for t, _ in alerts] == [2.0, 4.0]
+    assert alerts[0][1].endswith("flattening [ON HOLD: account F1 data is stale (12.0s old); "
+                                 "the rule acts once it is reachable again]")
+    assert alerts[1][1].endswith("flattening")
 
 
 def test_evaluation_errors_are_reported_once_and_never_count_as_false(
