@@ -118,6 +118,9 @@ class Enforcer:
 
     def __post_init__(self) -> None:
         self._follower_ids: list[str] = []
+        # while a tick's decisions are carried out, the broker's answers to them are told
+        # after them, so "flattening F1" reads before "broker rejected flatten"
+        self._told_later: list[Alert] | None = None
         self.use_policy(self.policy)
 
     def use_policy(self, policy: Policy) -> None:
@@ -168,12 +171,18 @@ class Enforcer:
         self._expire_locks(now)
         self._follow_up(snapshot, accounts, now)
         started = []
-        for decision in decisions:
-            if decision.suppressed is not False or decision.action == "error":
-                continue
-            action = self._carry_out(decision, snapshot, accounts, now)
-            if action is not None:
-                started.append(action)
+        self._told_later = []
+        try:
+            for decision in decisions:
+                if decision.suppressed is not False or decision.action == "error":
+                    continue
+                action = self._carry_out(decision, snapshot, accounts, now)
+                if action is not None:
+                    started.append(action)
+        finally:
+            later, self._told_later = self._told_later, None
+            for alert in later:
+                self.alerts.send(alert)
         return started
 
     def _expire_locks(self, now: datetime) -> None:
@@ -457,7 +466,8 @@ class Enforcer:
     def _decision_alert(self, decision: Decision, snapshot: Snapshot,
                         accounts: dict[str, Account], now: datetime) -> None:
         severity = str(decision.args.get("severity", decision.severity))
-        self._alert(now, severity, decision.reason, decision.account, decision.rule)
+        self._alert(now, severity, decision.reason, decision.account, decision.rule,
+                    at_once=True)
         if decision.args.get("incident"):
             own = accounts.get(decision.account or "")
             leader = own.leader if own is not None else None
@@ -469,6 +479,12 @@ class Enforcer:
                                   [f"{decision.rule}: {decision.reason}"])
 
     def _alert(self, now: datetime, severity: str, message: str, account: str | None,
-               rule: str | None = None) -> None:
+               rule: str | None = None, *, at_once: bool = False) -> None:
+        """Journal an alert and tell it (`at_once`: even while decisions are being
+        carried out)."""
         self.journal.alert(now, severity, account, message)
-        self.alerts.send(Alert(now, severity, message, account, rule))
+        alert = Alert(now, severity, message, account, rule)
+        if self._told_later is None or at_once:
+            self.alerts.send(alert)
+        else:
+            self._told_later.append(alert)

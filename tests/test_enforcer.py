@@ -69,6 +69,10 @@ def test_a_rejected_flatten_is_retried_with_backoff_until_it_works() -> None:
     # backoff: 1 s after the first rejection, 2 s after the second
     assert times == ["2026-03-02T14:30:10.000Z", "2026-03-02T14:30:11.000Z",
                      "2026-03-02T14:30:13.000Z"]
+    # the trader reads the rule's alert first, then what the broker answered to its order
+    told = [a.message for a in session.alerts.sent if a.account == "F2"]
+    assert "F2 still holds long 2" in told[0]
+    assert told[1].startswith("F2: broker rejected flatten")
 
 
 def test_a_broker_that_never_complies_escalates_and_pauses_every_follower() -> None:
