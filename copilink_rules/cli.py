@@ -372,7 +372,9 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     try:
         calendar = load_calendar(base / config.calendar) if config.calendar else None
         session = Session(broker, journal, alerts, rules, overrides, args.rules_path,
-                          dry_run=args.dry_run, kill_switch=kill, calendar=calendar)
+                          dry_run=args.dry_run, kill_switch=kill, calendar=calendar,
+                          contracts={a.id: a.instrument for a in config.accounts
+                                     if a.instrument})
         if calendar is None and uses_news(session.policy):
             stderr.write("warning: these rules use news_blackout() but the config names no "
                          "calendar: no news blackout will ever be in force\n")

@@ -32,7 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputError, Problem, RuleFileError
+from .errors import InputError, InstrumentError, Problem, RuleFileError
+from .instruments import default_catalog
 from .rules.loader import parse_duration
 from .snapshots import format_loc
 from .sources import YamlSyntaxError, load_yaml
@@ -116,6 +117,17 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
             problems.append(Problem(file, lines.line_of(list(loc)),
                                     f"{format_loc(loc)}: {message}"))
         raise RuleFileError(problems) from None
+    problems = []
+    for index, account in enumerate(config.accounts):
+        if account.instrument is None:
+            continue
+        try:
+            default_catalog().parse(account.instrument)
+        except InstrumentError as exc:
+            loc = ("accounts", index, "instrument")
+            problems.append(Problem(file, lines.line_of(list(loc)), f"{format_loc(loc)}: {exc}"))
+    if problems:
+        raise RuleFileError(problems)
     return config, Path(path).resolve().parent
 
 

@@ -112,6 +112,8 @@ class Enforcer:
     backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
     verify_after: float = 5.0
     on_command: Callable[[str, str, str], None] | None = None  # (kind, account, tag): hooks
+    # account -> the contract it trades, when not the leader's (MNQH6 to copy NQ as micros)
+    contracts: dict[str, str] = field(default_factory=dict)
     outstanding: dict[tuple[str, str], Action] = field(default_factory=dict)
     locks: dict[str, Lock] = field(default_factory=dict)
     escalated: list[Action] = field(default_factory=list)
@@ -301,6 +303,7 @@ class Enforcer:
                         decision.rule, dict(decision.args))
         account = accounts.get(decision.account)
         if kind == "catch_up":
+            self._in_own_contract(action)
             # an order that adds exposure is checked against the freshest data there is
             account, now_fresh = self._fresh_account(decision.account, account, now)
         refusal = self._refusal(action, account, now if kind != "catch_up" else now_fresh)
@@ -314,6 +317,19 @@ class Enforcer:
         self.outstanding[action.key] = action
         self._send(action, now)
         return action
+
+    def _in_own_contract(self, action: Action) -> None:
+        """A catch-up in the contract the follower trades: 2 NQ at ratio 1 is 20 MNQ for a
+        follower that copies NQ as micros, never 2 NQ."""
+        symbol = self.contracts.get(action.account)
+        if symbol is None or symbol == action.instrument or "equiv" not in action.args:
+            return
+        own = self.catalog.parse(symbol)
+        if own.family != action.family:
+            return  # it trades another family: the leader's contract it is
+        action.args["contract_of_leader"] = f"{action.args.get('qty')} {action.instrument}"
+        action.instrument = symbol
+        action.args["qty"] = round(float(action.args["equiv"]) / own.size)
 
     def _fresh_account(self, account_id: str, seen: Account | None,
                        now: datetime) -> tuple[Account | None, datetime]:

@@ -662,7 +662,8 @@ class Engine:
         if template is not None:
             args["message"] = template.render(target.env)
         if action == "catch_up":
-            args["qty"] = target.catch_up_qty
+            args["qty"] = target.catch_up_qty  # in the leader's contract
+            args["equiv"] = round(target.env.pair.expected_equiv, 6)  # in full-size contracts
             if target.stop_price is not None:
                 args["stop_price"] = target.stop_price
         message = args.get("message") if action == "alert" else None

@@ -241,3 +241,21 @@ def test_a_restart_picks_up_open_actions_from_the_journal() -> None:
     flattens = [c for c in commands(restarted) if c[0] == "flatten"]
     assert flattens[-1][2] == "confirmed"
     assert len([e for e in broker.log if e.get("kind") == "flatten"]) == 2  # 1 refused, 1 ok
+
+
+def test_a_catch_up_is_placed_in_the_contract_the_follower_trades() -> None:
+    # F2 copies the leader's NQ as micros (ratio 0.5): 2 NQ long is 10 MNQ for it
+    scenario = SimScenario(
+        followers=[SimFollower(id="F1"), SimFollower(id="F2", ratio=0.5, instrument="MNQH6")],
+        trades=[SimTrade(at=2, side="long", qty=2, hold=10)],
+        faults=[SimFault(kind="missed_entry", account="F2", trade=0)])
+    broker = SimBroker(scenario)
+    session = Session(broker, Journal(":memory:"), Alerts(), [DESYNC],
+                      before_tick=lambda: broker.advance(0.25), contracts={"F2": "MNQH6"})
+    session.start()
+    run_until(session, broker, 8)
+    (row,) = session.journal.commands()
+    assert (row.action, row.status, row.instrument, row.args["qty"]) == (
+        "catch_up", "confirmed", "MNQH6", 10)
+    assert row.args["contract_of_leader"] == "1 NQH6"
+    assert {s: p.qty for s, p in broker.accounts["F2"].positions.items()} == {"MNQH6": 10}

@@ -251,6 +251,11 @@ def test_run_rejects_an_unknown_broker_and_a_bad_config(tmp_path: Path) -> None:
     code, _, err = cli("run", "--config", str(config))
     assert code == 1
     assert err.strip() == f"{config}:3: journl: unknown field"
+    config.write_text("accounts:\n  - {id: L, role: leader}\n"
+                      "  - {id: F1, role: follower, instrument: MNQX}\n")
+    code, _, err = cli("run", "--config", str(config))
+    assert code == 1
+    assert err.startswith(f"{config}:3: accounts[1].instrument: unknown instrument 'MNQX'")
 
 
 CONFIG = """
