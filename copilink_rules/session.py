@@ -50,7 +50,8 @@ class Session:
     calendar: Calendar | None = None
     before_tick: Callable[[], None] | None = None  # e.g. advance the sim's clock
     on_command: Callable[[str, str, str], None] | None = None
-    contracts: dict[str, str] = field(default_factory=dict)  # account -> contract it trades
+    # account -> the contract it trades, over what the broker knows (copilink.yaml's wins)
+    contracts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.policy: Policy = load_policy(self.rules, self.overrides, self.rules_path)
@@ -58,7 +59,7 @@ class Session:
         self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
                                  dry_run=self.dry_run, kill_switch=self.kill_switch,
                                  catalog=self.catalog, on_command=self.on_command,
-                                 contracts=self.contracts)
+                                 contracts={**self.broker.contracts(), **self.contracts})
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0

@@ -243,7 +243,8 @@ def test_a_restart_picks_up_open_actions_from_the_journal() -> None:
     assert len([e for e in broker.log if e.get("kind") == "flatten"]) == 2  # 1 refused, 1 ok
 
 
-def test_a_catch_up_is_placed_in_the_contract_the_follower_trades() -> None:
+@pytest.mark.parametrize("told", [{}, {"F2": "MNQH6"}])  # by the broker, or by copilink.yaml
+def test_a_catch_up_is_placed_in_the_contract_the_follower_trades(told: dict[str, str]) -> None:
     # F2 copies the leader's NQ as micros (ratio 0.5): 2 NQ long is 10 MNQ for it
     scenario = SimScenario(
         followers=[SimFollower(id="F1"), SimFollower(id="F2", ratio=0.5, instrument="MNQH6")],
@@ -251,7 +252,7 @@ def test_a_catch_up_is_placed_in_the_contract_the_follower_trades() -> None:
         faults=[SimFault(kind="missed_entry", account="F2", trade=0)])
     broker = SimBroker(scenario)
     session = Session(broker, Journal(":memory:"), Alerts(), [DESYNC],
-                      before_tick=lambda: broker.advance(0.25), contracts={"F2": "MNQH6"})
+                      before_tick=lambda: broker.advance(0.25), contracts=told)
     session.start()
     run_until(session, broker, 8)
     (row,) = session.journal.commands()

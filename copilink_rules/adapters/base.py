@@ -63,6 +63,11 @@ class BrokerAdapter(Protocol):
     def find_tag(self, tag: str) -> BrokerAnswer | None:
         """What became of the command with `tag`, or None if the broker never received it."""
 
+    def contracts(self) -> dict[str, str]:
+        """Follower -> the contract the copier trades for it when not the leader's (MNQH6 for
+        a follower that copies NQ as micros), as far as the broker or copier knows; a
+        catch-up for that follower is placed in that contract."""
+
 
 AdapterFactory = Callable[[dict[str, Any]], BrokerAdapter]
 _REGISTRY: dict[str, AdapterFactory | None] = {

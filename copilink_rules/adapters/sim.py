@@ -498,6 +498,11 @@ class SimBroker:
     def resume_copier(self, follower: str, tag: str) -> BrokerAnswer:
         return self._copier(follower, tag, "active")
 
+    def contracts(self) -> dict[str, str]:
+        leader = self.accounts[self.scenario.leader].symbol
+        return {a.id: a.symbol for a in self.accounts.values()
+                if a.role == "follower" and a.symbol != leader}
+
     def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
         if self.current_trade is not None:
             self.skipping[follower] = self.current_trade
