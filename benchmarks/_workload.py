@@ -78,11 +78,14 @@ def load_bench_policy(tmp: Path) -> Policy:
 
 
 def snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
-                  leader_long: bool = True) -> dict[str, Any]:
-    """One leader and n-1 followers; most followers copy the leader, a few drift."""
+                  leader_long: bool = True, opened: datetime | None = None) -> dict[str, Any]:
+    """One leader and n-1 followers; most followers copy the leader, a few drift. The leader
+    entered at `opened` (default: 30 s before `moment`), the followers a second later. Money
+    is in cents, as brokers report it."""
     price = 18000.0 + rng.randint(-8, 8) * 0.25
+    opened = opened or moment - timedelta(seconds=30)
     lead_positions = ([{"instrument": "NQH6", "qty": 2, "avg_price": 18000.0,
-                        "opened_at": (moment - timedelta(seconds=30)).isoformat()}]
+                        "opened_at": opened.isoformat()}]
                       if leader_long else [])
     accounts: list[dict[str, Any]] = [{"id": "LEAD", "role": "leader", "firm": "apex",
                                        "balance": 50000.0, "positions": lead_positions}]
@@ -92,13 +95,14 @@ def snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
         if leader_long and kind != 3:
             positions.append({"instrument": "NQH6" if kind != 5 else "MNQH6",
                               "qty": 2 if kind != 5 else 20, "avg_price": 18000.25,
-                              "opened_at": (moment - timedelta(seconds=29)).isoformat()})
+                              "opened_at": (opened + timedelta(seconds=1)).isoformat()})
         if kind == 7:
             positions.append({"instrument": "ESH6", "qty": 1, "avg_price": 5000.0})
         accounts.append({
             "id": f"F{i:03d}", "role": "follower", "leader": "LEAD",
             "firm": ("apex", "topstep", "tradeify")[i % 3], "balance": 50000.0 + i,
-            "realized_pnl": rng.uniform(-300, 300), "unrealized_pnl": rng.uniform(-200, 200),
+            "realized_pnl": round(rng.uniform(-300, 300), 2),
+            "unrealized_pnl": round(rng.uniform(-200, 200), 2),
             "positions": positions,
         })
     return {"time": moment.isoformat(),

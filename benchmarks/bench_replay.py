@@ -36,8 +36,9 @@ def main() -> None:
             for i in range(args.snapshots):
                 moment = T0 + timedelta(milliseconds=250 * i)
                 in_trade = (i // 240) % 3 != 2
-                handle.write(json.dumps(snapshot_dict(args.accounts, moment, rng, in_trade),
-                                        separators=(",", ":")) + "\n")
+                opened = T0 + timedelta(milliseconds=250 * (i // 720 * 720))
+                handle.write(json.dumps(snapshot_dict(args.accounts, moment, rng, in_trade,
+                                                      opened), separators=(",", ":")) + "\n")
         size = path.stat().st_size
         print(f"generated {args.snapshots} snapshots x {args.accounts} accounts "
               f"({size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
