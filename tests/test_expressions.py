@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -255,3 +256,34 @@ def test_hostile_strings_only_ever_raise_our_own_errors(text: str, scope: str) -
     with contextlib.suppress(CopilinkError, ArithmeticError, TypeError, ValueError,
                              simpleeval.InvalidExpression):
         compiled.evaluate(env())
+
+
+@pytest.mark.parametrize("hour", [0, 3, 9, 15, 16, 17, 20, 23])
+@pytest.mark.parametrize("source", [
+    'time_between("09:30", "16:00")', 'time_between("18:00", "09:30")',
+    'minutes_until("16:59")', "ticks(quote.last, leader.avg_price)", "sign(account.pnl)",
+    "sign(leader.qty - 2)", 'time_between(params.flat_by, "18:00")',
+])
+def test_calls_specialised_at_load_give_what_the_checked_library_gives(hour: int,
+                                                                        source: str) -> None:
+    """Literal times and number-typed arguments skip the library's run-time checks; the
+    result is the same as calling the library function itself."""
+    values = {"max_contracts": 10, "flat_by": "16:59", "grace": 2.0}
+    fast = compile_expression(source, "pair", PARAMS, values=values)
+    assert "__cl_fn_" not in ast.unparse(fast.tree)  # really specialised
+    moment = datetime(2026, 3, 2, hour, 30, tzinfo=ZoneInfo("America/New_York"))
+    e = env(now=moment.astimezone(UTC), local=moment, now_local=moment.time())
+    call = ast.parse(source, mode="eval").body
+    assert isinstance(call, ast.Call)
+    assert isinstance(call.func, ast.Name)
+    function = LIBRARY[call.func.id]
+    args = [compile_expression(ast.unparse(a), "pair", PARAMS).evaluate(e) for a in call.args]
+    expected = function.impl(e, *args) if function.needs_env else function.impl(*args)
+    assert fast.evaluate(e) == expected
+
+
+def test_unchecked_arguments_still_get_the_library_s_checks() -> None:
+    with pytest.raises(EvaluationError, match=r"sign\(\) needs a number, got 'F1'"):
+        run("sign(account.id) == 1")
+    with pytest.raises(EvaluationError, match=r"sign\(\) needs a number, got False"):
+        run("sign(account.flat) == 0")

@@ -92,7 +92,10 @@ def fn_ticks(env: Env, a: Any, b: Any) -> float:
 
 def fn_minutes_until(env: Env, value: Any) -> float:
     """minutes_until("16:59") -> minutes from now to the next such local time (0 at it)."""
-    target = _to_time(value)
+    return _minutes_until(env, _to_time(value))
+
+
+def _minutes_until(env: Env, target: time) -> float:
     now = env.now_local  # counted on the local clock face, as a trader reads it
     seconds = (target.hour * 3600 + target.minute * 60 + target.second) - (
         now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
@@ -212,6 +215,9 @@ _GLOBALS_BASE: dict[str, Any] = {
     "__cl_add": simpleeval.safe_add,
     "__cl_mult": simpleeval.safe_mult,
     "__cl_pow": simpleeval.safe_power,
+    "__cl_abs": abs,
+    "__cl_sign": lambda number: (number > 0) - (number < 0),
+    "__cl_minutes_until": _minutes_until,
     **{f"__cl_fn_{name}": fn.impl for name, fn in LIBRARY.items()},
 }
 
@@ -234,6 +240,7 @@ class _Checker:
         self.params = params
         self.names: set[str] = set()
         self.numeric: set[int] = set()  # ids of BinOps whose operands are both numbers
+        self.types: dict[int, str] = {}  # id of each checked node -> its static type
 
     def fail(self, node: ast.AST, message: str) -> ExpressionError:
         col = getattr(node, "col_offset", None)
@@ -242,6 +249,11 @@ class _Checker:
 
     # Returns the static type of the node (one of namespace's type names, or ANY).
     def check(self, node: ast.AST, depth: int = 0) -> str:
+        kind = self._check(node, depth)
+        self.types[id(node)] = kind
+        return kind
+
+    def _check(self, node: ast.AST, depth: int) -> str:
         if depth > MAX_DEPTH:
             raise self.fail(node, f"expression is nested deeper than {MAX_DEPTH} levels")
         kind = type(node)
@@ -417,8 +429,10 @@ class _Rewriter(ast.NodeTransformer):
     `**` always goes through safe_power; `+` and `*` only where an operand may be a string.
     """
 
-    def __init__(self, numeric: set[int], params: dict[str, Any] | None) -> None:
+    def __init__(self, numeric: set[int], params: dict[str, Any] | None,
+                 types: dict[int, str] | None = None) -> None:
         self.numeric = numeric
+        self.types = types or {}
         self.params = params
         self.constants: dict[str, Any] = {}
 
@@ -450,12 +464,16 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         assert isinstance(node.func, ast.Name)
         name = node.func.id
+        numbers = all(self.types.get(id(arg)) == NUM for arg in node.args)
         args = [self.visit(arg) for arg in node.args]
         if name in _TIME_ARGUMENTS:  # fold literal times (params are literals by now)
             args = [self._time_constant(arg) if isinstance(arg, ast.Constant) else arg
                     for arg in args]
             if name == "time" and isinstance(args[0], ast.Name):
                 return args[0]  # the folded time itself
+        fast = self._fast_call(name, args, numbers)
+        if fast is not None:
+            return ast.copy_location(fast, node)
         if LIBRARY[name].needs_env:
             args.insert(0, ast.Name(id=ENV, ctx=ast.Load()))
         return ast.copy_location(
@@ -464,6 +482,39 @@ class _Rewriter(ast.NodeTransformer):
             node,
         )
 
+
+    def _fast_call(self, name: str, args: list[ast.expr], numbers: bool) -> ast.expr | None:
+        """The same result without the library's run-time argument checks, where the checker
+        proved them needless: arguments that are numbers (namespace fields, literals, and
+        arithmetic of them) or times folded at load."""
+        env = ast.Name(id=ENV, ctx=ast.Load())
+        if name == "ticks" and numbers:  # abs(a - b) / instrument.tick_size
+            return ast.BinOp(
+                left=ast.Call(func=ast.Name(id="__cl_abs", ctx=ast.Load()),
+                              args=[ast.BinOp(left=args[0], op=ast.Sub(), right=args[1])],
+                              keywords=[]),
+                op=ast.Div(),
+                right=ast.Attribute(value=ast.Attribute(value=env, attr="instrument",
+                                                        ctx=ast.Load()),
+                                    attr="tick_size", ctx=ast.Load()))
+        if name == "sign" and numbers:
+            return ast.Call(func=ast.Name(id="__cl_sign", ctx=ast.Load()), args=args,
+                            keywords=[])
+        folded = [self.constants.get(a.id) if isinstance(a, ast.Name) else None for a in args]
+        if not all(isinstance(t, time) for t in folded):
+            return None
+        if name == "minutes_until":
+            return ast.Call(func=ast.Name(id="__cl_minutes_until", ctx=ast.Load()),
+                            args=[env, args[0]], keywords=[])
+        if name == "time_between":  # lo <= now < hi, or around midnight
+            now = ast.Attribute(value=env, attr="now_local", ctx=ast.Load())
+            lo, hi = args
+            if folded[0] <= folded[1]:  # type: ignore[operator]
+                return ast.Compare(left=lo, ops=[ast.LtE(), ast.Lt()], comparators=[now, hi])
+            return ast.BoolOp(op=ast.Or(), values=[
+                ast.Compare(left=now, ops=[ast.GtE()], comparators=[lo]),
+                ast.Compare(left=now, ops=[ast.Lt()], comparators=[hi])])
+        return None
 
     def _time_constant(self, node: ast.Constant) -> ast.expr:
         constant = f"__cl_k{next(_CONSTANT_NAMES)}"  # unique across batched conditions
@@ -533,7 +584,7 @@ def compile_expression(
     checker = _Checker(scope, params)
     try:
         kind = checker.check(body)
-        rewriter = _Rewriter(checker.numeric, values)
+        rewriter = _Rewriter(checker.numeric, values, checker.types)
         rewritten = rewriter.visit(body)
     except RecursionError:
         raise ExpressionError("the expression is nested too deeply") from None
