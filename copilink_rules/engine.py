@@ -168,9 +168,16 @@ def _groups(rules: list[CompiledRule]) -> list[_Group]:
 class _AccountInfo:
     account: Account
     view: AccountView
-    families: dict[str, _Family] = field(default_factory=dict)
-    reachable: bool = True
-    why_unreachable: str = ""
+    families: dict[str, _Family]
+
+    @property
+    def why_unreachable(self) -> str:
+        view = self.view
+        if view.reachable:
+            return ""
+        if not view.connected:
+            return f"account {view.id} is disconnected"
+        return f"account {view.id} data is stale ({view.data_age:.1f}s old)"
 
 
 class Engine:
@@ -336,7 +343,7 @@ class Engine:
         seen_keys: set[str] = set()
         parse = self.catalog.parse
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
-        stale_after, locks = self.stale_after, self._locks
+        stale_after, locks, metrics_of = self.stale_after, self._locks, self._metrics
         for account in snapshot.accounts:
             # Hot path: read fields from the model's __dict__, several times faster than
             # attribute access on a pydantic model (whose class defines __getattr__).
@@ -391,7 +398,12 @@ class Engine:
             day = days.get(firm)
             if day is None:
                 day = days[firm] = self._trading_day(firm, now)
-            metrics = self._update_metrics(account, equity, day)
+            metrics = metrics_of.get(account_id)
+            if metrics is None or metrics.day != day or a["size"] is not None:
+                metrics = self._update_metrics(account, equity, day)
+            else:  # the common case of _update_metrics, inline: this runs every tick
+                metrics.peak = max(metrics.peak, equity)
+                metrics.last_equity = equity
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
             lock = locks.get(account_id)
@@ -408,10 +420,7 @@ class Engine:
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
                 False, "", lock.state if lock else "", lock is not None,
             )
-            why = "" if reachable else (
-                f"account {account_id} is disconnected" if not connected
-                else f"account {account_id} data is stale ({age:.1f}s old)")
-            infos[account_id] = _AccountInfo(account, view, families, reachable, why)
+            infos[account_id] = _AccountInfo(account, view, families)
         if len(seen_keys) != len(self._first_seen):
             for key in [k for k in self._first_seen if k not in seen_keys]:
                 del self._first_seen[key]
@@ -745,7 +754,8 @@ class Engine:
         held: dict[tuple[str, str], bool] = {}  # (rule, target) -> report (False: repeat)
         for p in proposals:
             account = p.target.account
-            if p.action not in ORDER_ACTIONS or account is None or infos[account.id].reachable:
+            if p.action not in ORDER_ACTIONS or account is None or \
+                    infos[account.id].view.reachable:
                 continue
             group = (p.rule.id, p.target.key)
             if group not in held:
