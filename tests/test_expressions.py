@@ -287,3 +287,8 @@ def test_unchecked_arguments_still_get_the_library_s_checks() -> None:
         run("sign(account.id) == 1")
     with pytest.raises(EvaluationError, match=r"sign\(\) needs a number, got False"):
         run("sign(account.flat) == 0")
+    # tier() and max() are numbers only when what they choose from is
+    with pytest.raises(EvaluationError, match=r"sign\(\) needs a number, got True"):
+        run("sign(tier(account.size, 25000, True, False)) == 1")
+    with pytest.raises(EvaluationError, match=r"ticks\(\) needs a number, got 'F1'"):
+        run("ticks(max(account.id, 'A'), 1) > 0")

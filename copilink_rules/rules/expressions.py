@@ -384,8 +384,7 @@ class _Checker:
         needed = ENV_FUNCTIONS_NEED.get(name)
         if needed and self.scope not in NAMES[needed][1]:
             raise self.fail(node, f"{name}() needs an instrument: use it in scope pair")
-        for arg in node.args:
-            self.check(arg, depth + 1)
+        kinds = [self.check(arg, depth + 1) for arg in node.args]
         if name in _TIME_ARGUMENTS:
             for arg in node.args:
                 if isinstance(arg, ast.Constant):  # a literal time is checked here, at load
@@ -393,6 +392,11 @@ class _Checker:
                         _to_time(arg.value)
                     except EvaluationError as exc:
                         raise self.fail(node, f"{function.signature}: {exc}") from None
+        # a result is only known to be a number when what it is made of is
+        if name in ("min", "max") and any(k != NUM for k in kinds):
+            return ANY
+        if name == "tier" and any(k != NUM for k in kinds[2::2] + kinds[-1:]):
+            return ANY
         return function.returns
 
 
@@ -481,7 +485,6 @@ class _Rewriter(ast.NodeTransformer):
                      keywords=[]),
             node,
         )
-
 
     def _fast_call(self, name: str, args: list[ast.expr], numbers: bool) -> ast.expr | None:
         """The same result without the library's run-time argument checks, where the checker
