@@ -19,6 +19,7 @@ Semantics (SPEC section 3):
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -344,6 +345,7 @@ class Engine:
         parse = self.catalog.parse
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, locks, metrics_of = self.stale_after, self._locks, self._metrics
+        at_firm = Counter(a.firm for a in snapshot.accounts)
         for account in snapshot.accounts:
             # Hot path: read fields from the model's __dict__, several times faster than
             # attribute access on a pydantic model (whose class defines __getattr__).
@@ -419,6 +421,7 @@ class Engine:
                 total, max(metrics.best_day, day_pnl),
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
                 False, "", lock.state if lock else "", lock is not None,
+                at_firm[firm] if firm else 0,
             )
             infos[account_id] = _AccountInfo(account, view, families)
         if len(seen_keys) != len(self._first_seen):

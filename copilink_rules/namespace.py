@@ -57,6 +57,8 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "hedged_with": (STR, "those accounts, comma-separated"),
         "lock": (STR, '"", "halted" or "reducing": the account\'s lock'),
         "locked": (BOOL, "the account has a lock"),
+        "firm_accounts": (NUM, "accounts in this snapshot at the account's firm, itself "
+                               "included (0 when its firm is not given)"),
     },
     "position": {
         "qty": (NUM, "signed contracts (+ long, - short) in this family"),

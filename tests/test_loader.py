@@ -128,7 +128,7 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
                "balance, realized_pnl, unrealized_pnl, pnl, flat, contracts, positions, "
                "working_orders, undeclared_positions, size, equity, day_pnl, peak, peak_eod, "
                "total_profit, best_day, day_share, trading_day, minis, micros, hedged, "
-               "hedged_with, lock, locked (at column 1)"]),
+               "hedged_with, lock, locked, firm_accounts (at column 1)"]),
         ("""
          ruleset: demo
          rules:
