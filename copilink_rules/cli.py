@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -250,13 +251,43 @@ def cmd_replay(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     printer.header(f"replay of {args.timeline} with rules {policy.name} "
                    f"(version {policy.version}); nothing is sent.")
     count = 0
+    progress = _Progress(stderr)
     for snapshot in iter_timeline(args.timeline, catalog):
         count += 1
         printer.write(engine.evaluate(snapshot))
+        if count % 500 == 0:
+            progress.show(f"replaying: {count:,} snapshots, at {snapshot.time:%Y-%m-%d %H:%M:%S}Z")
+    progress.done()
     printer.summary(_summary(printer, count))
     if args.save_state:
         Path(args.save_state).write_text(engine.save_state_json(), encoding="utf-8")
     return EXIT_OK
+
+
+class _Progress:
+    """A one-line progress report on a terminal's stderr, for a long replay (at most one
+    update a second; nothing when stderr is not a terminal, so pipes and files stay clean)."""
+
+    every = 1.0  # seconds between updates
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.on = stream.isatty()
+        self.shown = False
+        self.last = time.monotonic()
+
+    def show(self, text: str) -> None:
+        if not self.on or time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        self.stream.write(f"\r{text}\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def cmd_check(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

@@ -8,10 +8,12 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from copilink_rules import cli as cli_module
 from copilink_rules.cli import run
 from copilink_rules.rules.spec import ruleset_json_schema_text
 
@@ -202,3 +204,27 @@ def test_installed_command_runs_as_a_module() -> None:
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["action"] for line in result.stdout.splitlines()] == [
         "flatten", "alert"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_replay_shows_progress_on_a_terminal_only(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    timeline = tmp_path / "long.jsonl"
+    start = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+    timeline.write_text("".join(
+        json.dumps({"time": (start + timedelta(seconds=i)).isoformat(),
+                    "accounts": [{"id": "LEAD", "role": "leader"}]}) + "\n"
+        for i in range(1000)))
+    monkeypatch.setattr(cli_module._Progress, "every", 0.0)
+    out, err = io.StringIO(), _Terminal()
+    assert run(["replay", "--rules", DESYNC, str(timeline)], out, err) == 0
+    assert "\rreplaying: 500 snapshots, at 2026-03-02 14:38:19Z" in err.getvalue()
+    assert "\rreplaying: 1,000 snapshots, at 2026-03-02 14:46:39Z" in err.getvalue()
+    assert err.getvalue().endswith("\r\x1b[K")  # the line is cleared at the end
+    assert "replaying" not in out.getvalue()
+    code, _, plain_err = cli("replay", "--rules", DESYNC, str(timeline))
+    assert (code, plain_err) == (0, "")
