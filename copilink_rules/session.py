@@ -59,12 +59,21 @@ class Session:
         self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
                                  dry_run=self.dry_run, kill_switch=self.kill_switch,
                                  catalog=self.catalog, on_command=self.on_command,
-                                 contracts={**self.broker.contracts(), **self.contracts})
+                                 contracts={**self._broker_contracts(), **self.contracts})
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0
         self._tick_lock = threading.Lock()
         self._mtimes = self._rule_mtimes()
+
+    def _broker_contracts(self) -> dict[str, str]:
+        try:
+            return dict(self.broker.contracts())
+        except Exception as exc:  # noqa: BLE001 - without them, copilink.yaml's contracts do
+            log.warning("the broker could not say which contract each follower trades (%s); "
+                        "catch-ups use copilink.yaml's accounts[].instrument, else the "
+                        "leader's contract", exc)
+            return {}
 
     def start(self) -> list[str]:
         """Continue from the journal, if it holds a previous run. Returns notes."""
