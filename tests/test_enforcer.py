@@ -260,3 +260,16 @@ def test_a_catch_up_is_placed_in_the_contract_the_follower_trades(told: dict[str
         "catch_up", "confirmed", "MNQH6", 10)
     assert row.args["contract_of_leader"] == "1 NQH6"
     assert {s: p.qty for s, p in broker.accounts["F2"].positions.items()} == {"MNQH6": 10}
+
+
+def test_a_broker_that_cannot_list_contracts_leaves_copilink_yaml_s(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Silent(SimBroker):
+        def contracts(self) -> dict[str, str]:
+            raise ConnectionError("copier settings unavailable")
+
+    broker = Silent(SimScenario(followers=[SimFollower(id="F1", instrument="MNQH6")]))
+    session = Session(broker, Journal(":memory:"), Alerts(), [DESYNC],
+                      contracts={"F1": "MNQH6"})
+    assert session.enforcer.contracts == {"F1": "MNQH6"}
+    assert "could not say which contract each follower trades" in caplog.text
