@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import re
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
@@ -17,6 +18,7 @@ from copilink_rules.errors import CopilinkError, EvaluationError, ExpressionErro
 from copilink_rules.namespace import (
     FIELDS,
     FLAT_FIELDS,
+    NAMES,
     AccountsView,
     AccountView,
     Env,
@@ -27,6 +29,8 @@ from copilink_rules.namespace import (
     QuoteView,
 )
 from copilink_rules.rules.expressions import LIBRARY, compile_expression
+
+from .conftest import REPO
 
 PARAMS = {"max_contracts": "number", "flat_by": "string", "grace": "number"}
 
@@ -292,3 +296,15 @@ def test_unchecked_arguments_still_get_the_library_s_checks() -> None:
         run("sign(tier(account.size, 25000, True, False)) == 1")
     with pytest.raises(EvaluationError, match=r"ticks\(\) needs a number, got 'F1'"):
         run("ticks(max(account.id, 'A'), 1) > 0")
+
+
+def test_the_readme_documents_every_name_field_and_function() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("| `params.NAME` |"):readme.index("### How rules fire")]
+    words = set(re.findall(r"[a-z_]+", section))
+    missing = [f"{kind}.{name}" for kind in ("account", "position", "pair", "instrument",
+                                             "quote", "accounts")
+               for name in FIELDS[kind] if name not in words]
+    missing += [f"{name}()" for name in LIBRARY if f"`{name}(" not in section]
+    missing += [name for name in NAMES if name not in words]
+    assert missing == []
