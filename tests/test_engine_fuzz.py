@@ -1,6 +1,7 @@
 """Whatever the accounts look like, evaluating every shipped rule never raises: a rule that
 cannot be evaluated is an `error` decision for that rule and account, and the engine's state
-still saves and restores."""
+still saves and restores. The pre-trade gate answers any order on them with a well-formed
+verdict."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from copilink_rules.calendar import load_calendar
 from copilink_rules.engine import Engine
+from copilink_rules.gate import Gate, OrderRequest
 from copilink_rules.model import ACTIONS, Snapshot
 from copilink_rules.rules import load_policy
 
@@ -83,3 +85,36 @@ def test_any_accounts_give_decisions_never_an_exception(
         restored = Engine(POLICY, calendar=CALENDAR)
         assert restored.restore_state(json.loads(engine.save_state_json())) == []
         assert restored.save_state() == engine.save_state()
+
+
+GATE = Gate(POLICY, calendar=CALENDAR)
+orders = st.builds(OrderRequest, account=st.sampled_from(["LEAD", "F0", "F1", "F3", "NOPE"]),
+                   instrument=st.sampled_from(SYMBOLS), side=st.sampled_from(["buy", "sell"]),
+                   qty=st.integers(1, 80), leader_price=price)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moment=st.sampled_from(STARTS), lead=leader,
+       followers=st.lists(follower, min_size=1, max_size=4),
+       quotes=st.dictionaries(st.sampled_from(SYMBOLS[:5]), quote),
+       batch=st.lists(orders, min_size=1, max_size=10))
+def test_the_gate_answers_any_order_on_any_accounts(
+        moment: datetime, lead: dict[str, Any], followers: list[dict[str, Any]],
+        quotes: dict[str, Any], batch: list[OrderRequest]) -> None:
+    snapshot = _snapshot(moment, lead, followers, quotes)
+    engine = Engine(POLICY, calendar=CALENDAR)
+    engine.evaluate(snapshot, as_if_held=True)
+    GATE.update(snapshot, engine.locks)
+    for request in batch:
+        answer = GATE.check(request)
+        if answer.verdict == "allow":
+            assert answer.qty == request.qty
+        elif answer.verdict == "reduce":
+            assert 0 < answer.qty < request.qty
+            assert answer.reasons
+        else:
+            assert answer.verdict == "block"
+            assert answer.qty == 0
+            assert answer.reasons
+        if engine.locks.get(request.account, ("",))[0] == "halted":
+            assert answer.verdict != "reduce"
