@@ -113,16 +113,38 @@ def load_calendar(path: str | Path, catalog: Catalog | None = None) -> Calendar:
     return Calendar(events, catalog)
 
 
+CSV_HEADER = ("time", "name", "impact", "instruments")
+
+
 def _csv_events(text: str, file: str) -> list[NewsEvent]:
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or set(reader.fieldnames) != {"time", "name", "impact",
-                                                               "instruments"}:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except csv.Error as exc:
+        raise SnapshotError([Problem(file, 1, f"not valid CSV: {exc}")]) from None
+    if sorted(header) != sorted(CSV_HEADER):
         raise SnapshotError([Problem(file, 1, "the header must be: time,name,impact,"
                                               "instruments")])
     events, problems = [], []
-    for number, row in enumerate(reader, start=2):
-        raw = {**row, "instruments": tuple(
-            i for i in row["instruments"].replace(";", " ").split() if i) or ("all",)}
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            problems.append(Problem(file, reader.line_num, f"not valid CSV: {exc}"))
+            break
+        if row is None:
+            break
+        number = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        if len(row) != len(header):
+            problems.append(Problem(file, number, f"expected {len(header)} fields "
+                                    f"({','.join(header)}), found {len(row)} (separate "
+                                    "instruments with spaces or ;, not commas)"))
+            continue
+        raw: dict[str, object] = dict(zip(header, row, strict=True))
+        raw["instruments"] = tuple(
+            i for i in str(raw["instruments"]).replace(";", " ").split() if i) or ("all",)
         try:
             events.append(NewsEvent.model_validate(raw))
         except ValidationError as exc:
