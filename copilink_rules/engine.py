@@ -23,13 +23,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .calendar import Calendar
 from .errors import EvaluationError, StateError
 from .instruments import Catalog, Instrument, default_catalog
-from .model import ORDER_ACTIONS, Account, Decision, Snapshot
+from .model import ORDER_ACTIONS, Account, Decision, Snapshot, UtcDatetime
 from .namespace import (
     FLAT_FIELDS,
     AccountsView,
@@ -45,6 +47,48 @@ from .rules.expressions import compile_batch
 from .rules.loader import CompiledRule, Policy, TradingDay
 
 STATE_VERSION = 1
+
+
+class _Saved(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _SavedRuleState(_Saved):
+    since: UtcDatetime
+    fired: bool
+    held: bool = False
+
+
+class _SavedMetrics(_Saved):
+    day: str
+    day_start: float
+    peak: float
+    peak_eod: float
+    best_day: float
+    last_equity: float
+    size: float
+
+
+class _SavedLock(_Saved):
+    state: Literal["halted", "reducing"]
+    until: UtcDatetime
+    rule: str
+    reason: str
+
+
+class _SavedState(_Saved):
+    """What `Engine.save_state` writes, checked field by field before the engine trusts it."""
+
+    version: int
+    policy_version: str | None = None
+    time: UtcDatetime | None = None
+    rules: dict[str, dict[str, _SavedRuleState]] = Field(default_factory=dict)
+    last_fired: dict[str, dict[str, UtcDatetime]] = Field(default_factory=dict)
+    entries: dict[str, tuple[str, Literal["flatten", "skip_entry", "catch_up"]]] = Field(
+        default_factory=dict)
+    first_seen: dict[str, tuple[int, UtcDatetime]] = Field(default_factory=dict)
+    metrics: dict[str, _SavedMetrics] = Field(default_factory=dict)
+    locks: dict[str, _SavedLock] = Field(default_factory=dict)
 DEFAULT_STALE_AFTER = 5.0
 
 DEFAULT_SEVERITY = {
@@ -305,36 +349,32 @@ class Engine:
         if not isinstance(version, int) or version > STATE_VERSION:
             raise StateError(f"saved engine state has version {version!r}; this copilink-rules "
                              f"reads version {STATE_VERSION} or older: upgrade copilink-rules")
-        notes = []
-        if data.get("policy_version") not in (None, self.policy.version):
-            notes.append(f"the rules changed since the state was saved (was "
-                         f"{data.get('policy_version')}, now {self.policy.version}); timers of "
-                         "rules that still exist are kept")
         try:
-            moment = data.get("time")
-            self.last_time = datetime.fromisoformat(moment) if moment else None
-            for rule, states in data.get("rules", {}).items():
-                if rule not in self._states:
-                    notes.append(f"dropped the timers of rule {rule!r}, which no longer exists")
-                    continue
-                self._states[rule] = {
-                    t: _RuleState(datetime.fromisoformat(s["since"]), bool(s["fired"]),
-                                  bool(s.get("held", False)))
-                    for t, s in states.items()
-                }
-            for rule, fired in data.get("last_fired", {}).items():
-                if rule in self._last_fired:
-                    self._last_fired[rule] = {t: datetime.fromisoformat(m)
-                                              for t, m in fired.items()}
-            self._entries = {p: (str(e[0]), str(e[1])) for p, e in data.get("entries", {}).items()}
-            self._first_seen = {k: (int(v[0]), datetime.fromisoformat(v[1]))
-                                for k, v in data.get("first_seen", {}).items()}
-            self._metrics = {a: _Metrics(**m) for a, m in data.get("metrics", {}).items()}
-            self._locks = {a: _Lock(lock["state"], datetime.fromisoformat(lock["until"]),
-                                    lock["rule"], lock["reason"])
-                           for a, lock in data.get("locks", {}).items()}
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise StateError(f"saved engine state is damaged: {exc!r}") from None
+            saved = _SavedState.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise StateError(f"saved engine state is damaged: {where}: {first['msg']}") from None
+        notes = []
+        if saved.policy_version not in (None, self.policy.version):
+            notes.append(f"the rules changed since the state was saved (was "
+                         f"{saved.policy_version}, now {self.policy.version}); timers of "
+                         "rules that still exist are kept")
+        self.last_time = saved.time
+        for rule, states in saved.rules.items():
+            if rule not in self._states:
+                notes.append(f"dropped the timers of rule {rule!r}, which no longer exists")
+                continue
+            self._states[rule] = {t: _RuleState(s.since, s.fired, s.held)
+                                  for t, s in states.items()}
+        for rule, fired in saved.last_fired.items():
+            if rule in self._last_fired:
+                self._last_fired[rule] = dict(fired)
+        self._entries = dict(saved.entries)
+        self._first_seen = dict(saved.first_seen)
+        self._metrics = {a: _Metrics(**m.model_dump()) for a, m in saved.metrics.items()}
+        self._locks = {a: _Lock(lock.state, lock.until, lock.rule, lock.reason)
+                       for a, lock in saved.locks.items()}
         return notes
 
     # --- building what expressions see ------------------------------------------------------

@@ -351,8 +351,13 @@ def test_saved_state_resumes_exactly_where_it_stopped(desync: Engine) -> None:
 def test_state_from_a_newer_version_or_damaged_is_refused(desync: Engine) -> None:
     with pytest.raises(StateError, match="version 2; this copilink-rules reads version 1"):
         desync.restore_state({"version": 2})
-    with pytest.raises(StateError, match="damaged"):
+    with pytest.raises(StateError, match=r"damaged: rules\.stuck-follower\.x\.since: Field "
+                       "required"):
         desync.restore_state({"version": 1, "rules": {"stuck-follower": {"x": {}}}})
+    with pytest.raises(StateError, match=r"damaged: locks\.F1\.until: Input should have "
+                       "timezone info"):
+        desync.restore_state({"version": 1, "locks": {"F1": {
+            "state": "halted", "until": "2026-03-02T18:00:00", "rule": "r", "reason": "x"}}})
     notes = Engine(desync.policy).restore_state(
         {"version": 1, "policy_version": "old", "rules": {"gone": {}}})
     assert any("the rules changed" in n for n in notes)
