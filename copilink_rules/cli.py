@@ -465,7 +465,7 @@ def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 def cmd_incidents(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if not Path(args.db).exists():
         raise StateError(f"{args.db}: no such journal")
-    journal = Journal(args.db)
+    journal = Journal(args.db, read_only=True)
     try:
         stdout.write(render_incidents(collect(journal, args.since), args.format, args.db))
     finally:

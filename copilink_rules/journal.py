@@ -79,19 +79,37 @@ class CommandRow:
 class Journal:
     """One SQLite file. Safe to use from the scheduler's threads (one connection, a lock)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """Open (or create) the journal at `path`; `read_only` opens an existing one for
+        reports and never writes to it. Another program's SQLite file is refused."""
         self.path = str(path)
+        self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            if read_only:
+                uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                           isolation_level=None)
+            else:
+                self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                           isolation_level=None)
+            tables = {row[0] for row in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if (tables or read_only) and "meta" not in tables:
+                self._db.close()
+                raise StateError(f"{self.path} is not a copilink-rules journal (a SQLite file "
+                                 "without its tables): name another journal file")
+            if not read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            version = self._meta("schema_version")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: cannot open the journal: {exc}") from None
-        self._lock = threading.RLock()
-        version = self._meta("schema_version")
-        if version is None:
+        if version is None and not read_only:
             self._set_meta("schema_version", str(SCHEMA_VERSION))
+        elif version is None or not version.isdigit():
+            raise StateError(f"{self.path}: the journal has no valid schema version "
+                             f"({version!r}): not a copilink-rules journal")
         elif int(version) > SCHEMA_VERSION:
             raise StateError(f"{self.path}: journal schema version {version} was written by a "
                              f"newer copilink-rules (this one reads {SCHEMA_VERSION}); upgrade")

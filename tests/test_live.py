@@ -234,6 +234,28 @@ def test_incidents_of_a_missing_journal_is_a_clear_error(tmp_path: Path) -> None
     assert "no such journal" in err
 
 
+def test_another_program_s_sqlite_file_is_never_taken_for_a_journal(tmp_path: Path) -> None:
+    other = tmp_path / "prices.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE prices (symbol TEXT, price REAL)")
+    before = other.read_bytes()
+    code, _, err = cli("incidents", "--db", str(other))
+    assert code == 1
+    assert err.strip() == f"{other} is not a copilink-rules journal (a SQLite file without " \
+        "its tables): name another journal file"
+    with pytest.raises(StateError, match="not a copilink-rules journal"):
+        Journal(other)  # nor as the journal of a run
+    assert other.read_bytes() == before  # untouched
+    # a real journal is read without being written to, even while a session holds it open
+    live = Journal(tmp_path / "live.db")
+    live.incident(datetime(2026, 3, 2, 14, 30, tzinfo=UTC), "F1", "NQH6", "opposite-position",
+                  "critical", "F1 against LEAD", {}, [])
+    code, out, _ = cli("incidents", "--db", str(tmp_path / "live.db"), "--format", "json")
+    assert code == 0
+    assert [i["summary"] for i in json.loads(out)] == ["F1 against LEAD"]
+    live.close()
+
+
 def test_kill_command_creates_and_releases_the_kill_file(tmp_path: Path) -> None:
     kill = tmp_path / "copilink.kill"
     assert cli("kill", "--file", str(kill))[0] == 0
