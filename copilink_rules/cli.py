@@ -31,7 +31,7 @@ from .calendar import load_calendar
 from .config import RunConfig, load_config, sim_settings
 from .enforcer import KillSwitch
 from .engine import Engine
-from .errors import CopilinkError, ParamError, RuleFileError, StateError
+from .errors import CopilinkError, InstrumentError, ParamError, RuleFileError, StateError
 from .gate import Gate, OrderRequest
 from .incidents import collect
 from .incidents import render as render_incidents
@@ -338,7 +338,10 @@ def cmd_gate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "order"
         raise ParamError(f"--order: {where}: {first['msg']}") from None
-    catalog.parse(order.instrument)
+    try:
+        catalog.parse(order.instrument)
+    except InstrumentError as exc:
+        raise ParamError(f"--order: instrument: {exc}") from None
     snapshot = load_snapshot(args.state, catalog)
     engine = _engine(args, policy, catalog, stderr)
     if args.load_state:

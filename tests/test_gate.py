@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import pytest
 
 from copilink_rules.calendar import Calendar, NewsEvent
+from copilink_rules.cli import run
 from copilink_rules.engine import Engine
 from copilink_rules.gate import Gate, OrderRequest
 from copilink_rules.rules import load_policy
@@ -132,3 +135,37 @@ def test_a_late_entry_beyond_the_slippage_threshold_is_blocked(price: float,
 def test_unknown_accounts_are_blocked() -> None:
     gate = gate_for(LEAD)
     assert gate.check(order(account="NOPE")).reasons == ("unknown account 'NOPE'",)
+
+
+def test_the_gate_command_answers_in_table_and_jsonl(tmp_path: Path) -> None:
+    state = str(REPO / "examples" / "missed-entry.json")
+    rules = str(FIRMS / "apex.yaml")
+
+    def gate_cli(*extra: str, order: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["gate", "--rules", rules, "--state", state, "--order", order, *extra],
+                   out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    buy = '{"account": "F1", "instrument": "NQH6", "side": "buy", "qty": 30}'
+    assert gate_cli("--format", "table", order=buy) == (
+        0, "REDUCE 8 NQH6 for F1\n  - reduced from 30 to 8: apex allows 10 contracts, 2 "
+           "held\n", "")
+    code, out, _ = gate_cli("--format", "jsonl",
+                            order='{"account": "F2", "instrument": "MNQH6", "side": "sell", '
+                                  '"qty": 1}')
+    assert code == 0
+    answer = json.loads(out)
+    assert (answer["verdict"], answer["qty"]) == ("block", 0)
+    assert answer["reasons"] == ["would leave F2 short NQ against its leader LEAD"]
+    for order, message in [
+        ("{}", "error: --order: account: Field required"),
+        ("x", "error: --order: order: Invalid JSON"),
+        ('{"account": "F1", "instrument": "NQH6", "side": "long", "qty": 1}',
+         "error: --order: side: Input should be 'buy' or 'sell'"),
+        ('{"account": "F1", "instrument": "XYZ", "side": "buy", "qty": 1}',
+         "error: --order: instrument: unknown instrument 'XYZ'"),
+    ]:
+        code, out, err = gate_cli(order=order)
+        assert (code, out) == (2, "")
+        assert err.startswith(message)
