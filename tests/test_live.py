@@ -21,15 +21,19 @@ from typing import Any, ClassVar
 
 import pytest
 from freezegun import freeze_time
+from rich.console import Console
 
 from copilink_rules.adapters import create_adapter
 from copilink_rules.adapters.sim import SimBroker
 from copilink_rules.alerts import Alert, Alerts, Webhook
 from copilink_rules.cli import run
+from copilink_rules.enforcer import Lock
 from copilink_rules.errors import StateError
 from copilink_rules.journal import Journal
+from copilink_rules.live import DEMO_SCENARIO
 from copilink_rules.scheduler import LiveRunner, daily_trigger, next_fire_times
 from copilink_rules.session import Session
+from copilink_rules.view import render
 
 from .conftest import REPO
 from .test_invariants import check_invariants
@@ -198,6 +202,33 @@ def test_hot_reload_is_all_or_nothing(tmp_path: Path) -> None:
     session.reload_if_changed()
     assert session.enforcer.entry_max_data_age == 3.0
     assert session.reload_if_changed() is None
+
+
+def test_the_live_view_shows_accounts_links_positions_locks_and_decisions() -> None:
+    broker = SimBroker(DEMO_SCENARIO)
+    session = Session(broker, Journal(":memory:"), Alerts(), [REPO / "rules" / "desync.yaml"],
+                      before_tick=lambda: broker.advance(0.25))
+    session.start()
+    console = Console(record=True, width=200)
+    console.print(render(session, "view test"))
+    assert "waiting for the first snapshot" in console.export_text()
+    while broker.elapsed < 53:  # F1 is down (50-58 s), F4 was flattened and paused at 30 s
+        session.tick()
+    session.enforcer.locks["F2"] = Lock("F2", "halted", datetime(2026, 3, 2, 23, 0,
+                                                                 tzinfo=UTC), "test", None)
+    console = Console(record=True, width=200)
+    console.print(render(session, "view test"))
+    text = console.export_text()
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines()
+            if line.count("│") > 5 and line.split("│")[1].strip() in ("LEAD", "F1", "F2",
+                                                                       "F4")}
+    assert "DOWN" in rows["F1"]
+    assert "+1 NQH6" in rows["F1"]  # still holding: no order while it is down
+    assert "halted until 23:00" in rows["F2"]
+    assert "paused" in rows["F4"]
+    assert "up" in rows["LEAD"]
+    assert "opposite-position" in text  # the last decisions
+    assert f"ticks {session.ticks}" in text
 
 
 # --- commands -------------------------------------------------------------------------------
