@@ -6,6 +6,9 @@ Lifecycle of a corrective action (flatten, catch-up, cancel):
        |  \\--(rejected, or not done within `verify_after`)--> retrying --(backoff)--> pending
        \\--(attempts exhausted)--> escalated: critical alert, incident, every follower paused
 
+Each attempt is its own journal row and tag (`CLR-000007`, `CLR-000007~2`, ...); when a new
+attempt is sent, the previous row becomes `retried`, so only the latest attempt is ever open.
+
 Safety, whatever the rules say:
 * at most one outstanding corrective action per account and instrument family;
 * no order to a disconnected or stale account (it waits until the account is reachable);
@@ -139,7 +142,15 @@ class Enforcer:
         """Pick up open commands and locks from the journal; ask the broker about commands
         whose answer was never journaled. Returns notes for the log."""
         notes = []
+        last_attempt: dict[str, int] = {}  # base tag -> its latest attempt
+        for row in self.journal.commands():
+            base = row.tag.split("~")[0]
+            last_attempt[base] = max(last_attempt.get(base, 0), row.attempt)
         for row in self.journal.commands(OPEN_STATUSES):
+            if row.attempt < last_attempt[row.tag.split("~")[0]]:
+                # an attempt a later one replaced (journals written before `retried` existed)
+                self.journal.command_status(row.tag, "retried", now)
+                continue
             action = Action(row.tag, row.tag.split("~")[0], row.account, row.instrument,
                             row.family, row.action, row.rule, row.args, row.status, row.attempt,
                             datetime.fromisoformat(row.updated.replace("Z", "+00:00")))
@@ -378,12 +389,19 @@ class Enforcer:
         return None
 
     def _send(self, action: Action, now: datetime, retry: bool = False) -> None:
-        if retry:
+        if retry:  # a new attempt, under its own tag; the previous one is closed with it
+            previous = action.tag
             action.attempt += 1
             action.tag = f"{action.base_tag}~{action.attempt}"
-        self._journal_command(action.tag, action.account, action.instrument, action.family,
-                              action.kind, action.rule, action.args, "sending", action.attempt,
-                              now)
+            with self.journal.transaction():
+                self.journal.command_status(previous, "retried", now)
+                self._journal_command(action.tag, action.account, action.instrument,
+                                      action.family, action.kind, action.rule, action.args,
+                                      "sending", action.attempt, now)
+        else:
+            self._journal_command(action.tag, action.account, action.instrument, action.family,
+                                  action.kind, action.rule, action.args, "sending",
+                                  action.attempt, now)
         if self.dry_run:
             self._finish(action, now, "dry_run", "run --dry-run: not sent")
             return

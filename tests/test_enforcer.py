@@ -62,8 +62,8 @@ def test_a_rejected_flatten_is_retried_with_backoff_until_it_works() -> None:
     broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
                             SimFault(kind="reject", account="F2", at=9, count=2)])
     run_until(session, broker, 20)
-    assert commands(session) == [("flatten", "F2", "retrying", 1),
-                                 ("flatten", "F2", "retrying", 2),
+    assert commands(session) == [("flatten", "F2", "retried", 1),
+                                 ("flatten", "F2", "retried", 2),
                                  ("flatten", "F2", "confirmed", 3)]
     times = [c.time for c in session.journal.commands()]
     # backoff: 1 s after the first rejection, 2 s after the second
@@ -207,8 +207,9 @@ def test_broker_errors_are_answers_not_crashes() -> None:
 
     broker.flatten = explode  # type: ignore[method-assign,assignment]
     run_until(session, broker, 12)
-    first = session.journal.commands()[0]
-    assert first.status == "retrying"
+    first, *later = session.journal.commands()
+    assert first.status == "retried"  # and tried again, under a new tag
+    assert later[0].tag == first.tag + "~2"
     assert "broker error: ConnectionError: socket closed" in (first.reason or "")
 
 
@@ -273,3 +274,81 @@ def test_a_broker_that_cannot_list_contracts_leaves_copilink_yaml_s(
                       contracts={"F1": "MNQH6"})
     assert session.enforcer.contracts == {"F1": "MNQH6"}
     assert "could not say which contract each follower trades" in caplog.text
+
+
+class _Crash(BaseException):
+    """The process dying at a chosen instant (not an Exception: nothing may catch it)."""
+
+
+def _restart(broker: SimBroker, journal: Journal) -> tuple[Session, list[str]]:
+    session = Session(broker, journal, Alerts(), [DESYNC],
+                      before_tick=lambda: broker.advance(0.25))
+    return session, session.start()
+
+
+def test_a_command_journaled_but_never_sent_before_a_crash_is_sent_once() -> None:
+    def die(kind: str, account: str, tag: str) -> None:
+        raise _Crash
+
+    broker = SimBroker(SimScenario(
+        followers=[SimFollower(id="F1"), SimFollower(id="F2")],
+        trades=[SimTrade(at=2, side="long", qty=2, hold=6)],
+        faults=[SimFault(kind="missed_exit", account="F2", trade=0)]))
+    journal = Journal(":memory:")
+    session = Session(broker, journal, Alerts(), [DESYNC], on_command=die,
+                      before_tick=lambda: broker.advance(0.25))
+    session.start()
+    with pytest.raises(_Crash):
+        run_until(session, broker, 14)
+    assert [(r.action, r.status) for r in journal.commands()] == [("flatten", "sending")]
+    assert not [e for e in broker.log if e.get("kind") == "flatten"]  # it never left
+    restarted, notes = _restart(broker, journal)
+    assert any("never reached the broker; will send it again" in n for n in notes)
+    run_until(restarted, broker, 16)
+    assert len([e for e in broker.log if e.get("kind") == "flatten"]) == 1
+    rows = journal.commands()
+    assert [(r.tag, r.status) for r in rows[:2]] == [("CLR-000001", "retried"),
+                                                     ("CLR-000001~2", "confirmed")]
+    # the engine, restored from before the crash, decides the flatten again: refused
+    assert (rows[2].status, rows[2].reason) == (
+        "blocked", "flatten CLR-000001~2 is still outstanding for this account and instrument")
+    assert broker.accounts["F2"].positions == {}
+    # and a second restart finds nothing open to send again
+    _, notes = _restart(broker, journal)
+    assert not any("will send it again" in n for n in notes)
+
+
+def test_a_command_sent_just_before_a_crash_is_not_sent_again() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)])
+    run_until(session, broker, 10.5)
+    (row,) = session.journal.commands()
+    assert [e["kind"] for e in broker.log if e.get("kind") == "flatten"] == ["flatten"]
+    # the crash came after the broker took the order, before its answer was journaled
+    session.journal.command_status(row.tag, "sending", datetime(2026, 3, 2, 14, 30, 10,
+                                                                tzinfo=UTC))
+    restarted, notes = _restart(broker, session.journal)
+    assert any(f"{row.tag}: the broker has it" in n for n in notes)
+    run_until(restarted, broker, 16)
+    assert len([e for e in broker.log if e.get("kind") == "flatten"]) == 1
+    assert [(r.action, r.status) for r in restarted.journal.commands()] == [
+        ("flatten", "confirmed")]
+
+
+def test_a_restart_after_a_retried_flatten_worked_sends_nothing_more() -> None:
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0),
+                            SimFault(kind="reject", account="F2", at=9, count=2)])
+    run_until(session, broker, 20)
+    assert [c[2] for c in commands(session)] == ["retried", "retried", "confirmed"]
+    sent = len([e for e in broker.log if e.get("kind") == "flatten"])
+    restarted, _ = _restart(broker, session.journal)
+    run_until(restarted, broker, 30)
+    assert len([e for e in broker.log if e.get("kind") == "flatten"]) == sent
+    # a journal written before attempts were closed as `retried` left them `retrying`
+    for row in session.journal.commands()[:2]:
+        session.journal.command_status(row.tag, "retrying", datetime(2026, 3, 2, 14, 30, 20,
+                                                                    tzinfo=UTC))
+    again, _ = _restart(broker, session.journal)
+    assert again.enforcer.outstanding == {}
+    run_until(again, broker, 40)
+    assert len([e for e in broker.log if e.get("kind") == "flatten"]) == sent
+    assert [c[2] for c in commands(again)][:3] == ["retried", "retried", "confirmed"]
