@@ -390,3 +390,17 @@ def _count(path: Path, table: str) -> int:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
     except sqlite3.Error:
         return 0
+
+
+def test_the_pre_session_check_alerts_what_is_not_ready_or_says_ready() -> None:
+    broker = SimBroker(DEMO_SCENARIO)
+    session = Session(broker, Journal(":memory:"), Alerts(), [REPO / "rules" / "desync.yaml"])
+    session.start()
+    assert [d for d in session.pre_session_check() if d.suppressed is False] == []
+    assert session.alerts.sent[-1].message == "pre-session check: READY (5 accounts)"
+    broker.pause_copier("F2", "manual")
+    decisions = session.pre_session_check()
+    assert [(d.rule, d.account) for d in decisions] == [("pre-session-copier-paused", "F2")]
+    assert session.alerts.sent[-1].message.startswith(
+        "pre-session: F2: copier is paused; resume it before the session")
+    assert session.journal.count("alerts") == 2
