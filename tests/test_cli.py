@@ -140,6 +140,48 @@ cases:
     assert "expected {rule: stuck-follower, action: flatten, at: 2026-03-02T14:30:16Z}" in out
 
 
+def test_every_kind_of_policy_test_failure_is_reported(tmp_path: Path) -> None:
+    failing = tmp_path / "t_test.yaml"
+    failing.write_text(f"""
+rules: [{DESYNC}]
+cases:
+  - name: ready expected
+    check: true
+    ready: true
+    snapshot: {EXAMPLES / "pre-session-not-ready.json"}
+  - name: not ready expected
+    check: true
+    ready: false
+    snapshot: {EXAMPLES / "pre-session-ready.json"}
+  - name: wrong count
+    timeline: {EXAMPLES / "stuck-follower.jsonl"}
+    expect:
+      - {{rule: stuck-follower, action: flatten, count: 2}}
+  - name: forbidden happens
+    timeline: {EXAMPLES / "stuck-follower.jsonl"}
+    forbid:
+      - {{rule: stuck-follower, action: flatten}}
+  - name: rules that do not load
+    set: {{stuck_grace: soon}}
+    timeline: {EXAMPLES / "stuck-follower.jsonl"}
+    expect:
+      - {{rule: stuck-follower}}
+""")
+    code, out, _ = cli("test", str(tmp_path))
+    assert code == 1
+    assert "0 passed, 5 failed" in out
+    for line in [
+        "FAIL  ready expected", "expected READY, but: F1 holds 1 undeclared open position(s)",
+        "FAIL  not ready expected", "expected NOT READY, but every check passed",
+        "FAIL  wrong count", "expected 2 x {rule: stuck-follower, action: flatten, count: 2}: "
+        "got 1 (at 2026-03-02T14:30:",
+        "FAIL  forbidden happens", "forbidden {rule: stuck-follower, action: flatten} happened "
+        "1 time(s), first at 2026-03-02T14:30:",
+        "FAIL  rules that do not load", "error: --set stuck_grace=soon",
+    ]:
+        assert line in out, line
+
+
 def test_malformed_policy_test_file_is_a_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "t.yaml"
     bad.write_text("rules: [x.yaml]\ncases:\n  - name: nothing\n    snapshot: a.json\n")
