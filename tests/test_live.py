@@ -126,6 +126,34 @@ def test_an_unreachable_webhook_never_blocks_enforcement() -> None:
     alerts.close()
 
 
+class _Refusing(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refusing_webhook_and_an_unwritable_log_are_recorded_not_raised(
+        tmp_path: Path) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    alerts = Alerts(log_file=tmp_path / "no such folder" / "alerts.log",
+                    webhooks=[Webhook(url, "json")])
+    alerts.send(Alert(datetime(2026, 3, 2, 14, 30, tzinfo=UTC), "critical", "F2 flattened"))
+    alerts.flush()
+    alerts.close()
+    server.shutdown()
+    server.server_close()
+    assert sorted(alerts.failures) == [
+        f"log file {tmp_path / 'no such folder' / 'alerts.log'}: No such file or directory",
+        f"webhook {url}: HTTP 500"]
+
+
 # --- adapters registry ----------------------------------------------------------------------
 
 def test_unknown_adapters_are_a_clear_lookup_error() -> None:
