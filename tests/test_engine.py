@@ -385,3 +385,51 @@ def test_account_view_fields_hold_what_their_names_say(desync: Engine) -> None:
         "undeclared_positions": 1}
     assert infos["LEAD"].view.ratio == 1.0
     assert infos["LEAD"].view.flat is True
+
+
+CATCH_UP_AGAINST = """
+    ruleset: demo
+    rules:
+      - id: catch               # no pair.entry_action guard: the engine must still hold the line
+        scope: pair
+        when: not leader.flat and follower.flat
+        then: [catch_up]
+      - id: runaway
+        scope: pair
+        when: >
+          not leader.flat and follower.flat and account.id == "F1"
+          and ticks(quote.last, leader.avg_price) > 4
+        then: [skip_entry]
+      - id: lock-f2
+        when: account.id == "F2"
+        then: [{lock_account: {state: reducing}}]
+      - id: pause-f3
+        when: account.id == "F3"
+        then: [pause_copier]
+"""
+
+
+def _entry_snapshot(t: float, price: float, f1_qty: int = 0) -> Snapshot:
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 2, 18000.0,
+                                                    opened_at=at(0).isoformat())])
+    f1 = account("F1", positions=[pos("NQH6", f1_qty)] if f1_qty else [])
+    return snap(at(t), lead, f1, account("F2"), account("F3"),
+                quotes={"NQH6": {"bid": price, "ask": price, "last": price}})
+
+
+def test_a_catch_up_loses_to_a_skip_a_lock_or_a_pause_and_never_follows_a_skip(
+        engine_of: EngineOf) -> None:
+    engine = engine_of(CATCH_UP_AGAINST)
+    catch_ups = {d.account: d.suppressed for d in engine.evaluate(_entry_snapshot(1, 18010.0))
+                 if d.action == "catch_up"}
+    assert catch_ups == {
+        "F1": "skip_entry from rule runaway is more restrictive",
+        "F2": "account is locked (reducing) by rule lock-f2: no new exposure",
+        "F3": "copier paused by rule pause-f3"}
+    # F1 gets in by hand, then out again while the leader's trade goes on, price back near
+    # its entry: a new episode of `catch`, but this trade was skipped: still no catch-up
+    engine.evaluate(_entry_snapshot(2, 18000.25, f1_qty=2))
+    again = [d for d in engine.evaluate(_entry_snapshot(3, 18000.25)) if d.account == "F1"]
+    assert [(d.rule, d.action, d.suppressed) for d in again] == [
+        ("catch", "catch_up", "no catch-up after skip_entry in the same leader trade "
+                              "(follower F1)")]
