@@ -770,8 +770,11 @@ class Engine:
                 same = (account, p.action, p.target.family)
                 first = winners.get(same)
                 if first is not None:
-                    p.suppressed = (f"{p.action} already decided by rule {first.rule.id} "
-                                    f"(priority {first.rule.priority})")
+                    p.suppressed = (
+                        f"{first.args.get('state', 'halted')} lock from rule {first.rule.id} "
+                        "is more restrictive" if _rank(first) > _rank(p) else
+                        f"{p.action} already decided by rule {first.rule.id} "
+                        f"(priority {first.rule.priority})")
                     continue
                 winners[same] = p
             stronger = _stronger(p, kept.get(account, []), self._entries)
@@ -902,10 +905,6 @@ def _stronger(p: _Proposal, kept: list[_Proposal],
         for other in kept:
             if other.action == "pause_copier":
                 return f"pause_copier from rule {other.rule.id} is more restrictive"
-    if p.action == "lock_account" and p.args.get("state") == "reducing":
-        for other in kept:
-            if other.action == "lock_account" and other.args.get("state") == "halted":
-                return f"halted lock from rule {other.rule.id} is more restrictive"
     return None
 
 

@@ -126,7 +126,7 @@ def test_most_restrictive_action_wins_and_losers_say_why(engine_of: EngineOf) ->
     decisions = {(d.rule, d.action): d.suppressed for d in engine.evaluate(snapshot)}
     assert decisions[("halt", "lock_account")] is False
     assert decisions[("soft-lock", "lock_account")] == \
-        "lock_account already decided by rule halt (priority 0)"
+        "halted lock from rule halt is more restrictive"
     assert decisions[("alert-b", "pause_copier")] is False  # higher priority among equals
     assert decisions[("alert-a", "pause_copier")] == \
         "pause_copier already decided by rule alert-b (priority 5)"
@@ -433,3 +433,4 @@ def test_a_catch_up_loses_to_a_skip_a_lock_or_a_pause_and_never_follows_a_skip(
     assert [(d.rule, d.action, d.suppressed) for d in again] == [
         ("catch", "catch_up", "no catch-up after skip_entry in the same leader trade "
                               "(follower F1)")]
+
