@@ -179,6 +179,32 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
            limit: {type: int, default: 2.5}
          rules: []
          """, ["FILE:3: params.limit: expected an integer, got 2.5"]),
+        # params out of bounds or of the wrong kind, actions that cannot work: all at once
+        ("""
+         ruleset: demo
+         params:
+           limit: {type: int, default: 5, min: 1, max: 3}
+           flag: {type: bool, default: maybe}
+           label: {type: string, default: 5}
+         rules:
+           - id: r1
+             scope: global
+             when: accounts.total > 0
+             then: [pause_copier]
+           - id: r2
+             when: account.flat
+             then: [{reduce_order: {max_qty: params.nope}}]
+         """, ["FILE:3: params.limit: 5 is above the maximum 3",
+               "FILE:4: params.flag: expected true or false, got 'maybe'",
+               "FILE:5: params.label: expected text, got 5",
+               "FILE:10: r1: pause_copier in scope global needs all_followers: true",
+               "FILE:13: r2: reduce_order.max_qty: 'params.nope' is not a number or a "
+               "declared params.NAME"]),
+        ("""
+         ruleset: demo
+         extends: [demo]
+         rules: []
+         """, ["FILE:2: rule set 'demo' extends itself"]),
     ],
 )
 def test_problems_are_reported_with_file_line_and_rule(
@@ -353,3 +379,21 @@ def test_hostile_rule_files_only_ever_raise_our_own_errors(text: str) -> None:
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         with contextlib.suppress(RuleFileError, ParamError):
             load_policy([path])
+
+
+def test_a_rule_set_defined_twice_or_a_param_retyped_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("ruleset: base\nparams: {grace: 1}\nrules: []\n")
+    (tmp_path / "child.yaml").write_text(
+        "ruleset: child\nextends: [base]\nparams: {grace: 2s}\nrules: []\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "copy.yaml").write_text("ruleset: base\nrules: []\n")
+    with pytest.raises(RuleFileError) as caught:
+        load_policy([tmp_path / "child.yaml"])
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path / 'child.yaml'}:3: params.grace is a duration here but an int in rule "
+        "set 'base'"]
+    with pytest.raises(RuleFileError) as caught:
+        load_policy([tmp_path / "base.yaml", tmp_path / "other" / "copy.yaml"])
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path / 'other' / 'copy.yaml'}:1: rule set 'base' is also defined in "
+        f"{tmp_path / 'base.yaml'}"]

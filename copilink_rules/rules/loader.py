@@ -87,6 +87,10 @@ class Template:
         return "".join(out)
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -513,9 +517,9 @@ def _merge_params(
             previous = params.get(key)
             if previous is not None:
                 if previous.type != param.type:
-                    problems.append(Problem(parsed.file, line, f"params.{key} is a {param.type} "
-                                            f"here but a {previous.type} in rule set "
-                                            f"{previous.ruleset!r}"))
+                    problems.append(Problem(parsed.file, line, f"params.{key} is "
+                                            f"{_a(param.type)} here but {_a(previous.type)} "
+                                            f"in rule set {previous.ruleset!r}"))
                     continue
                 overriding = previous.ruleset in _ancestors(name, by_name)
                 if not overriding and previous.value != param.value:
