@@ -434,3 +434,20 @@ def test_a_catch_up_loses_to_a_skip_a_lock_or_a_pause_and_never_follows_a_skip(
         ("catch", "catch_up", "no catch-up after skip_entry in the same leader trade "
                               "(follower F1)")]
 
+
+
+def test_a_message_hole_that_fails_never_breaks_its_decision(engine_of: EngineOf) -> None:
+    engine = engine_of("""
+        ruleset: demo
+        rules:
+          - id: big
+            scope: pair
+            when: abs(follower.qty) > 1
+            then:
+              - alert: {message: "{account.id} holds {follower.qty} at {quote.last} {{ok}}"}
+    """)
+    snapshot = snap(at(0), account("LEAD", "leader"),
+                    account("F1", positions=[pos("ESH6", 2, 5000.0)]), quotes={})
+    (decision,) = engine.evaluate(snapshot)
+    assert decision.args["message"] == "F1 holds 2 at <quote.last: no quote for ESH26 in this " \
+        "snapshot> {ok}"
