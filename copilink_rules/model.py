@@ -77,12 +77,6 @@ class Quote(_Strict):
     ask: float | None = None
     last: float | None = None
 
-    @property
-    def mid(self) -> float | None:
-        if self.bid is not None and self.ask is not None:
-            return (self.bid + self.ask) / 2
-        return self.last
-
 
 class Position(_Strict):
     """A net position. `qty` is signed: + long, - short."""

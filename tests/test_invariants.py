@@ -157,3 +157,21 @@ def _healthy_session(seed: int, rules: Path, faults: int
         session.tick()
         states.append(_positions(broker))
     return broker, session, states
+
+
+def test_the_sim_saved_to_a_file_continues_exactly_as_the_original(tmp_path: Path) -> None:
+    original = SimBroker(SimScenario(seed=3, random_trades=4, random_faults=6,
+                                     followers=[SimFollower(id="F1"),
+                                                SimFollower(id="F2", instrument="MNQH6")]))
+    for _ in range(80):
+        original.advance(0.25)
+    original.flatten("F2", None, "CLR-000001")
+    original.save(tmp_path / "sim.json")
+    restored = SimBroker.load(tmp_path / "sim.json")
+    assert restored.snapshot() == original.snapshot()
+    for _ in range(200):
+        original.advance(0.25)
+        restored.advance(0.25)
+    assert restored.snapshot() == original.snapshot()
+    assert restored.log == original.log
+    assert restored.find_tag("CLR-000001") == original.find_tag("CLR-000001")
