@@ -410,29 +410,41 @@ class Enforcer:
             return
         if self.on_command is not None:
             self.on_command(action.kind, action.account, action.tag)
-        answer = self._call(action)
+        answer, stop = self._call(action)
         action.sent_at = now
         self._answered(action, answer, now)
+        if stop is not None:
+            self.journal.answer(f"{action.tag}-stop", now, stop.status, stop.reason)
+            if not stop.ok:
+                self._alert(now, "critical", f"{action.account}: the protective stop at "
+                            f"{action.args.get('stop_price')} for catch-up {action.tag} was "
+                            f"refused ({stop.reason}): the position has no stop, place one by "
+                            "hand", action.account, action.rule)
 
-    def _call(self, action: Action) -> BrokerAnswer:
+    def _call(self, action: Action) -> tuple[BrokerAnswer, BrokerAnswer | None]:
+        """The broker's answer, and for a catch-up its answer to the protective stop."""
         try:
             if action.kind == "flatten":
-                return self.broker.flatten(action.account, action.instrument, action.tag)
+                return self.broker.flatten(action.account, action.instrument, action.tag), None
             if action.kind == "cancel_orders":
-                return self.broker.cancel_orders(action.account, action.instrument, action.tag)
+                return self.broker.cancel_orders(action.account, action.instrument,
+                                                 action.tag), None
             qty = int(action.args["qty"])
             assert action.instrument is not None
             answer = self.broker.place_order(action.account, action.instrument,
                                              "buy" if qty > 0 else "sell", abs(qty), "market",
                                              action.tag)
-            stop = action.args.get("stop_price")
-            if answer.ok and stop is not None:
-                self.broker.place_order(action.account, action.instrument,
-                                        "sell" if qty > 0 else "buy", abs(qty), "stop",
-                                        f"{action.tag}-stop", float(stop))
-            return answer
         except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
-            return BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}")
+            return BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}"), None
+        stop = action.args.get("stop_price")
+        if not answer.ok or stop is None:
+            return answer, None
+        try:
+            return answer, self.broker.place_order(
+                action.account, action.instrument, "sell" if qty > 0 else "buy", abs(qty),
+                "stop", f"{action.tag}-stop", float(stop))
+        except Exception as exc:  # noqa: BLE001 - as above
+            return answer, BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}")
 
     def _answered(self, action: Action, answer: BrokerAnswer, now: datetime) -> None:
         self.journal.answer(action.tag, now, answer.status, answer.reason)

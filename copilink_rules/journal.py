@@ -180,6 +180,11 @@ class Journal:
         self._exec("INSERT INTO answers (tag, time, status, reason) VALUES (?, ?, ?, ?)",
                    (tag, iso(moment), status, reason))
 
+    def answers(self) -> list[tuple[str, str, str, str | None]]:
+        """Every broker answer: (tag, time, status, reason), oldest first."""
+        rows = self._exec("SELECT tag, time, status, reason FROM answers ORDER BY id").fetchall()
+        return [(str(t), str(m), str(s), r) for t, m, s, r in rows]
+
     def lock(self, account: str, state: str, until: datetime, reason: str, rule: str | None,
              moment: datetime) -> None:
         self._exec("INSERT INTO locks (account, state, until, reason, rule, time) VALUES "

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from copilink_rules.adapters.base import BrokerAnswer
 from copilink_rules.adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
 from copilink_rules.alerts import Alerts
 from copilink_rules.enforcer import KillSwitch, Lock
@@ -352,3 +354,33 @@ def test_a_restart_after_a_retried_flatten_worked_sends_nothing_more() -> None:
     run_until(again, broker, 40)
     assert len([e for e in broker.log if e.get("kind") == "flatten"]) == sent
     assert [c[2] for c in commands(again)][:3] == ["retried", "retried", "confirmed"]
+
+
+def test_a_refused_protective_stop_is_a_critical_alert_and_journaled() -> None:
+    class NoStops(SimBroker):
+        def place_order(self, account: str, instrument: str, side: Literal["buy", "sell"],
+                        qty: int, order_type: Literal["market", "stop"], tag: str,
+                        stop_price: float | None = None) -> BrokerAnswer:
+            if order_type == "stop":
+                return BrokerAnswer("rejected", "stop too close to the market", None)
+            return super().place_order(account, instrument, side, qty, order_type, tag,
+                                       stop_price)
+
+    broker = NoStops(SimScenario(
+        followers=[SimFollower(id="F1"), SimFollower(id="F2")],
+        trades=[SimTrade(at=2, side="long", qty=2, hold=10)],
+        faults=[SimFault(kind="missed_entry", account="F2", trade=0)]))
+    session = Session(broker, Journal(":memory:"), Alerts(), [DESYNC],
+                      before_tick=lambda: broker.advance(0.25))
+    session.start()
+    run_until(session, broker, 8)
+    (row,) = session.journal.commands()
+    assert (row.action, row.status) == ("catch_up", "confirmed")  # the entry itself worked
+    warning = [a for a in session.alerts.sent if "protective stop" in a.message]
+    assert len(warning) == 1
+    assert warning[0].severity == "critical"
+    assert warning[0].message.startswith(
+        f"F2: the protective stop at {row.args['stop_price']} for catch-up {row.tag} was "
+        "refused (stop too close to the market): the position has no stop")
+    answers = [(tag, status, reason) for tag, _, status, reason in session.journal.answers()]
+    assert (f"{row.tag}-stop", "rejected", "stop too close to the market") in answers
