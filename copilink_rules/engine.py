@@ -769,7 +769,7 @@ class Engine:
             if p.action != "alert":
                 same = (account, p.action, p.target.family)
                 first = winners.get(same)
-                if first is not None:
+                if first is not None:  # ranks differ only for halted vs reducing locks
                     p.suppressed = (
                         f"{first.args.get('state', 'halted')} lock from rule {first.rule.id} "
                         "is more restrictive" if _rank(first) > _rank(p) else
