@@ -126,9 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="NAME", help="sim, ninjatrader, tradovate, projectx")
     p.add_argument("--dry-run", action="store_true", help="decide and journal, send nothing")
     p.add_argument("--journal", metavar="FILE", help="SQLite journal (default: copilink.db)")
-    p.add_argument("--duration", type=float, metavar="SECONDS",
+    p.add_argument("--duration", type=_positive, metavar="SECONDS",
                    help="sim only: stop after this many simulated seconds")
-    p.add_argument("--speed", type=float, metavar="X", help="sim only: simulated seconds per "
+    p.add_argument("--speed", type=_speed, metavar="X", help="sim only: simulated seconds per "
                    "real second")
     p.add_argument("--sim-state", metavar="FILE", help="sim only: keep the simulated broker "
                    "in this file, so a restarted run meets the same broker")
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a simulated session in which the three desyncs happen "
                        "and are resolved live")
-    p.add_argument("--speed", type=float, default=4.0, metavar="X",
+    p.add_argument("--speed", type=_speed, default=4.0, metavar="X",
                    help="simulated seconds per real second (default 4)")
     p.add_argument("--journal", metavar="FILE", help="where to keep the demo's journal")
     p.add_argument("--no-view", action="store_true", help="plain alert lines, no live table")
@@ -178,6 +178,23 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number above 0")
+    return value
+
+
+def _speed(text: str) -> float:
+    value = _positive(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: the sim runs at most 1000x")
+    return value
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:

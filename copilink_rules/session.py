@@ -27,7 +27,7 @@ from .alerts import Alert, Alerts
 from .calendar import Calendar
 from .enforcer import Enforcer, KillSwitch
 from .engine import Engine
-from .errors import CopilinkError
+from .errors import CopilinkError, StateError
 from .instruments import Catalog, default_catalog
 from .journal import Journal
 from .model import Decision, Snapshot
@@ -84,6 +84,13 @@ class Session:
             notes.append(f"continuing from the journal {self.journal.path} (engine state of "
                          f"{saved.get('time')})")
         snapshot = self.broker.snapshot()
+        last = self.engine.last_time
+        if last is not None and snapshot.time < last:
+            raise StateError(
+                f"the journal {self.journal.path} holds a session up to {last.isoformat()}, "
+                f"later than the broker's time {snapshot.time.isoformat()}: name a new "
+                "journal (--journal) to start afresh, or, with the sim, keep its state "
+                "(--sim-state) so a restart meets the same broker")
         notes += self.enforcer.restore(snapshot.time)
         return notes
 

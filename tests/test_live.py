@@ -323,6 +323,22 @@ def test_kill_command_creates_and_releases_the_kill_file(tmp_path: Path) -> None
     assert not kill.exists()
 
 
+def test_run_refuses_a_journal_ahead_of_the_broker_and_bad_numbers(tmp_path: Path) -> None:
+    journal = str(tmp_path / "j.db")
+    base = ("run", "--rules", str(REPO / "rules" / "desync.yaml"), "--journal", journal,
+            "--no-view", "--speed", "1000")
+    assert cli(*base, "--duration", "5")[0] == 0
+    # a fresh sim starts its clock again: the journal's session is ahead of it
+    code, _, err = cli(*base, "--duration", "5")
+    assert code == 1
+    assert err.startswith(f"the journal {journal} holds a session up to 2026-03-02T14:30:05")
+    assert "name a new journal (--journal)" in err
+    for option, value in (("--speed", "-5"), ("--speed", "0"), ("--duration", "nan")):
+        code, _, err = cli(*base, option, value)
+        assert code == 2
+        assert f"argument {option}: '{value}' must be a number above 0" in err
+
+
 def test_run_rejects_an_unknown_broker_and_a_bad_config(tmp_path: Path) -> None:
     code, _, err = cli("run", "--broker", "tradovat", "--rules", str(REPO / "rules"))
     assert code == 2
