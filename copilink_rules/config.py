@@ -27,8 +27,10 @@ alerts:
 
 from __future__ import annotations
 
+from datetime import time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -83,6 +85,26 @@ class RunConfig(_Strict):
     calendar: str | None = Field(default=None, description="news calendar (YAML or CSV)")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
+    @field_validator("pre_session")
+    @classmethod
+    def _pre_session(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return time.fromisoformat(value.zfill(5)).strftime("%H:%M")  # 9:25 -> 09:25
+        except ValueError:
+            raise ValueError(f"{value!r} is not a time of day (HH:MM)") from None
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as "
+                             "America/New_York)") from None
+        return value
+
     @field_validator("tick")
     @classmethod
     def _tick(cls, value: str) -> str:
@@ -113,7 +135,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         problems = []
         for error in exc.errors():
             loc = tuple(error["loc"])
-            message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+            message = "unknown field" if error["type"] == "extra_forbidden" else \
+                error["msg"].removeprefix("Value error, ")
             problems.append(Problem(file, lines.line_of(list(loc)),
                                     f"{format_loc(loc)}: {message}"))
         raise RuleFileError(problems) from None

@@ -27,6 +27,7 @@ from copilink_rules.adapters import create_adapter
 from copilink_rules.adapters.sim import SimBroker
 from copilink_rules.alerts import Alert, Alerts, Webhook
 from copilink_rules.cli import run
+from copilink_rules.config import load_config
 from copilink_rules.enforcer import Lock
 from copilink_rules.errors import StateError
 from copilink_rules.journal import Journal
@@ -353,6 +354,16 @@ def test_run_rejects_an_unknown_broker_and_a_bad_config(tmp_path: Path) -> None:
     code, _, err = cli("run", "--config", str(config))
     assert code == 1
     assert err.startswith(f"{config}:3: accounts[1].instrument: unknown instrument 'MNQX'")
+    for line, message in [
+        ('pre_session: "25:99"', "pre_session: '25:99' is not a time of day (HH:MM)"),
+        ("timezone: Mars/Base", "timezone: unknown timezone 'Mars/Base' (use an IANA name "
+                                "such as America/New_York)"),
+    ]:
+        config.write_text(f"tick: 250ms\n{line}\n")
+        code, _, err = cli("run", "--config", str(config))
+        assert (code, err.strip()) == (1, f"{config}:2: {message}")
+    config.write_text('pre_session: "9:25"\n')
+    assert load_config(config)[0].pre_session == "09:25"
 
 
 CONFIG = """
