@@ -158,7 +158,13 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue
-                snapshot = _timeline_line(line, file, number, catalog)
+                try:
+                    snapshot = _timeline_line(line, file, number, catalog)
+                except SnapshotError:
+                    if previous is None and (line == "{" or file.endswith(
+                            (".json", ".yaml", ".yml"))):  # a snapshot file, most likely
+                        raise SnapshotError([Problem(file, number, _NOT_A_TIMELINE)]) from None
+                    raise
                 if previous is not None and snapshot.time < previous:
                     raise SnapshotError(
                         [Problem(file, number, f"time {snapshot.time.isoformat()} is earlier "
@@ -168,6 +174,10 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[
                 yield snapshot
         except UnicodeDecodeError:
             raise SnapshotError([Problem(file, number + 1, "not UTF-8 text")]) from None
+
+
+_NOT_A_TIMELINE = ("a timeline is JSON Lines (.jsonl): one snapshot per line; for one "
+                   "snapshot in a .json or .yaml file use dry-run --state")
 
 
 def _timeline_line(line: str, file: str, number: int, catalog: Catalog) -> Snapshot:

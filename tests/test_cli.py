@@ -224,7 +224,8 @@ def test_usage_errors_exit_2_with_one_line(argv: list[str]) -> None:
         (["replay", "--rules", "missing.yaml", "t.jsonl"],
          "missing.yaml: no such file or folder"),
         (["replay", "--rules", DESYNC, str(EXAMPLES / "stuck-follower.json")],
-         "invalid JSON"),
+         "a timeline is JSON Lines (.jsonl): one snapshot per line; for one snapshot in a "
+         ".json or .yaml file use dry-run --state"),
         (["dry-run", "--rules", DESYNC, "--state", str(EXAMPLES / "clean-session.jsonl")],
          "this is a timeline (JSON Lines); use `replay` for timelines"),
         (["replay", "--rules", DESYNC, str(EXAMPLES / "clean-session.jsonl"), "--load-state",
