@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -36,7 +37,7 @@ from .gate import Gate, OrderRequest
 from .incidents import collect
 from .incidents import render as render_incidents
 from .instruments import Catalog, default_catalog
-from .journal import Journal
+from .journal import Journal, iso
 from .live import DEMO_SCENARIO, alert_printer, build_alerts, make_sim, run_live
 from .output import DecisionPrinter
 from .policytest import run_test_files
@@ -143,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("incidents", help="export the incident journal for a prop firm")
     p.add_argument("--db", required=True, metavar="FILE")
-    p.add_argument("--since", metavar="TIME", help="ISO time, e.g. 2026-03-02T00:00:00Z")
+    p.add_argument("--since", metavar="TIME", type=_since,
+                   help="a UTC date or time, e.g. 2026-03-02 or 2026-03-02T14:30:00Z")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md")
 
     p = sub.add_parser("kill", help="engage (or release) the kill switch of a running session")
@@ -188,6 +190,16 @@ def _positive(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a number above 0")
     return value
+
+
+def _since(text: str) -> str:
+    """A date or time (UTC unless it says otherwise), as the journal writes times."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date or time (use 2026-03-02 or "
+                                         "2026-03-02T14:30:00Z)") from None
+    return iso(moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 def _speed(text: str) -> float:

@@ -288,6 +288,28 @@ def test_demo_resolves_the_three_desyncs_and_prints_the_incident_report(tmp_path
     assert json.loads(js) == []
 
 
+def test_incidents_since_a_date_or_a_time_with_any_offset(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    for hour in (13, 15):
+        journal.incident(datetime(2026, 3, 2, hour, 0, tzinfo=UTC), "F1", "NQH6", "r",
+                         "critical", f"at {hour}:00 UTC", {}, [])
+    journal.close()
+
+    def since(text: str) -> list[str]:
+        code, out, _ = cli("incidents", "--db", str(tmp_path / "j.db"), "--format", "json",
+                           "--since", text)
+        assert code == 0
+        return [i["summary"] for i in json.loads(out)]
+
+    assert since("2026-03-02") == ["at 13:00 UTC", "at 15:00 UTC"]
+    assert since("2026-03-02T14:00:00Z") == ["at 15:00 UTC"]
+    assert since("2026-03-02T09:30:00-05:00") == ["at 15:00 UTC"]  # 14:30 UTC
+    assert since("2026-03-03") == []
+    code, _, err = cli("incidents", "--db", str(tmp_path / "j.db"), "--since", "yesterday")
+    assert code == 2
+    assert "'yesterday' is not a date or time" in err
+
+
 def test_incidents_of_a_missing_journal_is_a_clear_error(tmp_path: Path) -> None:
     code, _, err = cli("incidents", "--db", str(tmp_path / "none.db"))
     assert code == 1
