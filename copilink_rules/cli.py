@@ -463,8 +463,9 @@ def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     rules = [str(bundled_rules_dir() / "desync.yaml")]
     journal_path = Path(args.journal) if args.journal else \
         Path(tempfile.mkdtemp(prefix="copilink-demo-")) / "demo.db"
-    if journal_path.exists():
-        journal_path.unlink()
+    if journal_path.exists():  # never delete a file the user named: it may be a real journal
+        raise StateError(f"{journal_path} exists; the demo writes a new journal: name a file "
+                         "that does not exist yet (or leave out --journal)")
     broker = SimBroker(DEMO_SCENARIO)
     view = not args.no_view and stdout.isatty()
     alerts = Alerts(terminal=None if view else alert_printer(stdout))

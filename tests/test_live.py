@@ -286,6 +286,12 @@ def test_demo_resolves_the_three_desyncs_and_prints_the_incident_report(tmp_path
     code, js, _ = cli("incidents", "--db", str(journal), "--format", "json",
                       "--since", "2030-01-01T00:00:00Z")
     assert json.loads(js) == []
+    # the demo never deletes a file it is pointed at: it may be a real journal
+    before = journal.read_bytes()
+    code, _, err = cli("demo", "--speed", "40", "--no-view", "--journal", str(journal))
+    assert (code, err.strip()) == (1, f"{journal} exists; the demo writes a new journal: name "
+                                      "a file that does not exist yet (or leave out --journal)")
+    assert journal.read_bytes() == before
 
 
 def test_incidents_since_a_date_or_a_time_with_any_offset(tmp_path: Path) -> None:
