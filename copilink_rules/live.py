@@ -76,9 +76,15 @@ def run_live(session: Session, broker: BrokerAdapter, *, tick: float, speed: flo
     live: Any = Live(render(session, title), console=console, refresh_per_second=4,
                      transient=False) if console is not None else nullcontext()
 
+    if sim_state is not None and isinstance(broker, SimBroker):
+        state_file, sim_broker = sim_state, broker
+
+        def save_sim() -> None:
+            sim_broker.save(state_file)
+
+        session.after_commands = save_sim
+
     def after_tick() -> None:
-        if sim_state is not None and isinstance(broker, SimBroker):
-            broker.save(sim_state)
         if console is not None:
             live.update(render(session, title))
 

@@ -49,6 +49,9 @@ class Session:
     catalog: Catalog = field(default_factory=default_catalog)
     calendar: Calendar | None = None
     before_tick: Callable[[], None] | None = None  # e.g. advance the sim's clock
+    # after a tick's commands went out, before the engine's state is saved: e.g. save the sim,
+    # so a crash never leaves the broker's clock behind the journal's
+    after_commands: Callable[[], None] | None = None
     on_command: Callable[[str, str, str], None] | None = None
     # account -> the contract it trades, over what the broker knows (copilink.yaml's wins)
     contracts: dict[str, str] = field(default_factory=dict)
@@ -116,6 +119,8 @@ class Session:
                 self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
                 self.journal.decisions(decisions)
             self.enforcer.process(snapshot, decisions)
+            if self.after_commands is not None:
+                self.after_commands()
             self.journal.save_engine_state(snapshot.time, self.engine.save_state())
             self.recent.extend(d for d in decisions if d.suppressed is False)
             self.last_snapshot = snapshot

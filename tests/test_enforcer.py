@@ -384,3 +384,40 @@ def test_a_refused_protective_stop_is_a_critical_alert_and_journaled() -> None:
         "refused (stop too close to the market): the position has no stop")
     answers = [(tag, status, reason) for tag, _, status, reason in session.journal.answers()]
     assert (f"{row.tag}-stop", "rejected", "stop too close to the market") in answers
+
+
+def test_a_crash_at_any_point_of_a_tick_never_leaves_the_sim_behind_the_journal(
+        tmp_path: Path) -> None:
+    state = tmp_path / "sim.json"
+    scenario = SimScenario(followers=[SimFollower(id="F1"), SimFollower(id="F2")],
+                           trades=[SimTrade(at=2, side="long", qty=2, hold=6)],
+                           faults=[SimFault(kind="missed_exit", account="F2", trade=0)])
+    for crash_in in ("after_commands", "save_engine_state"):
+        broker = SimBroker(scenario)
+        journal = Journal(tmp_path / f"{crash_in}.db")
+        session = Session(broker, journal, Alerts(), [DESYNC],
+                          before_tick=lambda b=broker: b.advance(0.25))  # type: ignore[misc]
+
+        def save(b: SimBroker = broker) -> None:
+            b.save(state)
+
+        session.after_commands = save
+        session.start()
+        run_until(session, broker, 9)
+
+        def die(*args: object, **kwargs: object) -> None:
+            raise _Crash
+
+        if crash_in == "after_commands":
+            session.after_commands = die
+        else:
+            journal.save_engine_state = die  # type: ignore[method-assign]
+        with pytest.raises(_Crash):
+            session.tick()
+        journal.close()
+        restored = SimBroker.load(state)
+        restarted = Session(restored, Journal(tmp_path / f"{crash_in}.db"), Alerts(), [DESYNC],
+                            before_tick=lambda b=restored: b.advance(0.25))  # type: ignore[misc]
+        restarted.start()  # the journal is never ahead of the sim's clock
+        run_until(restarted, restored, 14)
+        assert restored.accounts["F2"].positions == {}

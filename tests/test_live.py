@@ -113,14 +113,48 @@ def test_webhooks_post_discord_and_telegram_bodies(webhook_server: str, tmp_path
     assert alerts.failures == []
 
 
-def test_an_unreachable_webhook_never_blocks_enforcement() -> None:
-    # 10.255.255.1 is not routable: a connect would hang until the timeout
-    alerts = Alerts(webhooks=[Webhook("http://10.255.255.1:9/hook", "discord")], timeout=3)
+class _Stuck(BaseHTTPRequestHandler):
+    """A webhook that takes a request and does not answer until released."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Stuck.started.set()
+        _Stuck.release.wait(10)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hanging_webhook_never_blocks_enforcement() -> None:
+    _Stuck.started.clear()
+    _Stuck.release.clear()
+    server = HTTPServer(("127.0.0.1", 0), _Stuck)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    alerts = Alerts(webhooks=[Webhook(f"http://127.0.0.1:{server.server_port}/", "json")],
+                    timeout=10)
     moment = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
-    start = time.perf_counter()
-    for _ in range(20):
+    alerts.send(Alert(moment, "critical", "first"))
+    assert _Stuck.started.wait(10)  # the webhook holds the first alert and does not answer
+    for _ in range(20):  # enforcement goes on: each send returns while the webhook hangs
         alerts.send(Alert(moment, "critical", "still enforcing"))
-    assert time.perf_counter() - start < 0.5
+    assert not _Stuck.release.is_set()
+    _Stuck.release.set()
+    alerts.flush(timeout=20)
+    alerts.close()
+    server.shutdown()
+    server.server_close()
+    assert alerts.failures == []
+
+
+def test_an_unreachable_webhook_is_a_recorded_failure() -> None:
+    # 10.255.255.1 is not routable: a connect hangs until the timeout
+    alerts = Alerts(webhooks=[Webhook("http://10.255.255.1:9/hook", "discord")], timeout=3)
+    alerts.send(Alert(datetime(2026, 3, 2, 14, 30, tzinfo=UTC), "critical", "still enforcing"))
     alerts.flush(timeout=10)
     assert alerts.failures
     assert alerts.failures[0].startswith("webhook http://10.255.255.1:9/hook:")
