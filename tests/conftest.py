@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,16 @@ from copilink_rules.rules import Policy, load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)  # Monday 09:30 New York
+
+
+@contextmanager
+def hostile_file(text: str, name: str) -> Iterator[Path]:
+    """`text` (any unicode, lone surrogates included) in a temporary file called `name`, for
+    hypothesis tests of loaders; the file is removed afterwards."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        yield path
 
 
 def at(seconds: float) -> datetime:

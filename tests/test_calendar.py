@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from copilink_rules.calendar import load_calendar
 from copilink_rules.errors import CopilinkError, InputError, InstrumentError, SnapshotError
 
-from .conftest import REPO
+from .conftest import REPO, hostile_file
 
 NFP = datetime(2026, 3, 6, 13, 30, tzinfo=UTC)  # 08:30 New York
 
@@ -109,8 +108,5 @@ calendar_pieces = st.sampled_from([
 @example("time,name,impact,instruments\n2026-03-06T08:30:00-05:00,NFP,high\n", ".csv")
 @example('time,name,impact,instruments\n"unterminated\n', ".csv")
 def test_hostile_calendars_only_ever_raise_our_own_errors(text: str, suffix: str) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"news{suffix}"
-        path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        with contextlib.suppress(CopilinkError):
-            load_calendar(path)
+    with hostile_file(text, f"news{suffix}") as path, contextlib.suppress(CopilinkError):
+        load_calendar(path)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from hypothesis import example, given, settings
@@ -19,7 +17,7 @@ from copilink_rules.errors import CopilinkError
 from copilink_rules.instruments import default_catalog
 from copilink_rules.rules import load_policy
 
-from .conftest import REPO, account, at, pos, snap
+from .conftest import REPO, account, at, hostile_file, pos, snap
 
 yaml_pieces = st.sampled_from([
     "instruments:\n", "  - {root: XX, tick_size: 0.25, tick_value: 5}\n", "  - root: YY\n",
@@ -28,20 +26,12 @@ yaml_pieces = st.sampled_from([
 ])
 
 
-def _file(text: str, name: str) -> Any:
-    folder = tempfile.TemporaryDirectory()
-    path = Path(folder.name) / name
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    return folder, path
-
-
 @settings(max_examples=150, deadline=None)
 @given(st.lists(yaml_pieces | st.text(max_size=4), max_size=12).map("".join))
 @example("instruments:\n  - {root: XX, tick_size: -1, tick_value: 5}\n")
 @example("instruments:\n  - [1, 2]\n")
 def test_a_hostile_instrument_catalog_is_read_or_refused(text: str) -> None:
-    folder, path = _file(text, "catalog.yaml")
-    with folder, contextlib.suppress(CopilinkError):
+    with hostile_file(text, "catalog.yaml") as path, contextlib.suppress(CopilinkError):
         default_catalog().extended(path)
 
 
@@ -50,8 +40,7 @@ def test_a_hostile_instrument_catalog_is_read_or_refused(text: str) -> None:
 @example("accounts:\n  - {id: F1, role: follower, instrument: 5}\n")
 @example("accounts: {id: F1}\n")
 def test_a_hostile_config_is_read_or_refused(text: str) -> None:
-    folder, path = _file(text, "copilink.yaml")
-    with folder, contextlib.suppress(CopilinkError):
+    with hostile_file(text, "copilink.yaml") as path, contextlib.suppress(CopilinkError):
         load_config(path)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from copilink_rules.errors import SnapshotError
 from copilink_rules.model import Snapshot
 from copilink_rules.snapshots import iter_timeline, load_snapshot, load_timeline
 
-from .conftest import REPO
+from .conftest import REPO, hostile_file
 
 
 def test_documented_defaults_apply(tmp_path: Path) -> None:
@@ -136,11 +135,8 @@ snapshot_pieces = st.sampled_from([
 @example('{"time": "2026-03-02T14:31:05Z", {"time": "2026-03-02T14:31:05Z", }}', ".json")
 @example("? [a, b]\n: 1\n", ".yaml")
 def test_hostile_snapshots_only_ever_raise_our_own_errors(text: str, suffix: str) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"s{suffix}"
-        path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        with contextlib.suppress(SnapshotError):
-            load_snapshot(path)
+    with hostile_file(text, f"s{suffix}") as path, contextlib.suppress(SnapshotError):
+        load_snapshot(path)
 
 
 @pytest.mark.parametrize("text", ["2026-03-02T09:31:05-05:00", "2026-03-02T14:31:05Z",
