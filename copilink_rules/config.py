@@ -141,11 +141,12 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
                                     f"{format_loc(loc)}: {message}"))
         raise RuleFileError(problems) from None
     problems = []
+    catalog = default_catalog()
     for index, account in enumerate(config.accounts):
         if account.instrument is None:
             continue
         try:
-            default_catalog().parse(account.instrument)
+            catalog.parse(account.instrument)
         except InstrumentError as exc:
             loc = ("accounts", index, "instrument")
             problems.append(Problem(file, lines.line_of(list(loc)), f"{format_loc(loc)}: {exc}"))

@@ -142,11 +142,14 @@ class Enforcer:
         """Pick up open commands and locks from the journal; ask the broker about commands
         whose answer was never journaled. Returns notes for the log."""
         notes = []
+        rows = self.journal.commands()
         last_attempt: dict[str, int] = {}  # base tag -> its latest attempt
-        for row in self.journal.commands():
+        for row in rows:
             base = row.tag.split("~")[0]
             last_attempt[base] = max(last_attempt.get(base, 0), row.attempt)
-        for row in self.journal.commands(OPEN_STATUSES):
+        for row in rows:
+            if row.status not in OPEN_STATUSES:
+                continue
             if row.attempt < last_attempt[row.tag.split("~")[0]]:
                 # an attempt a later one replaced (journals written before `retried` existed)
                 self.journal.command_status(row.tag, "retried", now)

@@ -250,6 +250,7 @@ class Engine:
                         for stage in ("session", "pre_session")}
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = policy.mentions("hedged")
+        self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
 
     # --- public API -------------------------------------------------------------------------
 
@@ -385,7 +386,7 @@ class Engine:
         parse = self.catalog.parse
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, locks, metrics_of = self.stale_after, self._locks, self._metrics
-        at_firm = Counter(a.firm for a in snapshot.accounts)
+        at_firm = Counter(a.firm for a in snapshot.accounts) if self._firm_counts else Counter()
         for account in snapshot.accounts:
             # Hot path: read fields from the model's __dict__, several times faster than
             # attribute access on a pydantic model (whose class defines __getattr__).
