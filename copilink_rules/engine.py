@@ -443,10 +443,9 @@ class Engine:
                 day = days[firm] = self._trading_day(firm, now)
             metrics = metrics_of.get(account_id)
             if metrics is None or metrics.day != day or a["size"] is not None:
-                metrics = self._update_metrics(account, equity, day)
-            else:  # the common case of _update_metrics, inline: this runs every tick
-                metrics.peak = max(metrics.peak, equity)
-                metrics.last_equity = equity
+                metrics = self._roll_metrics(account, equity, day)
+            metrics.peak = max(metrics.peak, equity)
+            metrics.last_equity = equity
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
             lock = locks.get(account_id)
@@ -480,7 +479,9 @@ class Engine:
                                          trading_day.next_start(now))
         return cached[0]
 
-    def _update_metrics(self, account: Account, equity: float, day: str) -> _Metrics:
+    def _roll_metrics(self, account: Account, equity: float, day: str) -> _Metrics:
+        """An account's metrics when they are new, its trading day changed or the snapshot
+        gives its size; the caller then follows this tick's equity."""
         metrics = self._metrics.get(account.id)
         if metrics is None:
             start = account.balance - account.realized_pnl  # the broker's today's realized
@@ -494,8 +495,6 @@ class Engine:
             metrics.day = day
         if account.size is not None:
             metrics.size = account.size
-        metrics.peak = max(metrics.peak, equity)
-        metrics.last_equity = equity
         return metrics
 
     def _env(self, now: datetime, families: Any = None) -> Env:
