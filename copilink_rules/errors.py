@@ -9,7 +9,12 @@
     ├── InstrumentError (LookupError)  a symbol is not in the catalog or cannot be parsed
     ├── ExpressionError (ValueError)   an expression was rejected at load (unsafe / unknown name)
     ├── EvaluationError                an expression failed while evaluating one rule on one target
-    └── StateError (ValueError)        saved engine state is unreadable or from a newer version
+    ├── StateError (ValueError)        saved engine state is unreadable or from a newer version
+    └── BrokerError                    a broker (or its adapter) could not do what was asked
+        ├── OrderRejected              the broker said no; .reason is its reason
+        ├── BrokerUnavailable          network down, timeout, HTTP 5xx: try again when reachable
+        ├── RateLimited                over the broker's request budget; .retry_after seconds
+        └── AuthFailed                 credentials refused or session ended: stop sending
 
 A `Problem` is one located message: `file:line: rule: message`. Loaders collect all problems of a
 file before raising, so a user fixes everything in one pass.
@@ -83,3 +88,31 @@ class EvaluationError(CopilinkError):
 
 class StateError(CopilinkError, ValueError):
     """Saved engine state cannot be restored."""
+
+
+class BrokerError(CopilinkError):
+    """A broker could not carry out a request. Adapters raise these; the enforcer turns them
+    into answers (`adapters.base.answer_from_error`) — no broker error ever escapes a tick."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class OrderRejected(BrokerError):
+    """The broker refused the request and said why."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker could not be reached (network, timeout, 5xx): never counted as a refusal."""
+
+
+class RateLimited(BrokerError):
+    """Over the broker's request budget: wait `retry_after` seconds before the next request."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AuthFailed(BrokerError):
+    """The broker refused the credentials or ended the session: stop sending, alert."""

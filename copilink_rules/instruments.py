@@ -20,6 +20,9 @@ from .errors import InputError, InstrumentError
 MONTH_CODES = "FGHJKMNQUVXZ"  # January .. December
 
 _NINJA = re.compile(r"^([A-Z0-9]{1,5}) (\d{2})-(\d{2})$")
+# NinjaTrader also writes the display-month form in outgoing file names: `NQ JUN26`, `MNQ SEP26`
+MONTH_NAMES = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_NINJA_MONTH = re.compile(r"^([A-Z0-9]{1,5}) (" + "|".join(MONTH_NAMES) + r")(\d{2})$")
 _PROJECTX = re.compile(r"^CON\.F\.US\.([A-Z0-9]{1,6})\.([FGHJKMNQUVXZ])(\d{2})$")
 _CME = re.compile(r"^([A-Z0-9]{1,5}?)([FGHJKMNQUVXZ])(\d{1,2})$")
 _ROOT = re.compile(r"^[A-Z][A-Z0-9]{0,4}$")
@@ -109,7 +112,7 @@ class Catalog:
         return Catalog({**self.specs, **user.specs})
 
     def parse(self, symbol: str) -> Instrument:
-        """Parse `NQH6`, `NQH26`, `NQ 03-26`, `CON.F.US.ENQ.H26` or a bare root `NQ`."""
+        """Parse `NQH6`, `NQH26`, `NQ 03-26`, `NQ MAR26`, `CON.F.US.ENQ.H26` or a bare root."""
         cached = self._parsed.get(symbol)
         if cached is not None:
             return cached
@@ -129,6 +132,9 @@ class Catalog:
             if not 1 <= month <= 12:
                 raise InstrumentError(f"instrument {symbol!r}: month {match[2]} is not 01..12")
             return self._make(symbol, match[1], month, 2000 + int(match[3]))
+        if match := _NINJA_MONTH.match(text):
+            return self._make(symbol, match[1], MONTH_NAMES.index(match[2]) + 1,
+                              2000 + int(match[3]))
         if text in self.specs:
             return Instrument(text, self.specs[text])
         if (match := _CME.match(text)) and match[1] in self.specs:
@@ -149,6 +155,28 @@ class Catalog:
             "use NQH6, NQ 03-26 or CON.F.US.ENQ.H26 style, or add the contract to a user "
             "catalog (--instruments FILE)"
         )
+
+
+def ninjatrader_name(instrument: Instrument) -> str:
+    """NinjaTrader's instrument name: `NQ 03-26` (the root alone for no expiry)."""
+    if instrument.month is None or instrument.year is None:
+        return instrument.root
+    return f"{instrument.root} {instrument.month:02d}-{instrument.year % 100:02d}"
+
+
+def cme_name(instrument: Instrument) -> str:
+    """The CME / Tradovate contract name: `NQH6` (one year digit, as Tradovate writes it)."""
+    if instrument.month is None or instrument.year is None:
+        return instrument.root
+    return f"{instrument.root}{MONTH_CODES[instrument.month - 1]}{instrument.year % 10}"
+
+
+def projectx_id(instrument: Instrument) -> str:
+    """The ProjectX contract id: `CON.F.US.ENQ.H26` (ProjectX's own root where it differs)."""
+    root = instrument.spec.projectx[0] if instrument.spec.projectx else instrument.root
+    if instrument.month is None or instrument.year is None:
+        return f"CON.F.US.{root}"
+    return f"CON.F.US.{root}.{MONTH_CODES[instrument.month - 1]}{instrument.year % 100:02d}"
 
 
 def _spec_from_row(row: Any, where: str) -> ContractSpec:

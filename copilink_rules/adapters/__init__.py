@@ -1,7 +1,14 @@
-"""Broker adapters: the interface (base.py) and its implementations, registered by name."""
+"""Broker adapters: the ports (base.py) and their implementations, registered by name."""
 
-from . import sim as _sim  # registers "sim"
-from .base import BrokerAdapter, BrokerAnswer, adapter_names, create_adapter
+from .base import (
+    AccountSpec,
+    Broker,
+    BrokerAnswer,
+    CopierPort,
+    OrderReport,
+    adapter_names,
+    create_adapter,
+)
 
-__all__ = ["BrokerAdapter", "BrokerAnswer", "adapter_names", "create_adapter"]
-del _sim
+__all__ = ["AccountSpec", "Broker", "BrokerAnswer", "CopierPort", "OrderReport",
+           "adapter_names", "create_adapter"]

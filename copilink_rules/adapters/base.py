@@ -1,97 +1,271 @@
-"""The broker adapter interface: one Protocol every broker implements, and the registry.
+"""The broker-neutral ports: every interface of the adapter family, in one module.
 
-An adapter reads the world (`snapshot`) and carries out commands. Every command carries a `tag`
-(`CLR-...`) that the broker stores with the order, so a restarted engine recognises its own
-orders and never sends one twice. Answers are results, not exceptions: a broker that refuses
-says so in `BrokerAnswer.status` and `reason`.
+    AccountFeed   keeps accounts, positions, working orders, quotes, cash/P&L, connection state
+                  and per-account data age current (pushed where the broker pushes, polled
+                  where it does not); `snapshot()` reads that state and never waits on the network
+    OrderPort     close a position, cancel an order by the broker's id, cancel the working
+                  orders in an instrument, place market and stop orders carrying a per-attempt
+                  client tag, and reconcile: what became of a tag (`find_tag`)
+    Broker        an AccountFeed and an OrderPort with a lifecycle (`connect`, `health`, `close`)
+    CopierPort    pause / resume / skip-entry of the copier, which is not the broker: the sim's
+                  copier, or an `external` one that only a person can steer (copier.py)
+    ContractMap   catalog symbol <-> the broker's own name or id for a contract
+
+Errors: an adapter raises the typed `BrokerError`s of errors.py (rejected, unavailable, rate
+limited, authentication failed) or returns a `BrokerAnswer` saying the same; the enforcer turns
+either into an answer with `call_broker`, so no broker error ever escapes a tick.
+
+Every order carries a tag (`CLR-000007`, a retry `CLR-000007~2`, its stop `CLR-000007-stop`),
+unique per attempt — ProjectX refuses a reused tag forever — so a restarted engine finds its
+own orders by tag and never sends one twice.
+
+Adapters are registered by name below; each lives in its own module beside this one, with a
+pydantic `Settings` model (unknown keys refused) and a `create(settings, accounts)` factory.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from pydantic import BaseModel
+
+from copilink_rules.errors import (
+    AuthFailed,
+    BrokerError,
+    BrokerUnavailable,
+    OrderRejected,
+    RateLimited,
+)
 from copilink_rules.model import Snapshot
 
-AnswerStatus = Literal["accepted", "filled", "rejected"]
+AnswerStatus = Literal["accepted", "filled", "rejected", "unavailable", "rate_limited",
+                       "auth_failed", "manual"]
+OrderState = Literal["working", "filled", "cancelled", "rejected"]
+HealthState = Literal["connected", "connecting", "disconnected", "auth_failed"]
+Side = Literal["buy", "sell"]
 
 
 @dataclass(frozen=True)
 class BrokerAnswer:
-    """What the broker said about one command."""
+    """What the broker said about one request.
+
+    accepted      it took the request (the order may still be working)
+    filled        done already (a market order filled, a cancel confirmed, already flat)
+    rejected      the broker said no; `reason` is its reason
+    unavailable   it could not be reached (network, timeout, 5xx): not a refusal, try later
+    rate_limited  over its request budget: wait `retry_after` seconds, never a burst of retries
+    auth_failed   credentials refused or session ended: stop sending
+    manual        no machine can do it (an external copier): `reason` tells the trader what to do
+    """
 
     status: AnswerStatus
     reason: str = ""
     order_id: str | None = None
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status != "rejected"
+        return self.status in ("accepted", "filled")
+
+
+@dataclass(frozen=True)
+class OrderReport:
+    """What became of a tagged order, as the broker records it (reconciliation)."""
+
+    tag: str
+    state: OrderState
+    account: str
+    instrument: str | None = None
+    order_id: str | None = None
+    filled_qty: int = 0
+    reason: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state != "working"
+
+    def answer(self) -> BrokerAnswer:
+        """The report as an answer to the command that placed the order."""
+        status: AnswerStatus = {"working": "accepted", "filled": "filled",
+                                "cancelled": "accepted", "rejected": "rejected"}[self.state]
+        return BrokerAnswer(status, self.reason, self.order_id)
+
+
+@dataclass(frozen=True)
+class Health:
+    """The adapter's connection to the broker as a whole (per-account state is in snapshots)."""
+
+    state: HealthState
+    detail: str = ""
+    since: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "connected"
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    """An account the adapter is told to watch (copilink.yaml `accounts:`)."""
+
+    id: str  # the broker's account name
+    role: Literal["leader", "follower"]
+    leader: str | None = None
+    ratio: float = 1.0
+    firm: str | None = None
+    size: float | None = None
+    instrument: str | None = None
 
 
 @runtime_checkable
-class BrokerAdapter(Protocol):
-    """A broker (or a simulation of one) the engine reads from and sends commands to."""
+class AccountFeed(Protocol):
+    """The world as the broker last told it, kept current in the background."""
 
     name: str
 
     def snapshot(self) -> Snapshot:
-        """Accounts, positions, working orders, quotes, connection state and data age, now."""
+        """Accounts, positions, working orders, quotes, connection state and data age, as
+        last received; never waits on the network. An account the broker stopped updating
+        keeps its old `updated_at` (so it goes stale); one it never reported is disconnected."""
 
-    def flatten(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
-        """Close the position in `instrument` (every instrument when None) with a market
-        order and cancel the working orders there."""
+    def contracts(self) -> dict[str, str]:
+        """Follower -> the contract it trades when not the leader's (MNQH6 for a follower
+        that copies NQ as micros), as far as the broker knows."""
+
+
+@runtime_checkable
+class OrderPort(Protocol):
+    """Commands to the broker. Each returns the broker's answer or raises a BrokerError."""
+
+    def close_position(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
+        """Close the position in `instrument` (every instrument when None) with the broker's
+        own close-position command where it has one (it closes what is held when it runs,
+        so it can never cross through zero), and cancel the working orders there."""
+
+    def cancel_order(self, account: str, order_id: str, tag: str) -> BrokerAnswer:
+        """Cancel one order by the broker's id."""
 
     def cancel_orders(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
-        """Cancel working orders (in `instrument`, or all)."""
+        """Cancel the working orders in `instrument` (all instruments when None), one by one:
+        never a broker-wide cancel-all, which hits other accounts too."""
 
-    def place_order(self, account: str, instrument: str, side: Literal["buy", "sell"],
-                    qty: int, order_type: Literal["market", "stop"], tag: str,
+    def place_order(self, account: str, instrument: str, side: Side, qty: int,
+                    order_type: Literal["market", "stop"], tag: str,
                     stop_price: float | None = None) -> BrokerAnswer:
         """Place a market or stop order carrying `tag`."""
 
-    def pause_copier(self, follower: str, tag: str) -> BrokerAnswer:
+    def find_tag(self, tag: str) -> OrderReport | None:
+        """What became of the command tagged `tag`; None when the broker never received it."""
+
+
+@runtime_checkable
+class Broker(AccountFeed, OrderPort, Protocol):
+    """A broker connection: an account feed and an order port with a lifecycle."""
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Log in, subscribe and fill the first snapshot; raises AuthFailed or
+        BrokerUnavailable saying exactly what failed. Reconnects on its own afterwards."""
+
+    def health(self) -> Health:
+        """The connection now (connected, reconnecting, logged out...)."""
+
+    def close(self) -> None:
+        """Stop background work and close connections; safe to call twice."""
+
+
+@runtime_checkable
+class CopierPort(Protocol):
+    """The trade copier, which is not the broker: no broker has a `pause_copier`."""
+
+    name: str
+    steerable: bool  # False: pause/resume/skip become instructions to the trader
+
+    def pause(self, follower: str, tag: str) -> BrokerAnswer:
         """Stop copying the leader onto `follower`."""
 
-    def resume_copier(self, follower: str, tag: str) -> BrokerAnswer:
-        """Start copying onto `follower` again."""
+    def resume(self, follower: str, tag: str) -> BrokerAnswer:
+        """Copy onto `follower` again."""
 
     def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
-        """Tell the copier to leave `follower` out of the leader's current trade."""
-
-    def find_tag(self, tag: str) -> BrokerAnswer | None:
-        """What became of the command with `tag`, or None if the broker never received it."""
-
-    def contracts(self) -> dict[str, str]:
-        """Follower -> the contract the copier trades for it when not the leader's (MNQH6 for
-        a follower that copies NQ as micros), as far as the broker or copier knows; a
-        catch-up for that follower is placed in that contract."""
+        """Leave `follower` out of the leader's current trade in `instrument`."""
 
 
-AdapterFactory = Callable[[dict[str, Any]], BrokerAdapter]
-_REGISTRY: dict[str, AdapterFactory | None] = {
-    # known names; None = not available in this release
-    "sim": None, "replay": None, "ninjatrader": None, "tradovate": None, "projectx": None,
+@runtime_checkable
+class ContractMap(Protocol):
+    """Catalog symbols <-> the broker's names for contracts."""
+
+    def to_broker(self, symbol: str) -> str:
+        """The broker's name (or id) for a catalog symbol."""
+
+    def from_broker(self, name: str) -> str:
+        """The catalog symbol for the broker's name (or id); InstrumentError if unknown."""
+
+
+# --- errors as answers -----------------------------------------------------------------------
+
+
+def answer_from_error(exc: BaseException) -> BrokerAnswer:
+    """The answer a broker error stands for; anything unexpected counts as unavailable
+    (we do not know that the broker refused, so it is never counted as a refusal)."""
+    if isinstance(exc, OrderRejected):
+        return BrokerAnswer("rejected", str(exc))
+    if isinstance(exc, RateLimited):
+        return BrokerAnswer("rate_limited", str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, AuthFailed):
+        return BrokerAnswer("auth_failed", str(exc))
+    if isinstance(exc, BrokerUnavailable | BrokerError):
+        return BrokerAnswer("unavailable", str(exc))
+    return BrokerAnswer("unavailable", f"broker error: {type(exc).__name__}: {exc}")
+
+
+def call_broker(request: Callable[[], BrokerAnswer]) -> BrokerAnswer:
+    """Run one broker request; whatever it raises comes back as an answer."""
+    try:
+        return request()
+    except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
+        return answer_from_error(exc)
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+# name -> the module implementing it (imported only when used: a trader on NinjaTrader never
+# loads the WebSocket stack)
+_MODULES: dict[str, str] = {
+    "sim": "copilink_rules.adapters.sim",
+    "fake": "copilink_rules.adapters.fake",
 }
 
 
-def register(name: str, factory: AdapterFactory) -> None:
-    _REGISTRY[name] = factory
-
-
-def create_adapter(name: str, settings: dict[str, Any]) -> BrokerAdapter:
-    """The adapter registered as `name`, built from its settings; LookupError if unknown."""
-    if name not in _REGISTRY:
-        known = ", ".join(_REGISTRY)
-        raise LookupError(f"No broker adapter named {name!r}; known: {known}")
-    factory = _REGISTRY[name]
-    if factory is None:
-        available = ", ".join(n for n, f in _REGISTRY.items() if f is not None)
-        raise LookupError(f"The broker adapter {name!r} is not available in this release; "
-                          f"available: {available}")
-    return factory(settings)
-
-
 def adapter_names() -> list[str]:
-    return list(_REGISTRY)
+    return list(_MODULES)
+
+
+def _module(name: str) -> Any:
+    if name not in _MODULES:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(_MODULES), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise LookupError(f"No broker adapter named {name!r}{hint}; known: "
+                          f"{', '.join(_MODULES)}")
+    return importlib.import_module(_MODULES[name])
+
+
+def settings_model(name: str) -> type[BaseModel]:
+    """The pydantic model of `broker.settings` for the adapter `name`."""
+    model: type[BaseModel] = _module(name).Settings
+    return model
+
+
+def create_adapter(name: str, settings: dict[str, Any],
+                   accounts: list[AccountSpec] | None = None) -> Broker:
+    """The adapter registered as `name`, built from its settings and the accounts to watch;
+    LookupError if unknown, pydantic's ValidationError for bad settings."""
+    module = _module(name)
+    parsed = module.Settings.model_validate(settings)
+    broker: Broker = module.create(parsed, list(accounts or []))
+    return broker

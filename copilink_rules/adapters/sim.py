@@ -30,7 +30,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from copilink_rules.instruments import Catalog, default_catalog
 from copilink_rules.model import Snapshot
 
-from .base import BrokerAnswer, register
+from .base import AccountSpec, BrokerAnswer, Health, OrderReport
 
 FaultKind = Literal["missed_entry", "missed_exit", "reversal", "disconnect", "stale", "reject",
                     "delay"]
@@ -144,6 +144,7 @@ class SimBroker:
         self.log: list[dict[str, Any]] = []  # every command the broker received
         self.skipping: dict[str, int] = {}  # follower -> leader trade it sits out
         self.rejects: dict[str, int] = {}
+        self.reject_reason = "order rejected by the broker (simulated fault)"
         self._delays: dict[str, dict[str, float]] = {}  # account -> {until, delay}
         self.current_trade: int | None = None
         for index, trade in enumerate(self.trades):
@@ -324,9 +325,13 @@ class SimBroker:
             self._delays[account.id] = {"until": self.elapsed + spec.duration,
                                         "delay": spec.delay}
 
-    def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str) -> None:
+    def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str,
+                        close: bool = False) -> None:
         target = self.accounts[account]
         family = self.catalog.parse(symbol).family
+        if close:  # a close-position command closes what is held when it executes
+            held = target.positions.get(symbol)
+            delta = -held.qty if held is not None else 0
         self._fill(target, symbol, delta)
         leader = self.accounts[self.scenario.leader]
         self._record(tag, "filled", symbol, filled_at=self.elapsed,
@@ -409,10 +414,10 @@ class SimBroker:
         if target is None:
             answer = BrokerAnswer("rejected", f"unknown account {account!r}")
         elif not target.connected:
-            answer = BrokerAnswer("rejected", f"account {account} is not connected")
+            answer = BrokerAnswer("unavailable", f"account {account} is not connected")
         elif self.rejects.get(account, 0) > 0:
             self.rejects[account] -= 1
-            answer = BrokerAnswer("rejected", "order rejected by the broker (simulated fault)")
+            answer = BrokerAnswer("rejected", self.reject_reason)
         else:
             return None
         self.log.append({"tag": tag, "status": "rejected", "time": self.elapsed,
@@ -421,14 +426,15 @@ class SimBroker:
         return answer
 
     def _order_fill(self, account: str, symbol: str, delta: int, tag: str,
-                    kind: str) -> BrokerAnswer:
+                    kind: str, close: bool = False) -> BrokerAnswer:
         delay = self._delays.get(account)
         self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
                          "account": account, "kind": kind, "instrument": symbol,
                          "delta": delta, **self._conditions(account)})
         if delay is not None and self.elapsed < delay["until"]:
             self._schedule(self.elapsed + delay["delay"], "engine_fill",
-                           {"account": account, "symbol": symbol, "delta": delta, "tag": tag})
+                           {"account": account, "symbol": symbol, "delta": delta, "tag": tag,
+                            "close": close})
             return BrokerAnswer("accepted", "", tag)
         self._on_engine_fill(account, symbol, delta, tag)
         return BrokerAnswer("filled", "", tag)
@@ -441,7 +447,9 @@ class SimBroker:
             del target.orders[order_id]
         return family
 
-    def flatten(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
+    def close_position(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
+        """The broker's close-position command: cancels the working orders and closes what
+        is held when it executes (a late fill closes what is there then, never more)."""
         refused = self._refuse(account, tag, "flatten")
         if refused:
             return refused
@@ -456,8 +464,32 @@ class SimBroker:
         answer = BrokerAnswer("filled", "", tag)
         for symbol in symbols:
             answer = self._order_fill(account, symbol, -target.positions[symbol].qty, tag,
-                                      "flatten")
+                                      "flatten", close=True)
         return answer
+
+    def cancel_order(self, account: str, order_id: str, tag: str) -> BrokerAnswer:
+        refused = self._refuse(account, tag, "cancel_order")
+        if refused:
+            return refused
+        target = self.accounts[account]
+        if order_id in target.orders:
+            del target.orders[order_id]
+            found = True
+        else:  # an engine order whose fill is still to come (a delayed fill)
+            pending = [e for e in self.events if e[2] == "engine_fill" and
+                       e[3]["tag"] == order_id and e[3]["account"] == account]
+            for event in pending:
+                self.events.remove(event)
+            found = bool(pending)
+            if found:
+                self._record(order_id, "cancelled", cancelled_at=self.elapsed)
+        self.log.append({"tag": tag, "status": "filled" if found else "rejected",
+                         "time": self.elapsed, "account": account, "kind": "cancel_order",
+                         "order_id": order_id, **({} if found else {
+                             "reason": f"no working order {order_id!r}"})})
+        if not found:
+            return BrokerAnswer("rejected", f"no working order {order_id!r} on {account}")
+        return BrokerAnswer("filled", "", order_id)
 
     def cancel_orders(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
         refused = self._refuse(account, tag, "cancel_orders")
@@ -483,39 +515,30 @@ class SimBroker:
         delta = qty if side == "buy" else -qty
         return self._order_fill(account, instrument, delta, tag, "place_market")
 
-    def _copier(self, follower: str, tag: str, state: str) -> BrokerAnswer:
-        target = self.accounts.get(follower)
-        if target is None or target.role != "follower":
-            return BrokerAnswer("rejected", f"no follower named {follower!r}")
-        target.copier = state
-        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
-                         "account": follower, "kind": f"copier_{state}"})
-        return BrokerAnswer("filled", "", tag)
-
-    def pause_copier(self, follower: str, tag: str) -> BrokerAnswer:
-        return self._copier(follower, tag, "paused")
-
-    def resume_copier(self, follower: str, tag: str) -> BrokerAnswer:
-        return self._copier(follower, tag, "active")
-
     def contracts(self) -> dict[str, str]:
         leader = self.accounts[self.scenario.leader].symbol
         return {a.id: a.symbol for a in self.accounts.values()
                 if a.role == "follower" and a.symbol != leader}
 
-    def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
-        if self.current_trade is not None:
-            self.skipping[follower] = self.current_trade
-        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
-                         "account": follower, "kind": "skip_entry"})
-        return BrokerAnswer("filled", "", tag)
-
-    def find_tag(self, tag: str) -> BrokerAnswer | None:
+    def find_tag(self, tag: str) -> OrderReport | None:
         for entry in self.log:
             if entry["tag"] == tag:
-                status = entry["status"]
-                return BrokerAnswer(status if status in ("accepted", "filled", "rejected")
-                                    else "accepted", entry.get("reason", ""), tag)
+                state = {"accepted": "working", "filled": "filled", "rejected": "rejected",
+                         "cancelled": "cancelled"}.get(entry["status"], "working")
+                return OrderReport(tag, state, entry.get("account", ""),  # type: ignore[arg-type]
+                                   entry.get("instrument"), tag, abs(entry.get("delta", 0))
+                                   if state == "filled" else 0, entry.get("reason", ""))
+        return None
+
+    # --- lifecycle: an in-process broker is always there ------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> None:
+        return None
+
+    def health(self) -> Health:
+        return Health("connected")
+
+    def close(self) -> None:
         return None
 
     # --- persistence ----------------------------------------------------------------------
@@ -569,8 +592,50 @@ def _tupled(value: Any) -> Any:
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
-def _make(settings: dict[str, Any]) -> SimBroker:
-    return SimBroker(SimScenario.model_validate(settings))
+class SimCopier:
+    """The sim's own copier (with its faults): pause, resume and skip-entry really happen."""
+
+    name = "sim"
+    steerable = True
+
+    def __init__(self, broker: SimBroker) -> None:
+        self.broker = broker
+
+    def _state(self, follower: str, tag: str, state: str) -> BrokerAnswer:
+        target = self.broker.accounts.get(follower)
+        if target is None or target.role != "follower":
+            return BrokerAnswer("rejected", f"no follower named {follower!r}")
+        target.copier = state
+        self.broker.log.append({"tag": tag, "status": "filled", "time": self.broker.elapsed,
+                                "account": follower, "kind": f"copier_{state}"})
+        return BrokerAnswer("filled", "", tag)
+
+    def pause(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._state(follower, tag, "paused")
+
+    def resume(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._state(follower, tag, "active")
+
+    def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
+        broker = self.broker
+        if broker.current_trade is not None:
+            broker.skipping[follower] = broker.current_trade
+        broker.log.append({"tag": tag, "status": "filled", "time": broker.elapsed,
+                           "account": follower, "kind": "skip_entry"})
+        return BrokerAnswer("filled", "", tag)
 
 
-register("sim", _make)
+Settings = SimScenario
+
+
+def create(settings: SimScenario, accounts: list[AccountSpec]) -> SimBroker:
+    """The sim from its scenario; `accounts` (copilink.yaml) name its leader and followers."""
+    data = settings.model_dump()
+    leaders = [a for a in accounts if a.role == "leader"]
+    if leaders:
+        data["leader"], data["leader_firm"] = leaders[0].id, leaders[0].firm
+    followers = [a for a in accounts if a.role == "follower"]
+    if followers:
+        data["followers"] = [{"id": a.id, "ratio": a.ratio, "firm": a.firm,
+                              "instrument": a.instrument} for a in followers]
+    return SimBroker(SimScenario.model_validate(data))

@@ -1,0 +1,66 @@
+"""The contract suite over the shipped recording fake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from copilink_rules.adapters.base import AccountSpec, BrokerAnswer
+from copilink_rules.adapters.fake import FakeBroker
+
+from .adapter_contract import BrokerContract
+
+
+class FakeHarness:
+    leader, follower, symbol = "LEAD", "F1", "NQH6"
+
+    def __init__(self) -> None:
+        self.broker = FakeBroker([AccountSpec("LEAD", "leader"),
+                                  AccountSpec("F1", "follower", leader="LEAD")])
+
+    def set_position(self, account: str, qty: int, avg_price: float) -> None:
+        self.broker.set_position(account, self.symbol, qty, avg_price)
+
+    def received(self) -> list[dict[str, Any]]:
+        kinds = {"close_position": "close", "place_order": "place", "cancel_order": "cancel",
+                 "cancel_orders": "cancel"}
+        out = []
+        for call in self.broker.calls:
+            entry = {"kind": kinds[call.method], "account": call.account, "tag": call.tag,
+                     **call.args}
+            out.append(entry)
+        return out
+
+    def reject_next(self, reason: str) -> None:
+        self.broker.script(self.follower, BrokerAnswer("rejected", reason))
+
+    def hold_fills(self) -> None:
+        self.broker.fills = "held"
+
+    def go_offline(self) -> None:
+        self.broker.reachable = False
+        self.broker.connected = dict.fromkeys(self.broker.connected, False)
+
+
+class TestFakeContract(BrokerContract):
+    @pytest.fixture
+    def harness(self) -> Iterator[FakeHarness]:
+        yield FakeHarness()
+
+
+def test_the_fake_records_every_request_in_order() -> None:
+    harness = FakeHarness()
+    harness.broker.close_position("F1", None, "CLR-1")
+    harness.broker.place_order("F1", "NQH6", "buy", 1, "market", "CLR-2")
+    assert [(c.method, c.tag) for c in harness.broker.calls] == [
+        ("close_position", "CLR-1"), ("place_order", "CLR-2")]
+
+
+def test_the_fake_refuses_a_reused_tag() -> None:
+    harness = FakeHarness()
+    assert harness.broker.place_order("F1", "NQH6", "buy", 1, "market", "CLR-1").ok
+    again = harness.broker.place_order("F1", "NQH6", "buy", 1, "market", "CLR-1")
+    assert again.status == "rejected"
+    assert "already in use" in again.reason
