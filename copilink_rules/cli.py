@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .adapters import create_adapter
-from .adapters.base import BrokerAdapter
+from .adapters.base import Broker
 from .adapters.sim import SimBroker
 from .alerts import Alerts
 from .calendar import load_calendar
@@ -424,7 +424,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if config.broker.name == "sim":
         settings = sim_settings(config)
         sim_state = Path(args.sim_state) if args.sim_state else None
-        broker: BrokerAdapter = make_sim(settings, sim_state)
+        broker: Broker = make_sim(settings, sim_state)
     else:
         sim_state = None
         broker = create_adapter(config.broker.name, config.broker.settings)

@@ -10,12 +10,20 @@ Each attempt is its own journal row and tag (`CLR-000007`, `CLR-000007~2`, ...);
 attempt is sent, the previous row becomes `retried`, so only the latest attempt is ever open.
 
 Safety, whatever the rules say:
-* at most one outstanding corrective action per account and instrument family;
+* at most one outstanding corrective action per account and instrument family — at the broker
+  too: an attempt the broker accepted but did not finish is asked about by tag, cancelled if it
+  still works, and a new attempt goes out only once the old one is final;
+* a flatten is the broker's close-position command (it closes what is held when it runs, so
+  it can never cross through zero into the opposite side);
 * no order to a disconnected or stale account (it waits until the account is reachable);
-* a catch-up never adds past `max_contracts` (when the rules declare it), never to a locked
-  account, never against a position on the other side;
-* the kill switch (file, signal or call) stops every automatic order at once;
-* `dry_run` journals what would be sent and sends nothing.
+* a catch-up passes the pre-trade gate first — every contract limit of the account's firm,
+  locks, hedges, news blackouts, flat-by windows — and is cut to fit or refused;
+* the kill switch (file, signal or call), a broker's rate limit and a refused log-in stop every
+  automatic order at once; the engine holds its decisions and proposes them again once the
+  block lifts (`blocked()`);
+* a broker that cannot be reached is not a broker that refused: the command waits and is
+  asked about by tag before it is sent again;
+* `dry_run` journals what would be sent and sends nothing; its alerts say "would".
 
 Every command is journaled as `sending` before it goes out and updated with the answer; a
 restarted enforcer asks the broker about those by tag instead of sending them again.
@@ -31,9 +39,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .adapters.base import BrokerAdapter, BrokerAnswer
+from .adapters.base import Broker, BrokerAnswer, CopierPort, OrderReport, call_broker
 from .alerts import Alert, Alerts
+from .calendar import Calendar
+from .copier import ExternalCopier
 from .engine import DEFAULT_STALE_AFTER, lock_until
+from .gate import Gate, OrderRequest
 from .instruments import Catalog, default_catalog
 from .journal import OPEN_STATUSES, CommandRow, Journal, iso
 from .model import Account, Decision, Snapshot
@@ -105,13 +116,15 @@ class Lock:
 
 @dataclass
 class Enforcer:
-    broker: BrokerAdapter
+    broker: Broker
     journal: Journal
     alerts: Alerts
     policy: Policy
+    copier: CopierPort = field(default_factory=ExternalCopier)
     dry_run: bool = False
     kill_switch: KillSwitch = field(default_factory=KillSwitch)
     catalog: Catalog = field(default_factory=default_catalog)
+    calendar: Calendar | None = None
     backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
     verify_after: float = 5.0
     on_command: Callable[[str, str, str], None] | None = None  # (kind, account, tag): hooks
@@ -123,6 +136,11 @@ class Enforcer:
 
     def __post_init__(self) -> None:
         self._follower_ids: list[str] = []
+        # the broker asked us to wait (rate limit) / refused our log-in: nothing is sent
+        self.hold_until: datetime | None = None
+        self.hold_reason = ""
+        self.auth_failed = ""
+        self._last_snapshot: Snapshot | None = None
         # while a tick's decisions are carried out, the broker's answers to them are told
         # after them, so "flattening F1" reads before "broker rejected flatten"
         self._told_later: list[Alert] | None = None
@@ -131,6 +149,8 @@ class Enforcer:
     def use_policy(self, policy: Policy) -> None:
         """Take the numbers the enforcer needs from `policy` (at start and on hot reload)."""
         self.policy = policy
+        # every order the engine sends asks the pre-trade gate first: the same limits
+        self.gate = Gate(policy, self.catalog, self.calendar)
         self.max_contracts = policy.param("max_contracts", None)
         self.entry_max_data_age = float(policy.param("entry_max_data_age", 1.0))
         self.stale_after = float(policy.param("stale_after", DEFAULT_STALE_AFTER))
@@ -160,7 +180,8 @@ class Enforcer:
             if row.status == "retrying":
                 action.next_try = now  # its backoff ran out while we were down
             if row.status == "sending":
-                answer = self.broker.find_tag(row.tag)
+                report = self._find(row.tag)
+                answer = report.answer() if report is not None else None
                 if answer is None:
                     action.status = "retrying"  # never reached the broker: send it again
                     action.next_try = now
@@ -179,9 +200,32 @@ class Enforcer:
 
     # --- each tick ----------------------------------------------------------------------------
 
+    def blocked(self, now: datetime) -> str | None:
+        """Why no automatic order may go out now (kill switch, the broker's rate limit, a
+        refused log-in), or None. The engine holds its order decisions while this says so
+        and proposes them again once it clears."""
+        if self.kill_switch.engaged:
+            return f"kill switch: {self.kill_switch.reason}"
+        if self.auth_failed:
+            return f"the broker refused our log-in ({self.auth_failed})"
+        if self.hold_until is not None:
+            if now < self.hold_until:
+                return (f"the broker asked us to wait until {iso(self.hold_until)} "
+                        f"({self.hold_reason})")
+            self.hold_until = None
+        return None
+
+    def broker_back(self, now: datetime) -> None:
+        """The adapter logged in again: sending may resume."""
+        if self.auth_failed:
+            self.auth_failed = ""
+            self._alert(now, "info", "the broker accepted our log-in again: orders resume",
+                        None)
+
     def process(self, snapshot: Snapshot, decisions: list[Decision]) -> list[Action]:
         """Follow up open actions against `snapshot`, then carry out new decisions."""
         now = snapshot.time
+        self._last_snapshot = snapshot
         accounts = {a.id: a for a in snapshot.accounts}
         self._follower_ids = [a.id for a in snapshot.accounts if a.role == "follower"]
         self._expire_locks(now)
@@ -234,23 +278,66 @@ class Enforcer:
                    now: datetime) -> None:
         for key, action in list(self.outstanding.items()):
             account = accounts.get(action.account)
-            if action.status in ("pending", "sending") and self._done(action, account):
+            if action.status in ("pending", "sending", "cancelling") and \
+                    self._done(action, account):
                 action.status = "confirmed"
                 self.journal.command_status(action.tag, "confirmed", now, "verified in snapshot")
                 del self.outstanding[key]
                 continue
             if action.status == "pending" and action.sent_at is not None and \
                     (now - action.sent_at).total_seconds() >= self.verify_after:
-                self._failed_attempt(action, now, f"not done {self.verify_after:g}s after "
-                                     "the broker accepted it")
+                self._overdue(action, now)
+            elif action.status == "cancelling":
+                self._overdue(action, now)
             if action.status == "retrying" and action.next_try is not None and \
                     now >= action.next_try:
-                if not self._reachable(account, now):
+                if not self._reachable(account, now) or self.blocked(now):
                     continue  # waits: never an order to an unreachable account
+                if not self._previous_final(action, now):
+                    continue
                 if action.kind == "catch_up":
                     self._finish(action, now, "failed", "catch-up not retried: price moves on")
                     continue
                 self._send(action, now, retry=True)
+
+    def _overdue(self, action: Action, now: datetime) -> None:
+        """An accepted attempt not done in time: while the broker still works it, cancel it
+        and wait for its final state; a second order beside a working one could fill too
+        (long 2 closed twice is short 2)."""
+        report = self._find(action.tag)
+        if report is not None and not report.final:
+            if action.status != "cancelling":
+                action.status = "cancelling"
+                self.journal.command_status(action.tag, "cancelling", now,
+                                            f"still working {self.verify_after:g}s after the "
+                                            "broker accepted it: cancelling it first")
+                if report.order_id:
+                    self._cancel_at_broker(action, report.order_id, now)
+            return
+        self._failed_attempt(action, now, f"not done {self.verify_after:g}s after the broker "
+                             f"accepted it ({report.state if report else 'unknown to it'})")
+
+    def _cancel_at_broker(self, action: Action, order_id: str, now: datetime) -> None:
+        tag = f"{action.tag}-cancel"
+        answer = call_broker(lambda: self.broker.cancel_order(action.account, order_id, tag))
+        self.journal.answer(tag, now, answer.status, answer.reason)
+
+    def _previous_final(self, action: Action, now: datetime) -> bool:
+        """Before a new attempt: is the broker done with the previous one? An attempt it
+        never answered (unreachable) may still have arrived."""
+        report = self._find(action.tag)
+        if report is None or report.final:
+            return True
+        if report.order_id:
+            self._cancel_at_broker(action, report.order_id, now)
+        return False
+
+    def _find(self, tag: str) -> OrderReport | None:
+        try:
+            return self.broker.find_tag(tag)
+        except Exception:  # noqa: BLE001 - unknown counts as "ask again next tick"
+            log.warning("could not ask the broker about %s", tag)
+            return OrderReport(tag, "working", "")
 
     def _failed_attempt(self, action: Action, now: datetime, reason: str) -> None:
         if action.attempt > len(self.backoff):
@@ -301,14 +388,8 @@ class Enforcer:
             return None
         if kind == "skip_entry":
             if decision.account and decision.instrument:
-                tag = self._tag()
-                self._journal_command(tag, decision.account, decision.instrument, None, kind,
-                                      decision.rule, {}, "sending", 1, now)
-                if self.dry_run:
-                    self.journal.command_status(tag, "dry_run", now)
-                    return None
-                answer = self.broker.skip_entry(decision.account, decision.instrument, tag)
-                self._journal_answer(tag, answer, now)
+                self._copier_command(kind, decision.account, decision.rule, now,
+                                     decision.instrument)
             return None
         if kind not in CORRECTIVE or decision.account is None:
             return None  # block_order / reduce_order belong to the pre-trade gate
@@ -359,8 +440,9 @@ class Enforcer:
         if existing is not None:
             return f"{existing.kind} {existing.tag} is still outstanding for this account " \
                 "and instrument"
-        if self.kill_switch.engaged:
-            return f"kill switch: {self.kill_switch.reason}"
+        blocked = self.blocked(now)
+        if blocked:
+            return blocked
         if not self._reachable(account, now):
             return f"account {action.account} is disconnected or stale: no orders"
         if action.kind != "catch_up" or account is None:
@@ -381,14 +463,36 @@ class Enforcer:
             return "the follower holds the other side: a catch-up would not fix that"
         if held != 0:
             return "the follower is no longer flat"
+        return self._gate_refusal(action, account, qty, now)
+
+    def _gate_refusal(self, action: Action, account: Account, qty: int,
+                      now: datetime) -> str | None:
+        """The pre-trade gate's answer to the catch-up: every contract limit of the account's
+        firm (from whichever rule set states it), locks, hedges, blackouts, flat-by; and a
+        `max_contracts` param, where the rules declare one, over every account."""
+        assert action.instrument is not None
+        snapshot = self._last_snapshot
+        if snapshot is not None:
+            locks = {a: (lock.state, lock.until, lock.rule or "") for a, lock in self.locks.items()}
+            self.gate.update(_with_account(snapshot, account), locks)
+            verdict = self.gate.check(OrderRequest(
+                account=action.account, instrument=action.instrument,
+                side="buy" if qty > 0 else "sell", qty=abs(qty)))
+            if verdict.verdict == "block":
+                return f"pre-trade gate: {'; '.join(verdict.reasons)}"
+            if verdict.verdict == "reduce":
+                action.args["qty"] = verdict.qty if qty > 0 else -verdict.qty
+                action.args["reduced_from"] = qty
+                action.args["reduced_because"] = "; ".join(verdict.reasons)
+                qty = int(action.args["qty"])
         if self.max_contracts is not None:
             total = sum(abs(p.qty) for p in account.positions)
             room = int(self.max_contracts) - total
             if room <= 0:
                 return f"max_contracts {self.max_contracts} reached"
             if abs(qty) > room:
+                action.args.setdefault("reduced_from", qty)
                 action.args["qty"] = room if qty > 0 else -room
-                action.args["reduced_from"] = qty
         return None
 
     def _send(self, action: Action, now: datetime, retry: bool = False) -> None:
@@ -408,8 +512,9 @@ class Enforcer:
         if self.dry_run:
             self._finish(action, now, "dry_run", "run --dry-run: not sent")
             return
-        if self.kill_switch.engaged:
-            self._finish(action, now, "blocked", f"kill switch: {self.kill_switch.reason}")
+        blocked = self.blocked(now)
+        if blocked:
+            self._finish(action, now, "blocked", blocked)
             return
         if self.on_command is not None:
             self.on_command(action.kind, action.account, action.tag)
@@ -426,28 +531,25 @@ class Enforcer:
 
     def _call(self, action: Action) -> tuple[BrokerAnswer, BrokerAnswer | None]:
         """The broker's answer, and for a catch-up its answer to the protective stop."""
-        try:
-            if action.kind == "flatten":
-                return self.broker.flatten(action.account, action.instrument, action.tag), None
-            if action.kind == "cancel_orders":
-                return self.broker.cancel_orders(action.account, action.instrument,
-                                                 action.tag), None
-            qty = int(action.args["qty"])
-            assert action.instrument is not None
-            answer = self.broker.place_order(action.account, action.instrument,
-                                             "buy" if qty > 0 else "sell", abs(qty), "market",
-                                             action.tag)
-        except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
-            return BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}"), None
+        broker = self.broker
+        if action.kind == "flatten":
+            return call_broker(lambda: broker.close_position(
+                action.account, action.instrument, action.tag)), None
+        if action.kind == "cancel_orders":
+            return call_broker(lambda: broker.cancel_orders(
+                action.account, action.instrument, action.tag)), None
+        qty = int(action.args["qty"])
+        instrument = action.instrument
+        assert instrument is not None
+        answer = call_broker(lambda: broker.place_order(
+            action.account, instrument, "buy" if qty > 0 else "sell", abs(qty), "market",
+            action.tag))
         stop = action.args.get("stop_price")
         if not answer.ok or stop is None:
             return answer, None
-        try:
-            return answer, self.broker.place_order(
-                action.account, action.instrument, "sell" if qty > 0 else "buy", abs(qty),
-                "stop", f"{action.tag}-stop", float(stop))
-        except Exception as exc:  # noqa: BLE001 - as above
-            return answer, BrokerAnswer("rejected", f"broker error: {type(exc).__name__}: {exc}")
+        return answer, call_broker(lambda: broker.place_order(
+            action.account, instrument, "sell" if qty > 0 else "buy", abs(qty), "stop",
+            f"{action.tag}-stop", float(stop)))
 
     def _answered(self, action: Action, answer: BrokerAnswer, now: datetime) -> None:
         self.journal.answer(action.tag, now, answer.status, answer.reason)
@@ -455,24 +557,59 @@ class Enforcer:
             action.status = "pending"
             action.sent_at = action.sent_at or now
             self.journal.command_status(action.tag, "pending", now, answer.reason or None)
-        else:
+            return
+        if answer.status == "rejected":
             self._alert(now, "warning", f"{action.account}: broker rejected {action.kind} "
                         f"({answer.reason}); attempt {action.attempt}", action.account,
                         action.rule)
             self._failed_attempt(action, now, f"rejected: {answer.reason}")
+            return
+        # not a refusal: the broker could not be reached, asked us to wait, or refused the
+        # log-in. The attempt may still have arrived: it is asked about by tag before the
+        # next one, which waits (never a burst of retries).
+        wait = self.backoff[0]
+        if answer.status == "rate_limited":
+            wait = max(answer.retry_after or 60.0, wait)
+            self.hold_until = now + timedelta(seconds=wait)
+            self.hold_reason = f"rate limited: {answer.reason}"
+            self._alert(now, "critical", f"the broker rate-limited us ({answer.reason}): no "
+                        f"orders until {iso(self.hold_until)}; watch {action.account} by hand",
+                        action.account, action.rule)
+        elif answer.status == "auth_failed":
+            self.auth_failed = answer.reason or "authentication failed"
+            self._alert(now, "critical", f"the broker refused our log-in ({answer.reason}): "
+                        "no orders are sent until it accepts it again — check the credentials "
+                        f"and act on {action.account} by hand", action.account, action.rule)
+        else:
+            self._alert(now, "warning", f"{action.account}: {action.kind} could not reach the "
+                        f"broker ({answer.reason}); trying again when it is reachable",
+                        action.account, action.rule)
+        action.status = "retrying"
+        action.next_try = now + timedelta(seconds=wait)
+        action.reason = f"{answer.status}: {answer.reason}"
+        self.journal.command_status(action.tag, "retrying", now, action.reason)
 
     def _copier_command(self, kind: str, follower: str, rule: str | None,
-                        now: datetime) -> None:
+                        now: datetime, instrument: str | None = None) -> None:
         tag = self._tag()
-        self._journal_command(tag, follower, None, None, kind, rule, {}, "sending", 1, now)
+        self._journal_command(tag, follower, instrument, None, kind, rule, {}, "sending", 1,
+                              now)
         if self.dry_run:
             self.journal.command_status(tag, "dry_run", now)
             return
-        try:
-            answer = (self.broker.pause_copier(follower, tag) if kind == "pause_copier"
-                      else self.broker.resume_copier(follower, tag))
-        except Exception as exc:  # noqa: BLE001 - a broker error is an answer, never a crash
-            answer = BrokerAnswer("rejected", f"broker error: {exc}")
+        copier = self.copier
+        if kind == "pause_copier":
+            answer = call_broker(lambda: copier.pause(follower, tag))
+        elif kind == "resume_copier":
+            answer = call_broker(lambda: copier.resume(follower, tag))
+        else:
+            answer = call_broker(lambda: copier.skip_entry(follower, instrument or "", tag))
+        if answer.status == "manual":  # a copier only a person can steer
+            self.journal.answer(tag, now, answer.status, answer.reason)
+            self.journal.command_status(tag, "manual", now, f"a person must act: "
+                                        f"{answer.reason}")
+            self._alert(now, "critical", f"ACT NOW: {answer.reason}", follower, rule)
+            return
         self._journal_answer(tag, answer, now)
 
     def _journal_answer(self, tag: str, answer: BrokerAnswer, now: datetime) -> None:
@@ -537,3 +674,9 @@ class Enforcer:
             self.alerts.send(alert)
         else:
             self._told_later.append(alert)
+
+
+def _with_account(snapshot: Snapshot, fresh: Account) -> Snapshot:
+    """`snapshot` with one account replaced by a fresher read of it."""
+    accounts = tuple(fresh if a.id == fresh.id else a for a in snapshot.accounts)
+    return snapshot.model_copy(update={"accounts": accounts})

@@ -239,6 +239,8 @@ class Engine:
         self._last_fired: dict[str, dict[str, datetime]] = {r.id: {} for r in policy.rules}
         self._errors: dict[str, dict[str, str]] = {r.id: {} for r in policy.rules}
         self._entries: dict[str, tuple[str, str]] = {}  # pair -> (leader trade, action)
+        # this tick's pairs by follower: (pair key, family, leader trade)
+        self._pair_trades: dict[str, list[tuple[str, str, str]]] = {}
         self._first_seen: dict[str, tuple[int, datetime]] = {}  # account|family -> (side, t)
         self.last_time: datetime | None = None
         self._instrument_views: dict[str, Any] = {}
@@ -255,9 +257,11 @@ class Engine:
     # --- public API -------------------------------------------------------------------------
 
     def evaluate(self, snapshot: Snapshot, *, as_if_held: bool = False,
-                 stage: str = "session") -> list[Decision]:
+                 stage: str = "session", blocked: str | None = None) -> list[Decision]:
         """Decisions for one snapshot. `as_if_held` treats every true condition as having held
-        for its `for` (a single snapshot has no history: dry-run and check)."""
+        for its `for` (a single snapshot has no history: dry-run and check). `blocked` says
+        why no order may go out now (the kill switch, say): order decisions are then held as
+        for an unreachable account — reported once, proposed again once the block lifts."""
         now = snapshot.time.astimezone(UTC)
         if self.last_time is not None and now < self.last_time:
             raise StateError(f"snapshot time {now.isoformat()} is earlier than the previous "
@@ -294,7 +298,7 @@ class Engine:
         proposals.sort(key=lambda p: (p.order, p.target_index))
         decisions = self._notes + [decision for _, _, decision in errors]
         self._notes = []
-        decisions.extend(self._resolve(proposals, infos, now))
+        decisions.extend(self._resolve(proposals, infos, now, blocked))
         self.last_time = now
         return decisions
 
@@ -539,6 +543,8 @@ class Engine:
         lead_views: dict[tuple[str, str], tuple[Any, str, float | None]] = {}
         targets = []
         live_pairs: set[str] = set()
+        pair_trades: dict[str, list[tuple[str, str, str]]] = {}
+        self._pair_trades = pair_trades
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
         for info in infos.values():
             follower = info.account
@@ -573,6 +579,7 @@ class Engine:
                 lead_view, trade, stop = cached
                 pair_key = f"{f['id']}|{leader.view.id}|{family}"
                 live_pairs.add(pair_key)
+                pair_trades.setdefault(f["id"], []).append((pair_key, family, trade))
                 entry = self._entries.get(pair_key)
                 if entry is not None and entry[0] != trade:
                     del self._entries[pair_key]
@@ -738,8 +745,8 @@ class Engine:
     # --- conflicts, modes, reachability -----------------------------------------------------
 
     def _resolve(self, proposals: list[_Proposal], infos: dict[str, _AccountInfo],
-                 now: datetime) -> list[Decision]:
-        proposals = self._hold_unreachable(proposals, infos)
+                 now: datetime, blocked: str | None = None) -> list[Decision]:
+        proposals = self._hold_unreachable(proposals, infos, blocked)
         active: list[_Proposal] = []
         extra: list[_Proposal] = []
         for p in proposals:
@@ -794,14 +801,15 @@ class Engine:
             decisions.append(self._decision(p, now))
         return decisions
 
-    def _hold_unreachable(self, proposals: list[_Proposal],
-                          infos: dict[str, _AccountInfo]) -> list[_Proposal]:
-        """Hold orders for unreachable accounts: report once, fire again when reachable."""
+    def _hold_unreachable(self, proposals: list[_Proposal], infos: dict[str, _AccountInfo],
+                          blocked: str | None = None) -> list[_Proposal]:
+        """Hold orders for unreachable accounts (and all orders while `blocked`): report once,
+        fire again when reachable (unblocked)."""
         held: dict[tuple[str, str], bool] = {}  # (rule, target) -> report (False: repeat)
         for p in proposals:
             account = p.target.account
             if p.action not in ORDER_ACTIONS or account is None or \
-                    infos[account.id].view.reachable:
+                    (infos[account.id].view.reachable and not blocked):
                 continue
             group = (p.rule.id, p.target.key)
             if group not in held:
@@ -816,10 +824,13 @@ class Engine:
                 continue  # already reported while this account is unreachable
             if report and p.target.account is not None:
                 why = infos[p.target.account.id].why_unreachable
+                until = "it is reachable again"
+                if not why and blocked:
+                    why, until = blocked, "that is lifted"
                 if p.action in ORDER_ACTIONS:
-                    p.suppressed = f"{why}: no orders until it is reachable again"
+                    p.suppressed = f"{why}: no orders until {until}"
                 elif p.action == "alert":  # its message tells of an order that is not sent
-                    on_hold = f" [ON HOLD: {why}; the rule acts once it is reachable again]"
+                    on_hold = f" [ON HOLD: {why}; the rule acts once {until}]"
                     p.reason += on_hold
                     if "message" in p.args:
                         p.args["message"] += on_hold
@@ -837,11 +848,46 @@ class Engine:
                 state.held = False  # a later disconnect in this episode is reported again
         if p.rule.cooldown > 0:
             self._last_fired[p.rule.id][p.target.key] = now
-        if p.action not in ENTRY_PRECEDENCE or not p.target.trade:  # trade: pair targets only
+        if p.action not in ENTRY_PRECEDENCE:
             return
-        current = self._entries.get(p.target.key)
-        if current is None or ENTRY_PRECEDENCE[p.action] > ENTRY_PRECEDENCE[current[1]]:
-            self._entries[p.target.key] = (p.target.trade, p.action)
+        if p.target.trade:  # a pair target: its leader trade
+            episodes = [(p.target.key, p.target.trade)]
+        elif p.action == "flatten" and p.target.account is not None:
+            # an account-wide flatten (a firm rule: no hedging, a loss limit) ends the
+            # follower's part in each leader trade it touches, as a pair flatten does
+            episodes = [(key, trade) for key, family, trade in
+                        self._pair_trades.get(p.target.account.id, ())
+                        if trade and p.target.family in (None, family)]
+        else:
+            return
+        for key, trade in episodes:
+            self._entry(key, trade, p.action)
+        if episodes:  # journaled with the decision: a restart rebuilds them from there
+            p.args["episodes"] = [list(e) for e in episodes]
+
+    def _entry(self, key: str, trade: str, action: str) -> None:
+        current = self._entries.get(key)
+        if current is None or current[0] != trade or \
+                ENTRY_PRECEDENCE[action] > ENTRY_PRECEDENCE[current[1]]:
+            self._entries[key] = (trade, action)
+
+    def replay_decisions(self, decisions: Iterable[dict[str, Any]]) -> int:
+        """Take in decisions journaled after the saved state (`Decision.to_json_dict` form):
+        the leader trades they skipped, flattened or caught up stay so. Returns how many
+        counted."""
+        count = 0
+        for data in decisions:
+            action = data.get("action")
+            args = data.get("args")
+            if data.get("suppressed") or action not in ENTRY_PRECEDENCE or \
+                    not isinstance(args, dict):
+                continue
+            for episode in args.get("episodes") or ():
+                if isinstance(episode, list) and len(episode) == 2 and \
+                        all(isinstance(v, str) for v in episode):
+                    self._entry(episode[0], episode[1], str(action))
+                    count += 1
+        return count
 
     def _lock(self, p: _Proposal, now: datetime) -> None:
         account = p.target.account

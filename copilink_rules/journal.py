@@ -219,6 +219,20 @@ class Journal:
         row = self._exec("SELECT data FROM engine_state WHERE id = 1").fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
+    def decisions_after(self, moment: datetime | None,
+                        actions: tuple[str, ...] = ("flatten", "skip_entry", "catch_up")
+                        ) -> list[dict[str, Any]]:
+        """Decisions that passed (not suppressed) after `moment` (all when None), oldest
+        first, as journaled (`Decision.to_json_dict`)."""
+        sql = "SELECT data FROM decisions WHERE suppressed IS NULL AND action IN " \
+            f"({', '.join('?' * len(actions))})"
+        params: tuple[Any, ...] = actions
+        if moment is not None:
+            sql += " AND time > ?"
+            params = (*actions, iso(moment))
+        rows = self._exec(sql + " ORDER BY id", params).fetchall()
+        return [dict(json.loads(r[0])) for r in rows]
+
     def commands(self, statuses: tuple[str, ...] | None = None) -> list[CommandRow]:
         sql = "SELECT tag, time, account, instrument, family, action, rule, args, status, " \
             "attempt, reason, updated FROM commands"

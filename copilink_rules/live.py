@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.live import Live
 
-from .adapters.base import BrokerAdapter
+from .adapters.base import Broker
 from .adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
 from .alerts import Alert, Alerts, Webhook
 from .config import RunConfig
@@ -56,7 +56,7 @@ def build_alerts(config: RunConfig, base: Path, terminal: Callable[[Alert], None
     return Alerts(terminal=terminal, log_file=log_file, webhooks=hooks)
 
 
-def run_live(session: Session, broker: BrokerAdapter, *, tick: float, speed: float,
+def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
              until: float | None, out: TextIO, view: bool, pre_session: str | None = None,
              timezone: str = "America/New_York", sim_state: Path | None = None,
              title: str = "copilink-rules") -> LiveRunner:

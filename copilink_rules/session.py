@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .adapters.base import BrokerAdapter
+from .adapters.base import Broker, CopierPort
 from .alerts import Alert, Alerts
 from .calendar import Calendar
 from .enforcer import Enforcer, KillSwitch
@@ -38,7 +39,7 @@ log = logging.getLogger("copilink_rules.session")
 
 @dataclass
 class Session:
-    broker: BrokerAdapter
+    broker: Broker
     journal: Journal
     alerts: Alerts
     rules: Sequence[str | Path]
@@ -55,14 +56,26 @@ class Session:
     on_command: Callable[[str, str, str], None] | None = None
     # account -> the contract it trades, over what the broker knows (copilink.yaml's wins)
     contracts: dict[str, str] = field(default_factory=dict)
+    # who copies: the sim's own copier on the sim broker, else one only the trader can steer
+    copier: CopierPort | None = None
 
     def __post_init__(self) -> None:
         self.policy: Policy = load_policy(self.rules, self.overrides, self.rules_path)
         self.engine = Engine(self.policy, self.catalog, self.calendar)
+        if self.copier is None:
+            from .copier import make_copier
+
+            self.copier = make_copier("sim" if self.broker.name == "sim" else "external",
+                                      self.broker)
         self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
-                                 dry_run=self.dry_run, kill_switch=self.kill_switch,
-                                 catalog=self.catalog, on_command=self.on_command,
+                                 copier=self.copier, dry_run=self.dry_run,
+                                 kill_switch=self.kill_switch, catalog=self.catalog,
+                                 calendar=self.calendar, on_command=self.on_command,
                                  contracts={**self._broker_contracts(), **self.contracts})
+        # why enforcement stopped for good (the journal cannot be written): never act
+        # unjournaled
+        self.stopped: str | None = None
+        self._last_problem: str | None = None
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0
@@ -86,6 +99,13 @@ class Session:
             notes += self.engine.restore_state(saved)
             notes.append(f"continuing from the journal {self.journal.path} (engine state of "
                          f"{saved.get('time')})")
+        # what was decided after the last saved state (a crash between journaling a tick's
+        # decisions and saving the engine's state): the episodes it began still hold
+        later = self.journal.decisions_after(self.engine.last_time)
+        replayed = self.engine.replay_decisions(later)
+        if replayed:
+            notes.append(f"rebuilt {replayed} decision(s) journaled after the saved state "
+                         "(a skipped or flattened entry stays so for its leader trade)")
         snapshot = self.broker.snapshot()
         last = self.engine.last_time
         if last is not None and snapshot.time < last:
@@ -98,36 +118,56 @@ class Session:
         return notes
 
     def tick(self) -> list[Decision]:
-        """One evaluation. Never raises for a broker or input problem: it alerts instead."""
+        """One evaluation. Never raises for a broker or input problem: it alerts instead. If
+        the journal cannot be written, enforcement stops (`stopped` says why): an action that
+        is not journaled is never taken."""
+        if self.stopped is not None:
+            return []
         if not self._tick_lock.acquire(blocking=False):
             log.warning("tick skipped: the previous tick is still running")
             return []
         try:
-            if self.before_tick is not None:
-                self.before_tick()
-            try:
-                snapshot = self.broker.snapshot()
-                decisions = self.engine.evaluate(snapshot)
-            except (CopilinkError, ValueError) as exc:
-                self._problem(f"tick skipped: {exc}")
-                return []
-            except Exception as exc:  # noqa: BLE001 - a broker failure must not stop the run
-                self._problem(f"tick skipped: broker error {type(exc).__name__}: {exc}")
-                return []
-            digest = hashlib.sha256(snapshot.model_dump_json().encode()).hexdigest()[:16]
-            with self.journal.transaction():
-                self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
-                self.journal.decisions(decisions)
-            self.enforcer.process(snapshot, decisions)
-            if self.after_commands is not None:
-                self.after_commands()
-            self.journal.save_engine_state(snapshot.time, self.engine.save_state())
-            self.recent.extend(d for d in decisions if d.suppressed is False)
-            self.last_snapshot = snapshot
-            self.ticks += 1
-            return decisions
+            return self._tick()
+        except sqlite3.Error as exc:
+            self._journal_failed(exc)
+            return []
         finally:
             self._tick_lock.release()
+
+    def _tick(self) -> list[Decision]:
+        if self.before_tick is not None:
+            self.before_tick()
+        try:
+            snapshot = self.broker.snapshot()
+            blocked = self.enforcer.blocked(snapshot.time)
+            decisions = self.engine.evaluate(snapshot, blocked=blocked)
+        except (CopilinkError, ValueError) as exc:
+            self._problem(f"tick skipped: {exc}")
+            return []
+        except Exception as exc:  # noqa: BLE001 - a broker failure must not stop the run
+            self._problem(f"tick skipped: broker error {type(exc).__name__}: {exc}")
+            return []
+        digest = hashlib.sha256(snapshot.model_dump_json().encode()).hexdigest()[:16]
+        with self.journal.transaction():
+            self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
+            self.journal.decisions(decisions)
+        self.enforcer.process(snapshot, decisions)
+        if self.after_commands is not None:
+            self.after_commands()
+        self.journal.save_engine_state(snapshot.time, self.engine.save_state())
+        self.recent.extend(d for d in decisions if d.suppressed is False)
+        self.last_snapshot = snapshot
+        self._last_problem = None
+        self.ticks += 1
+        return decisions
+
+    def _journal_failed(self, exc: sqlite3.Error) -> None:
+        self.stopped = (f"the journal {self.journal.path} cannot be written ({exc}): "
+                        "enforcement stopped, nothing more is sent — free disk space or fix "
+                        "the file, then start again on the same journal")
+        moment = self.last_snapshot.time if self.last_snapshot else datetime.now().astimezone()
+        # not journaled (that is what failed): terminal, log file and webhooks only
+        self.alerts.send(Alert(moment, "critical", self.stopped, None))
 
     def pre_session_check(self) -> list[Decision]:
         """Evaluate the pre-session rules now and alert what is not ready."""
@@ -174,8 +214,14 @@ class Session:
             return message
         with self._tick_lock:
             state = self.engine.save_state()
-            engine = Engine(policy, self.catalog, self.calendar)
-            engine.restore_state(state)
+            try:
+                engine = Engine(policy, self.catalog, self.calendar)
+                engine.restore_state(state)
+            except Exception as exc:  # noqa: BLE001 - the old rules stay in force, said loudly
+                message = (f"rule files changed and load, but cannot be used ({exc}); the old "
+                           "rules stay in force")
+                self._send(now, "critical", message, None)
+                return message
             self.policy = policy
             self.engine = engine
             self.enforcer.use_policy(policy)
@@ -184,6 +230,9 @@ class Session:
         return message
 
     def _problem(self, message: str) -> None:
+        if message == self._last_problem:
+            return  # a broker down for a minute is one alert, not 240
+        self._last_problem = message
         moment = self.last_snapshot.time if self.last_snapshot else datetime.now().astimezone()
         self._send(moment, "critical", message, None)
 

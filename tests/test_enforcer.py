@@ -106,14 +106,35 @@ def test_kill_switch_file_stops_every_automatic_order(tmp_path: Path) -> None:
     kill_file.write_text("stop")
     broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)],
                            kill=KillSwitch(kill_file))
-    run_until(session, broker, 14)
+    decisions = []
+    while broker.elapsed < 14:
+        decisions += session.tick()
     assert [e for e in broker.log if e.get("kind") == "flatten"] == []
-    assert commands(session) == [("flatten", "F2", "blocked", 1)]
-    (row,) = session.journal.commands()
-    assert row.reason is not None
-    assert "kill switch" in row.reason
+    assert commands(session) == []
+    # the decision is reported once, held with its reason, and its alert says it is on hold
+    held = [d for d in decisions if d.action == "flatten"]
+    assert len(held) == 1
+    assert isinstance(held[0].suppressed, str)
+    assert "kill switch" in held[0].suppressed
+    assert any("ON HOLD: kill switch" in a.message for a in session.alerts.sent)
     KillSwitch(kill_file).release()
     assert not kill_file.exists()
+
+
+def test_a_flatten_held_by_the_kill_switch_goes_out_once_it_is_released(
+        tmp_path: Path) -> None:
+    kill_file = tmp_path / "copilink.kill"
+    kill_file.write_text("stop")
+    broker, session = make([SimFault(kind="missed_exit", account="F2", trade=0)],
+                           kill=KillSwitch(kill_file))
+    run_until(session, broker, 14)
+    assert broker.accounts["F2"].positions  # still stuck while the switch is engaged
+    kill_file.unlink()  # `copilink-rules kill --release`
+    run_until(session, broker, 16)
+    flattens = [e for e in broker.log if e.get("kind") == "flatten"]
+    assert [(e["account"], e["time"]) for e in flattens] == [("F2", 14.25)]
+    assert broker.accounts["F2"].positions == {}
+    assert commands(session) == [("flatten", "F2", "confirmed", 1)]
 
 
 def test_dry_run_journals_what_it_would_send_and_sends_nothing() -> None:
@@ -207,12 +228,34 @@ def test_broker_errors_are_answers_not_crashes() -> None:
     def explode(*args: object, **kwargs: object) -> None:
         raise ConnectionError("socket closed")
 
-    broker.flatten = explode  # type: ignore[method-assign,assignment]
+    broker.close_position = explode  # type: ignore[method-assign,assignment]
     run_until(session, broker, 12)
     first, *later = session.journal.commands()
     assert first.status == "retried"  # and tried again, under a new tag
     assert later[0].tag == first.tag + "~2"
-    assert "broker error: ConnectionError: socket closed" in (first.reason or "")
+    # an error is "unavailable", never counted as the broker refusing
+    assert "unavailable: broker error: ConnectionError: socket closed" in (first.reason or "")
+    assert not any("broker rejected" in a.message for a in session.alerts.sent)
+
+
+def test_a_copier_error_never_escapes_the_tick_and_the_state_is_saved() -> None:
+    broker, session = make([SimFault(kind="missed_entry", account="F2", trade=0)],
+                           trades=[SimTrade(at=2, side="long", qty=2, hold=60)])
+    assert session.copier is not None
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("copier socket closed")
+
+    session.copier.skip_entry = explode  # type: ignore[method-assign,assignment]
+    run_until(session, broker, 3)
+    broker.price += 100  # price ran away: the missed entry is skipped, not caught up
+    run_until(session, broker, 8)
+    skips = [c for c in session.journal.commands() if c.action == "skip_entry"]
+    assert [c.status for c in skips] == ["rejected"]
+    assert "ConnectionError: copier socket closed" in (skips[0].reason or "")
+    saved = session.journal.engine_state()
+    assert saved is not None
+    assert saved["time"] == "2026-03-02T14:30:08+00:00"
 
 
 def test_a_failing_snapshot_read_skips_the_tick_with_an_alert() -> None:

@@ -165,7 +165,7 @@ def test_the_sim_saved_to_a_file_continues_exactly_as_the_original(tmp_path: Pat
                                                 SimFollower(id="F2", instrument="MNQH6")]))
     for _ in range(80):
         original.advance(0.25)
-    original.flatten("F2", None, "CLR-000001")
+    original.close_position("F2", None, "CLR-000001")
     original.save(tmp_path / "sim.json")
     restored = SimBroker.load(tmp_path / "sim.json")
     assert restored.snapshot() == original.snapshot()

@@ -24,7 +24,7 @@ from freezegun import freeze_time
 from rich.console import Console
 
 from copilink_rules.adapters import create_adapter
-from copilink_rules.adapters.sim import SimBroker
+from copilink_rules.adapters.sim import SimBroker, SimCopier
 from copilink_rules.alerts import Alert, Alerts, Webhook
 from copilink_rules.cli import run
 from copilink_rules.config import load_config
@@ -192,12 +192,18 @@ def test_a_refusing_webhook_and_an_unwritable_log_are_recorded_not_raised(
 # --- adapters registry ----------------------------------------------------------------------
 
 def test_unknown_adapters_are_a_clear_lookup_error() -> None:
-    with pytest.raises(LookupError, match="No broker adapter named 'tradovat'; known: sim, "
-                                          "replay, ninjatrader, tradovate, projectx"):
+    with pytest.raises(LookupError, match=r"No broker adapter named 'tradovat' \(did you mean "
+                                          r"'tradovate'\?\); known: sim, fake, ninjatrader, "
+                                          "tradovate, projectx$"):
         create_adapter("tradovat", {})
-    with pytest.raises(LookupError, match="'tradovate' is not available in this release"):
-        create_adapter("tradovate", {})
     assert isinstance(create_adapter("sim", {"seed": 3}), SimBroker)
+
+
+def test_the_registry_lists_only_adapters_that_exist() -> None:
+    from copilink_rules.adapters.base import adapter_names, settings_model
+
+    for name in adapter_names():
+        assert settings_model(name).model_json_schema()  # importable, with its settings
 
 
 # --- scheduler ------------------------------------------------------------------------------
@@ -515,7 +521,7 @@ def test_the_pre_session_check_alerts_what_is_not_ready_or_says_ready() -> None:
     session.start()
     assert [d for d in session.pre_session_check() if d.suppressed is False] == []
     assert session.alerts.sent[-1].message == "pre-session check: READY (5 accounts)"
-    broker.pause_copier("F2", "manual")
+    SimCopier(broker).pause("F2", "manual")
     decisions = session.pre_session_check()
     assert [(d.rule, d.account) for d in decisions] == [("pre-session-copier-paused", "F2")]
     assert session.alerts.sent[-1].message.startswith(

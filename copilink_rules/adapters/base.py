@@ -90,9 +90,11 @@ class OrderReport:
 
     def answer(self) -> BrokerAnswer:
         """The report as an answer to the command that placed the order."""
-        status: AnswerStatus = {"working": "accepted", "filled": "filled",
-                                "cancelled": "accepted", "rejected": "rejected"}[self.state]
-        return BrokerAnswer(status, self.reason, self.order_id)
+        return BrokerAnswer(_REPORT_ANSWER[self.state], self.reason, self.order_id)
+
+
+_REPORT_ANSWER: dict[str, AnswerStatus] = {"working": "accepted", "filled": "filled",
+                                            "cancelled": "accepted", "rejected": "rejected"}
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,9 @@ def call_broker(request: Callable[[], BrokerAnswer]) -> BrokerAnswer:
 _MODULES: dict[str, str] = {
     "sim": "copilink_rules.adapters.sim",
     "fake": "copilink_rules.adapters.fake",
+    "ninjatrader": "copilink_rules.adapters.ninjatrader",
+    "tradovate": "copilink_rules.adapters.tradovate",
+    "projectx": "copilink_rules.adapters.projectx",
 }
 
 
