@@ -68,7 +68,16 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
              when: account.flat
              then: [flatten]
              priorty: 5
-         """, ["FILE:6: r1: rules[0]: unknown field 'priorty' (known: id, description, scope, "
+         """, ["FILE:6: r1: rules[0]: unknown key 'priorty' (did you mean 'priority'?)"]),
+        # an unknown key with no near match lists the known ones
+        ("""
+         ruleset: demo
+         rules:
+           - id: r1
+             when: account.flat
+             then: [flatten]
+             zzz: 5
+         """, ["FILE:6: r1: rules[0]: unknown key 'zzz' (known: id, description, scope, "
                "stage, applies_to, when, for, cooldown, then, priority, mode, severity)"]),
         # several problems in one file are all reported
         ("""
@@ -128,7 +137,8 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
                "balance, realized_pnl, unrealized_pnl, pnl, flat, contracts, positions, "
                "working_orders, undeclared_positions, size, equity, day_pnl, peak, peak_eod, "
                "total_profit, best_day, day_share, trading_day, minis, micros, hedged, "
-               "hedged_with, lock, locked, firm_accounts (at column 1)"]),
+               "hedged_with, lock, locked, firm_accounts, trades_today, losing_streak "
+               "(at column 1)"]),
         ("""
          ruleset: demo
          rules:
@@ -161,7 +171,8 @@ def test_a_good_file_loads_with_typed_params(write_rules: Callable[..., Path]) -
            - id: r1
              when: account.flat
              then: [flatten
-         """, ["FILE:6: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
+         """, ["FILE:6: invalid YAML: expected ',' or ']', but got '<stream end>'; a [ or { is "
+               "not closed, or an item in it needs quotes"]),
         ("- just\n- a list\n", ["FILE:1: a rule file must be a YAML mapping with `ruleset:` and "
                                 "`rules:`"]),
         ("""
@@ -276,7 +287,8 @@ def test_set_overrides_params_with_their_type(write_rules: Callable[..., Path]) 
     assert policy.rules[0].hold == 0.5
     assert policy.params["strict"].value is False
     assert policy.version != load_policy([path]).version
-    with pytest.raises(ParamError, match=r"unknown param 'max_contract'; known: flat_by, grace"):
+    with pytest.raises(ParamError, match=r"unknown param 'max_contract' \(did you mean "
+                       r"'max_contracts'\?\); known: flat_by, grace"):
         load_policy([path], {"max_contract": "4"})
     with pytest.raises(ParamError, match=r"--set max_contracts=four: expected an integer"):
         load_policy([path], {"max_contracts": "four"})

@@ -8,8 +8,13 @@ simpleeval checks at run time, because here every check happens once, at load:
   `params.max_contracts`): nothing reaches `__class__`, `format`, `mro`, frames or modules,
   because no object outside the namespace can be named at all;
 * calls only of the function library below, by bare name;
-* no f-strings, lambdas, comprehensions, subscripts, walrus, `is`, bit operators;
-* `**`, `*` and `+` run through simpleeval's bounded `safe_power` / `safe_mult` / `safe_add`.
+* no f-strings, lambdas, comprehensions, subscripts, walrus, `is`, bit operators, no `%`
+  formatting of text, no repeating or joining of lists;
+* time and memory are bounded by construction: `**` runs through `safe_power`, which refuses a
+  result of more than MAX_POWER_BITS bits (at load when both operands are literals); `*` and `+`
+  run through `safe_mult` / `safe_add` where an operand may be text, which refuse text longer
+  than MAX_TEXT_LENGTH; `%` runs through `safe_mod` where its left side may be text; number
+  literals have at most MAX_NUMBER_DIGITS digits. So every value an expression builds is small.
 
 The checked tree is rewritten (names read from one environment object, operators through the
 safe functions) and compiled by CPython into a function with no builtins. Run-time failures
@@ -20,14 +25,14 @@ reports them as evaluation errors for that rule and target.
 from __future__ import annotations
 
 import ast
+import contextlib
+import difflib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, time
 from typing import Any
-
-import simpleeval
 
 from copilink_rules.errors import EvaluationError, ExpressionError
 from copilink_rules.namespace import ANY, BOOL, DATETIME, FIELDS, NAMES, NUM, STR, TIME, Env
@@ -36,12 +41,84 @@ MAX_EXPRESSION_LENGTH = 2000
 MAX_DEPTH = 40
 MAX_STRING_LITERAL = 1000
 MAX_LIST_LITERAL = 100
+MAX_NUMBER_DIGITS = 30  # a literal like 10**30 is already far beyond any price or balance
+MAX_POWER_BITS = 1024  # the range of a float (about 1.8e308): no rule needs a larger power
+MAX_TEXT_LENGTH = 10_000  # text an expression may build with * or +
 ENV = "__cl_env"
 
 
 # --- the function library ------------------------------------------------------------------
 
 _NUMBER_TYPES = frozenset({int, float})
+
+
+def _brief(value: Any) -> str:
+    """A number for a message: a huge int is described, not printed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "\u2026"
+
+
+def power_bits(base: Any, exponent: Any) -> float:
+    """log2 of the magnitude of base ** exponent, estimated without computing it (0 when the
+    result is at most 1, or cannot grow: a base of 0 or 1, a NaN)."""
+    try:
+        magnitude = abs(base)
+        if magnitude in (0, 1) or exponent != exponent:  # noqa: PLR0124 - NaN test
+            return 0.0
+        log = math.log2(magnitude)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    if log != log:  # noqa: PLR0124 - a NaN base
+        return 0.0
+    # a float cannot hold a huge int exponent: its sign is all that matters then
+    scaled = float(exponent) if abs(exponent) < 1e300 else math.copysign(1e300, exponent)
+    return log * scaled
+
+
+def safe_power(base: Any, exponent: Any) -> Any:
+    """base ** exponent for numbers, refused when the result would need more than
+    MAX_POWER_BITS bits: `4000000 ** 4000000` would cost a minute of CPU and 11 MB."""
+    for value in (base, exponent):
+        if not isinstance(value, int | float):
+            raise EvaluationError(f"** needs numbers, got {_brief(value)}")
+    if power_bits(base, exponent) > MAX_POWER_BITS:
+        raise EvaluationError(f"{_brief(base)} ** {_brief(exponent)} is too large (a power may "
+                              f"give at most 2 ** {MAX_POWER_BITS}, about 1.8e308)")
+    return base ** exponent
+
+
+def _sequence_error(what: str) -> EvaluationError:
+    return EvaluationError(f"lists cannot be {what} in a rule expression")
+
+
+def safe_mult(a: Any, b: Any) -> Any:
+    """a * b, with text repeated to at most MAX_TEXT_LENGTH chars and lists not repeated."""
+    if isinstance(a, str) or isinstance(b, str):
+        text, times = (a, b) if isinstance(a, str) else (b, a)
+        if isinstance(times, int) and len(text) * times > MAX_TEXT_LENGTH:
+            raise EvaluationError(f"text longer than {MAX_TEXT_LENGTH} chars is not allowed")
+    elif isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        raise _sequence_error("repeated")
+    return a * b
+
+
+def safe_add(a: Any, b: Any) -> Any:
+    """a + b, with joined text of at most MAX_TEXT_LENGTH chars and lists not joined."""
+    if isinstance(a, str) and isinstance(b, str):
+        if len(a) + len(b) > MAX_TEXT_LENGTH:
+            raise EvaluationError(f"text longer than {MAX_TEXT_LENGTH} chars is not allowed")
+    elif isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        raise _sequence_error("joined")
+    return a + b
+
+
+def safe_mod(a: Any, b: Any) -> Any:
+    """a % b for numbers; `"%999999999d" % 1` (a 1 GB string) is refused."""
+    if isinstance(a, str):
+        raise EvaluationError("% formatting of text is not allowed in a rule expression")
+    return a % b
 
 
 def _number(value: Any, what: str) -> float:
@@ -187,9 +264,16 @@ LIBRARY: dict[str, LibraryFunction] = {
 ENV_FUNCTIONS_NEED = {"ticks": "instrument"}  # functions that need a name of a certain scope
 
 _SAFE_BINOPS: dict[type[ast.operator], str | None] = {
-    ast.Add: "__cl_add", ast.Mult: "__cl_mult", ast.Pow: "__cl_pow",
-    ast.Sub: None, ast.Div: None, ast.FloorDiv: None, ast.Mod: None,
+    ast.Add: "__cl_add", ast.Mult: "__cl_mult", ast.Pow: "__cl_pow", ast.Mod: "__cl_mod",
+    ast.Sub: None, ast.Div: None, ast.FloorDiv: None,
 }
+# operators on literals, computed at load to check a power's size (see _Checker._literal)
+_LITERAL_OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b, ast.Pow: safe_power,
+}
+_NOT_LITERAL = object()
 _COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
 _FORBIDDEN_NODES: dict[type[ast.AST], str] = {
     ast.JoinedStr: "format strings (f-strings) are not allowed",
@@ -212,9 +296,10 @@ _FORBIDDEN_NODES: dict[type[ast.AST], str] = {
 _CONSTANT_NAMES = itertools.count()
 _GLOBALS_BASE: dict[str, Any] = {
     "__builtins__": {},
-    "__cl_add": simpleeval.safe_add,
-    "__cl_mult": simpleeval.safe_mult,
-    "__cl_pow": simpleeval.safe_power,
+    "__cl_add": safe_add,
+    "__cl_mult": safe_mult,
+    "__cl_pow": safe_power,
+    "__cl_mod": safe_mod,
     "__cl_abs": abs,
     "__cl_sign": lambda number: (number > 0) - (number < 0),
     "__cl_minutes_until": _minutes_until,
@@ -235,9 +320,12 @@ class CompiledExpression:
 
 
 class _Checker:
-    def __init__(self, scope: str, params: dict[str, str]) -> None:
+    def __init__(self, scope: str, params: dict[str, str],
+                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
         self.scope = scope
         self.params = params
+        self.choices = choices or {}
+        self.literals: dict[int, Any] = {}  # id of a literal-only BinOp -> its value
         self.names: set[str] = set()
         self.numeric: set[int] = set()  # ids of BinOps whose operands are both numbers
         self.types: dict[int, str] = {}  # id of each checked node -> its static type
@@ -279,6 +367,7 @@ class _Checker:
                 raise self.fail(node, f"operator {symbol} is not allowed (use + - * / // % **)")
             left = self.check(node.left, depth + 1)
             right = self.check(node.right, depth + 1)
+            self._bounded(node, left)
             if left in (NUM, BOOL) and right in (NUM, BOOL):
                 self.numeric.add(id(node))  # no string growth possible: plain + and *
                 return NUM
@@ -300,10 +389,50 @@ class _Checker:
             return ANY
         raise self.fail(node, f"{kind.__name__} is not allowed in a rule expression")
 
+    def _bounded(self, node: ast.BinOp, left: str) -> None:
+        """Refuse at load what could only build something huge: `%` formatting of text,
+        repeating or joining lists, a power of literals whose result is too large."""
+        if isinstance(node.op, ast.Mod) and left == STR:
+            raise self.fail(node, "% formatting of text is not allowed")
+        if isinstance(node.op, ast.Mult | ast.Add) and (
+                isinstance(node.left, ast.List | ast.Tuple)
+                or isinstance(node.right, ast.List | ast.Tuple)):
+            raise self.fail(node, "lists cannot be repeated or joined")
+        if isinstance(node.op, ast.Pow):
+            try:
+                self._literal(node)
+            except EvaluationError as exc:
+                raise self.fail(node, str(exc)) from None
+
+    def _literal(self, node: ast.AST) -> Any:
+        """The value of an arithmetic of number literals (`2 ** 10`), or _NOT_LITERAL. Powers
+        are computed by safe_power, so a too-large one raises EvaluationError here, at load."""
+        if isinstance(node, ast.Constant):
+            return node.value if isinstance(node.value, int | float) else _NOT_LITERAL
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            value = self._literal(node.operand)
+            if value is _NOT_LITERAL:
+                return value
+            return -value if isinstance(node.op, ast.USub) else +value
+        if not isinstance(node, ast.BinOp) or type(node.op) not in _LITERAL_OPS:
+            return _NOT_LITERAL
+        if id(node) in self.literals:
+            return self.literals[id(node)]
+        left, right = self._literal(node.left), self._literal(node.right)
+        value = _NOT_LITERAL
+        if left is not _NOT_LITERAL and right is not _NOT_LITERAL:
+            # 1 / 0 stays _NOT_LITERAL: it is reported when the rule runs, as before
+            with contextlib.suppress(ArithmeticError, TypeError, ValueError):
+                value = _LITERAL_OPS[type(node.op)](left, right)
+        self.literals[id(node)] = value
+        return value
+
     def _constant(self, node: ast.Constant) -> str:
         value = node.value
         if isinstance(value, bool) or value is None:
             return BOOL if isinstance(value, bool) else ANY
+        if isinstance(value, int) and abs(value) >= 10 ** MAX_NUMBER_DIGITS:
+            raise self.fail(node, f"number literals are limited to {MAX_NUMBER_DIGITS} digits")
         if isinstance(value, int | float):
             return NUM
         if isinstance(value, str):
@@ -355,16 +484,35 @@ class _Checker:
 
     def _compare(self, node: ast.Compare, depth: int) -> str:
         left = self.check(node.left, depth + 1)
+        before = node.left
         for op, comparator in zip(node.ops, node.comparators, strict=True):
             if not isinstance(op, _COMPARE):
                 raise self.fail(node, "'is' / 'is not' are not allowed; use == or !=")
             right = self.check(comparator, depth + 1)
+            self._check_choice(node, before, comparator)
+            before = comparator
             if isinstance(op, ast.In | ast.NotIn):
                 left = right
                 continue
             _check_comparable(self, node, left, right)
             left = right
         return BOOL
+
+    def _check_choice(self, node: ast.AST, a: ast.AST, b: ast.AST) -> None:
+        """`params.apex_trailing == "intrday"` is never true: an enum param compared with a
+        text that is not one of its choices is a load error, not a rule that never fires."""
+        for param, other in ((a, b), (b, a)):
+            name = _param_name(param)
+            if name is None or name not in self.choices:
+                continue
+            allowed = self.choices[name]
+            texts = other.elts if isinstance(other, ast.List | ast.Tuple) else [other]
+            for text in texts:
+                if isinstance(text, ast.Constant) and isinstance(text.value, str) and \
+                        text.value not in allowed:
+                    raise self.fail(node, f"params.{name} is one of {', '.join(allowed)}: "
+                                          f"{text.value!r} never matches"
+                                          f"{did_you_mean(text.value, allowed)}")
 
     def _call(self, node: ast.Call, depth: int) -> str:
         if not isinstance(node.func, ast.Name):
@@ -419,6 +567,19 @@ def _check_comparable(checker: _Checker, node: ast.AST, left: str, right: str) -
         raise checker.fail(node, f"cannot compare a {left} with a {right}{hint}")
 
 
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest known word, or ''."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _param_name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+            node.value.id == "params":
+        return node.attr
+    return None
+
+
 def _dotted(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
         return node.id
@@ -439,12 +600,15 @@ class _Rewriter(ast.NodeTransformer):
         self.types = types or {}
         self.params = params
         self.constants: dict[str, Any] = {}
+        self.folded: dict[int, str] = {}  # id of a Constant folded from a param -> its name
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         # params are fixed for the life of a loaded policy: read them once, here
         if self.params is not None and isinstance(node.value, ast.Name) and \
                 node.value.id == "params" and node.attr in self.params:
-            return ast.copy_location(ast.Constant(value=self.params[node.attr]), node)
+            constant = ast.copy_location(ast.Constant(value=self.params[node.attr]), node)
+            self.folded[id(constant)] = node.attr
+            return constant
         return self.generic_visit(node)
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
@@ -471,7 +635,7 @@ class _Rewriter(ast.NodeTransformer):
         numbers = all(self.types.get(id(arg)) == NUM for arg in node.args)
         args = [self.visit(arg) for arg in node.args]
         if name in _TIME_ARGUMENTS:  # fold literal times (params are literals by now)
-            args = [self._time_constant(arg) if isinstance(arg, ast.Constant) else arg
+            args = [self._time_constant(arg, name) if isinstance(arg, ast.Constant) else arg
                     for arg in args]
             if name == "time" and isinstance(args[0], ast.Name):
                 return args[0]  # the folded time itself
@@ -519,12 +683,16 @@ class _Rewriter(ast.NodeTransformer):
                 ast.Compare(left=now, ops=[ast.Lt()], comparators=[hi])])
         return None
 
-    def _time_constant(self, node: ast.Constant) -> ast.expr:
+    def _time_constant(self, node: ast.Constant, function: str) -> ast.expr:
         constant = f"__cl_k{next(_CONSTANT_NAMES)}"  # unique across batched conditions
         try:
             self.constants[constant] = _to_time(node.value)
         except EvaluationError:
-            return node  # a param of the wrong type: reported when the rule runs
+            # literals were checked by _Checker: this is a param that is not a time, which
+            # would make the rule fail on every tick; a load error says so once
+            param = self.folded.get(id(node), "?")
+            raise ExpressionError(f'{function}() needs a time "HH:MM", but params.{param} is '
+                                  f"{_brief(node.value)}") from None
         return ast.copy_location(ast.Name(id=constant, ctx=ast.Load()), node)
 
 
@@ -546,7 +714,12 @@ def parse_expression(source: object) -> ast.expr:
             detail += " (to compare, use == not =)"
         where = f" (at column {exc.offset})" if exc.offset else ""
         raise ExpressionError(f"not a valid expression: {detail}{where}") from None
-    except (ValueError, RecursionError, MemoryError) as exc:
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise ExpressionError(f"number literals are limited to {MAX_NUMBER_DIGITS} "
+                                  "digits") from None
+        raise ExpressionError(f"not a valid expression: {type(exc).__name__}") from None
+    except (RecursionError, MemoryError) as exc:
         raise ExpressionError(f"not a valid expression: {type(exc).__name__}") from None
     return tree.body
 
@@ -573,8 +746,12 @@ def _lambda(body: ast.expr, label: str, constants: dict[str, Any]) -> Callable[[
 def compile_expression(
     source: object, scope: str, params: dict[str, str], label: str = "rule",
     *, condition: bool = False, values: dict[str, Any] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> CompiledExpression:
     """Check `source` for `scope` against declared `params` (name -> type) and compile it.
+
+    `choices` (param name -> allowed values) makes comparing an enum param with a text that is
+    not one of its values a load error.
 
     With `values` (param name -> value), params are folded into the compiled code as
     constants, and so are `time("HH:MM")` calls on constants.
@@ -584,7 +761,7 @@ def compile_expression(
     what a number or a string would mean.
     """
     body = parse_expression(source)
-    checker = _Checker(scope, params)
+    checker = _Checker(scope, params, choices)
     try:
         kind = checker.check(body)
         rewriter = _Rewriter(checker.numeric, values, checker.types)
@@ -604,10 +781,13 @@ def compile_expression(
 def compile_batch(conditions: list[CompiledExpression], label: str) -> Callable[[Env], int]:
     """One function evaluating many conditions for one target: bit i of the result is
     condition i. An exception in any condition aborts the batch (the engine then evaluates
-    them one by one to tell which failed)."""
+    them one by one to tell which failed).
+
+    The bits are joined as a balanced tree of `|`, so any number of conditions compiles: a
+    chain `a | b | c ...` of 1,000 conditions is too deep for CPython's compiler."""
     if not conditions:
         return lambda env: 0
-    body: ast.expr = ast.Constant(value=0)
+    bits: list[ast.expr] = []
     constants: dict[str, Any] = {}
     for index, condition in enumerate(conditions):
         constants.update(condition.constants)
@@ -616,8 +796,12 @@ def compile_batch(conditions: list[CompiledExpression], label: str) -> Callable[
         bit: ast.expr = condition.tree
         if index:
             bit = ast.BinOp(left=bit, op=ast.LShift(), right=ast.Constant(value=index))
-        body = bit if index == 0 else ast.BinOp(left=body, op=ast.BitOr(), right=bit)
-    return _lambda(body, label, constants)
+        bits.append(bit)
+    while len(bits) > 1:
+        pairs = [ast.BinOp(left=bits[i], op=ast.BitOr(), right=bits[i + 1])
+                 for i in range(0, len(bits) - 1, 2)]
+        bits = pairs + bits[len(bits) - len(bits) % 2:]
+    return _lambda(bits[0], label, constants)
 
 
 def check_reference(path: str, scope: str, params: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ Loading is all or nothing: every problem of every file is collected, each as
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ from pydantic import ValidationError
 
 from copilink_rules.errors import ExpressionError, ParamError, Problem, RuleFileError
 from copilink_rules.namespace import BOOL, NUM, STR
-from copilink_rules.sources import LineMap, YamlSyntaxError, load_yaml
+from copilink_rules.sources import LineMap, YamlSyntaxError, clip, echo, load_yaml
 
-from .expressions import CompiledExpression, compile_expression
+from .expressions import CompiledExpression, compile_expression, did_you_mean
 from .spec import (
+    DEFAULT_ALERT_COOLDOWN,
     PARAM_PATTERN,
     STEP_ARGS,
     ParamSpec,
@@ -36,17 +38,27 @@ from .spec import (
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _TIME = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+_LOOKS_LIKE_TIME = re.compile(r"^\d{1,2}:\d{1,2}(?::\d{1,2})?$")  # "25:00" is a bad time
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TEMPLATE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 RULE_SUFFIXES = (".yaml", ".yml")
+MAX_DURATION = 7 * 86400.0  # no rule waits, cools down or locks for longer than a week
+MAX_PARAM_NUMBER = 1e15  # beyond any price, balance or count; a larger param is a typo
+MAX_PARAM_DIGITS = 30  # characters of a number written as text (--set)
+MAX_MESSAGE_LENGTH = 2000  # a rendered alert message is cut here, with an ellipsis
+MAX_PROBLEM_LENGTH = 1000  # one load problem's message
 
 
 def parse_duration(text: str) -> float:
-    """'500ms' -> 0.5, '2s' -> 2.0, '1m' -> 60.0, '1h' -> 3600.0."""
+    """'500ms' -> 0.5, '2s' -> 2.0, '1m' -> 60.0, '1h' -> 3600.0; at most 7 days."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise ValueError(f"{text!r} is not a duration (use 500ms, 2s, 1m or 1h)")
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
+        raise ValueError(f"{echo(text)} is not a duration (use 500ms, 2s, 1m or 1h)")
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{echo(text)} is longer than 7 days (168h), the longest duration "
+                         "allowed")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class Param:
     ruleset: str
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] | None = None  # an enum's values
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,9 @@ class Template:
             # a hole in a message never breaks the decision it explains
             except Exception as exc:  # noqa: BLE001
                 out.append(f"<{part.source}: {exc}>")
-        return "".join(out)
+            if sum(map(len, out)) > MAX_MESSAGE_LENGTH:
+                break
+        return clip("".join(out), MAX_MESSAGE_LENGTH)
 
 
 def _a(word: str) -> str:
@@ -262,10 +277,13 @@ def _schema_problems(data: Any, file: str, lines: LineMap) -> list[Problem]:
         message = _schema_message(error, data, path)
         if message is None:
             continue
+        if len(repr(error.instance)) > 200:  # a huge value is echoed clipped
+            message = message.replace(repr(error.instance), echo(error.instance))
         where = path
         if error.validator == "additionalProperties":
             where = path + _extra_keys(error)[:1]  # point at the misspelt key itself
-        problems.append(Problem(file, lines.line_of(where), message, _rule_id(data, path)))
+        problems.append(Problem(file, lines.line_of(where), clip(message, MAX_PROBLEM_LENGTH),
+                                _rule_id(data, path)))
     return problems
 
 
@@ -284,8 +302,9 @@ def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any
     if error.validator == "additionalProperties":
         extra = _extra_keys(error)
         schema: dict[str, Any] = error.schema if isinstance(error.schema, dict) else {}
-        known = ", ".join(schema.get("properties", {}))
-        return f"{prefix}unknown field {extra[0]!r} (known: {known})" if extra else error.message
+        if not extra:
+            return error.message
+        return f"{prefix}{_unknown_key(extra[0], list(schema.get('properties', {})))}"
     if error.validator == "required":
         return f"{prefix}{error.message.replace('is a required property', 'is required')}"
     if len(path) == 4 and path[0] == "rules" and path[2] == "then":
@@ -296,9 +315,21 @@ def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any
         return (f"{prefix}{error.instance!r} is not a valid name (lower-case letters, digits, "
                 "- and _)")
     if error.validator in ("anyOf", "oneOf") and error.context:
-        best = jsonschema.exceptions.best_match(error.context)
+        # of the alternatives, the ones of the value's own type say what is wrong with it
+        own_type = [e for e in error.context if e.validator != "type" or e.path]
+        best = jsonschema.exceptions.best_match(own_type or error.context)
+        if best.validator == "additionalProperties" and _extra_keys(best):
+            known = list(best.schema.get("properties", {})) if isinstance(best.schema, dict) \
+                else []
+            return f"{prefix}{_unknown_key(_extra_keys(best)[0], known)}"
         return f"{prefix}{best.message}"
     return f"{prefix}{error.message}"
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    """"unknown key 'priorty' (did you mean 'priority'?)", or the known keys."""
+    hint = did_you_mean(key, known) if len(key) <= 100 else ""
+    return f"unknown key {echo(key)}{hint or ' (known: ' + ', '.join(known) + ')'}"
 
 
 def _step_message(step: Any, where: str) -> str:
@@ -315,6 +346,13 @@ def _step_message(step: Any, where: str) -> str:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden" and first["loc"]:
+            known = list(STEP_ARGS[name].model_fields)
+            return f"{where}.{name}: {_unknown_key(str(first['loc'][-1]), known)}"
+        if name == "lock_account" and loc == "until":
+            return (f"{where}.lock_account.until: {echo(first['input'])} is not "
+                    "next_trading_day, next_session, a time of day HH:MM (00:00 to 23:59) or "
+                    "a duration such as 30m or 4h")
         return f"{where}.{name}{'.' + loc if loc else ''}: {first['msg']}"
     if isinstance(step, dict) and name == "reduce_order":
         return f"{where}: reduce_order needs max_qty"
@@ -454,14 +492,15 @@ def load_policy(
         visit(path, [], None)
     if any(p.rule is None for p in problems):
         # a file, its top level or its `extends` is broken: checking on would only add noise
-        raise RuleFileError(problems)
+        raise RuleFileError(_clipped(problems))
 
-    params = _merge_params(order, by_name, problems)
+    broken: dict[str, str] = {}
+    params = _merge_params(order, by_name, problems, broken)
     if overrides:
         _apply_overrides(params, overrides)
-    rules = _compile_rules(order, by_name, params, problems)
+    rules = _compile_rules(order, by_name, params, problems, broken)
     if problems:
-        raise RuleFileError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
+        raise RuleFileError(_clipped(sorted(problems, key=lambda p: (p.file, p.line or 0))))
 
     digest = hashlib.sha256()
     for name in order:
@@ -482,6 +521,13 @@ def load_policy(
                   files=[by_name[n].file for n in order])
 
 
+def _clipped(problems: list[Problem]) -> list[Problem]:
+    """Each message at most MAX_PROBLEM_LENGTH chars: what echoes a user's text stays short."""
+    return [p if len(p.message) <= MAX_PROBLEM_LENGTH else
+            Problem(p.file, p.line, clip(p.message, MAX_PROBLEM_LENGTH), p.rule)
+            for p in problems]
+
+
 def _iso_date(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -498,21 +544,26 @@ def _ancestors(name: str, by_name: dict[str, _Parsed]) -> set[str]:
 
 
 def _merge_params(
-    order: list[str], by_name: dict[str, _Parsed], problems: list[Problem]
+    order: list[str], by_name: dict[str, _Parsed], problems: list[Problem],
+    broken: dict[str, str],
 ) -> dict[str, Param]:
+    """The params of every rule set, children overriding parents. A param whose value is
+    wrong is reported here and its type kept in `broken` (name -> type), so the rules that
+    use it are still checked without a second, misleading "unknown param"."""
     params: dict[str, Param] = {}
     for name in order:
         parsed = by_name[name]
         for key, raw in parsed.model.params.items():
             line = parsed.lines.line_of(["params", key])
             if not re.match(PARAM_PATTERN, key):
-                problems.append(Problem(parsed.file, line, f"param name {key!r} must be "
+                problems.append(Problem(parsed.file, line, f"param name {echo(key)} must be "
                                         "lower-case letters, digits and _"))
                 continue
             try:
-                param = _make_param(key, raw, name)
+                param = _make_param(key, raw, name, params.get(key))
             except ValueError as exc:
                 problems.append(Problem(parsed.file, line, f"params.{key}: {exc}"))
+                broken[key] = raw.type if isinstance(raw, ParamSpec) else _infer_type(raw)
                 continue
             previous = params.get(key)
             if previous is not None:
@@ -540,20 +591,35 @@ def _infer_type(value: Any) -> str:
         return "number"
     if isinstance(value, str) and _DURATION.match(value):
         return "duration"
-    if isinstance(value, str) and _TIME.match(value):
-        return "time"
+    if isinstance(value, str) and _LOOKS_LIKE_TIME.match(value):
+        return "time"  # "15:75" is a time with a typo, not a text: convert_param says so
     return "string"
 
 
-def _make_param(key: str, raw: Any, ruleset: str) -> Param:
+def _make_param(key: str, raw: Any, ruleset: str, inherited: Param | None = None) -> Param:
     kind: str
+    choices: tuple[str, ...] | None = None
+    if not isinstance(raw, ParamSpec) and inherited is not None and inherited.type == "enum":
+        # `apex_trailing: eod` in a child sets the parent's enum: checked against its choices
+        value = convert_param("enum", raw, choices=inherited.choices)
+        return Param(key, "enum", value, _text(raw), inherited.description, ruleset,
+                     choices=inherited.choices)
     if isinstance(raw, ParamSpec):
         kind, default = raw.type, raw.default
         description, low, high = raw.description, raw.min, raw.max
+        for bound, word in ((low, "min"), (high, "max")):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"{word} must be a finite number, got {bound!r}")
+        if kind == "enum":
+            if not raw.choices:
+                raise ValueError("an enum param needs `choices:`, the values it may take")
+            choices = tuple(raw.choices)
+        elif raw.choices is not None:
+            raise ValueError(f"choices are for `type: enum`, not {kind}")
     else:
         kind, default, description, low, high = _infer_type(raw), raw, None, None, None
-    value = convert_param(kind, default, low, high)
-    return Param(key, kind, value, _text(default), description, ruleset, low, high)
+    value = convert_param(kind, default, low, high, choices)
+    return Param(key, kind, value, _text(default), description, ruleset, low, high, choices)
 
 
 def _text(value: Any) -> str:
@@ -563,43 +629,76 @@ def _text(value: Any) -> str:
 
 
 def convert_param(kind: str, value: Any, low: float | None = None,
-                  high: float | None = None) -> Any:
-    """A param value in expression form, or ValueError saying what is wrong."""
+                  high: float | None = None, choices: Sequence[str] | None = None) -> Any:
+    """A param value in expression form, or ValueError saying what is wrong.
+
+    Numbers must be finite and within +-MAX_PARAM_NUMBER (`nan`, `inf`, `1e999` and a
+    4,300-digit integer are refused), durations at most 7 days, times a real HH:MM, and an
+    enum's value one of its choices (the message names the nearest)."""
     result: Any
     if kind == "bool":
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(f"expected true or false, got {value!r}")
+                raise ValueError(f"expected true or false, got {echo(value)}")
             return lowered in ("true", "yes", "1")
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {echo(value)}")
         return value
     if kind in ("int", "number"):
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            result = int(value) if kind == "int" else float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, "
-                             f"got {value!r}") from None
-        if kind == "int" and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
+        result = _number_param(kind, value)
     elif kind == "duration":
         result = parse_duration(str(value))
     elif kind == "time":
         if not isinstance(value, str) or not _TIME.match(value.strip()):
-            raise ValueError(f'expected a time of day "HH:MM", got {value!r}')
+            raise ValueError(f'expected a time of day "HH:MM" (00:00 to 23:59), got '
+                             f"{echo(value)}")
+        return value.strip()
+    elif kind == "enum":
+        allowed = tuple(choices or ())
+        if not isinstance(value, str) or value.strip() not in allowed:
+            hint = did_you_mean(value.strip(), allowed) if isinstance(value, str) and \
+                len(value) <= 100 else ""
+            raise ValueError(f"{echo(value)} is not one of {', '.join(allowed)}{hint}")
         return value.strip()
     else:
         if not isinstance(value, str):
-            raise ValueError(f"expected text, got {value!r}")
+            raise ValueError(f"expected text, got {echo(value)}")
         return value
     if low is not None and result < low:
-        raise ValueError(f"{value!r} is below the minimum {low:g}")
+        raise ValueError(f"{echo(value)} is below the minimum {low:g}")
     if high is not None and result > high:
-        raise ValueError(f"{value!r} is above the maximum {high:g}")
+        raise ValueError(f"{echo(value)} is above the maximum {high:g}")
     return result
+
+
+def _number_param(kind: str, value: Any) -> int | float:
+    what = "an integer" if kind == "int" else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected {what}, got {echo(value)}")
+    if isinstance(value, str) and len(value.strip()) > MAX_PARAM_DIGITS:
+        raise ValueError(f"expected {what} of at most {MAX_PARAM_DIGITS} characters, got "
+                         f"{len(value.strip())} characters")
+    if isinstance(value, int) and abs(value) > MAX_PARAM_NUMBER:  # before any float()
+        raise ValueError(f"{echo(value)} is too large (params are limited to +-1e15)")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {what}, got {echo(value)}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {echo(value)}")
+    if abs(number) > MAX_PARAM_NUMBER:
+        raise ValueError(f"{echo(value)} is too large (params are limited to +-1e15)")
+    if kind == "number":
+        return number
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {echo(value)}") from None
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {echo(value)}")
+    return int(value)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
@@ -608,7 +707,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ParamError(f"--set {item!r}: expected name=value, e.g. --set max_contracts=5")
+            raise ParamError(f"--set {echo(item)}: expected name=value, e.g. --set "
+                             "max_contracts=5")
         out[name.strip()] = value.strip()
     return out
 
@@ -616,26 +716,29 @@ def parse_overrides(items: Iterable[str]) -> dict[str, str]:
 def _apply_overrides(params: dict[str, Param], overrides: dict[str, str]) -> None:
     for name, text in overrides.items():
         param = params.get(name)
+        given = clip(f"{name}={text}")
         if param is None:
+            hint = did_you_mean(name, params) if len(name) <= 100 else ""
             known = ", ".join(sorted(params)) or "(none)"
-            raise ParamError(f"--set {name}={text}: unknown param {name!r}; known: {known}")
+            raise ParamError(f"--set {given}: unknown param {echo(name)}{hint}; known: {known}")
         try:
-            value = convert_param(param.type, text, param.minimum, param.maximum)
+            value = convert_param(param.type, text, param.minimum, param.maximum, param.choices)
         except ValueError as exc:
-            raise ParamError(f"--set {name}={text}: {exc}") from None
+            raise ParamError(f"--set {given}: {exc}") from None
         params[name] = Param(name, param.type, value, text, param.description, param.ruleset,
-                             param.minimum, param.maximum)
+                             param.minimum, param.maximum, param.choices)
 
 
 _EXPR_TYPE = {"int": NUM, "number": NUM, "duration": NUM, "bool": BOOL, "string": STR,
-              "time": STR}
+              "time": STR, "enum": STR}
 
 
 def _compile_rules(
     order: list[str], by_name: dict[str, _Parsed], params: dict[str, Param],
-    problems: list[Problem],
+    problems: list[Problem], broken: dict[str, str] | None = None,
 ) -> list[CompiledRule]:
-    types = {name: _EXPR_TYPE[p.type] for name, p in params.items()}
+    types = {name: _EXPR_TYPE[kind] for name, kind in (broken or {}).items()}
+    types.update({name: _EXPR_TYPE[p.type] for name, p in params.items()})
     compiled: list[CompiledRule] = []
     seen: dict[str, tuple[str, int | None]] = {}
     for name in order:
@@ -668,6 +771,7 @@ def _compile_rule(
 ) -> CompiledRule | None:
     before = len(problems)
     values = {name: param.value for name, param in params.items()}
+    choices = {name: param.choices for name, param in params.items() if param.choices}
 
     def problem(path: list[Any], message: str) -> None:
         problems.append(Problem(parsed.file, parsed.lines.line_of(base + path), message, rule.id))
@@ -675,7 +779,7 @@ def _compile_rule(
     when: CompiledExpression | None = None
     try:
         when = compile_expression(rule.when, rule.scope, types, f"rule {rule.id}",
-                                  condition=True, values=values)
+                                  condition=True, values=values, choices=choices)
     except ExpressionError as exc:
         problem(["when"], f"when: {exc}")
 
@@ -686,7 +790,11 @@ def _compile_rule(
                 problem([field_name], f"{field_name}: {text} is not a duration param")
                 return 0.0
             return float(param.value)
-        return parse_duration(text)
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            problem([field_name], f"{field_name}: {exc}")
+            return 0.0
 
     hold = seconds("for", rule.for_)
     cooldown = seconds("cooldown", rule.cooldown)
@@ -698,7 +806,15 @@ def _compile_rule(
         if action.name == "alert" and action.args.get("message"):
             template = _template(action.args["message"], rule.scope, types,
                                  lambda msg, i=index: problem(["then", i, "alert", "message"],
-                                                              msg))
+                                                              msg), choices)
+        if action.name == "lock_account":
+            until = str(action.args.get("until", ""))
+            if _DURATION.match(until):
+                try:
+                    parse_duration(until)
+                except ValueError as exc:
+                    problem(["then", index, "lock_account", "until"],
+                            f"lock_account.until: {exc}")
         if action.name == "catch_up" and rule.scope != "pair":
             problem(["then", index], "catch_up needs a leader: use it in scope pair")
         if action.name in ("pause_copier", "resume_copier") and rule.scope == "global" and \
@@ -713,6 +829,9 @@ def _compile_rule(
         templates.append(template)
     if len(problems) > before or when is None:
         return None
+    if "cooldown" not in rule.model_fields_set and \
+            all(action.name == "alert" for action in actions):
+        cooldown = parse_duration(DEFAULT_ALERT_COOLDOWN)  # alerts are not spam
     applies = rule.applies_to
     firms = frozenset(applies.firms) if applies and applies.firms is not None else None
     if parsed.model.firm is not None:  # a firm's rules are for that firm's accounts only
@@ -742,7 +861,8 @@ def _action_of(step: Any) -> Action:
     return Action(name, model_args.model_dump())
 
 
-def _template(text: str, scope: str, types: dict[str, str], report: Any) -> Template | None:
+def _template(text: str, scope: str, types: dict[str, str], report: Any,
+              choices: dict[str, tuple[str, ...]] | None = None) -> Template | None:
     parts: list[str | CompiledExpression] = []
     position = 0
     ok = True
@@ -754,7 +874,8 @@ def _template(text: str, scope: str, types: dict[str, str], report: Any) -> Temp
             parts.append(token[0])
             continue
         try:
-            parts.append(compile_expression(match[1], scope, types, "message"))
+            parts.append(compile_expression(match[1], scope, types, "message",
+                                            choices=choices))
         except ExpressionError as exc:
             report(f"message {{{match[1]}}}: {exc}")
             ok = False

@@ -11,12 +11,19 @@ from datetime import date
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 PARAM_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 DURATION_PATTERN = r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h)|params\.[a-z][a-z0-9_]{0,63})$"
+TIME_PATTERN = r"([01]?\d|2[0-3]):[0-5]\d"  # a local time of day HH:MM, 00:00 to 23:59
+DEFAULT_ALERT_COOLDOWN = "60s"  # the cooldown of a rule whose only action is alert
 Severity = Literal["info", "warning", "critical"]
 Role = Literal["leader", "follower"]
+
+
+def _no_default(schema: JsonDict) -> None:
+    schema.pop("default", None)
 
 
 class _Strict(BaseModel):
@@ -26,11 +33,17 @@ class _Strict(BaseModel):
 class ParamSpec(_Strict):
     """A param with an explicit type; the short form `name: value` infers the type."""
 
-    type: Literal["int", "number", "bool", "string", "duration", "time"]
+    type: Literal["int", "number", "bool", "string", "duration", "time", "enum"] = Field(
+        description="int / number (finite, within +-1e15), bool, string, duration (500ms, 2s, "
+        "5m, 1h; at most 7 days), time (HH:MM), or enum (one of `choices`)")
     default: int | float | bool | str
     description: str | None = None
     min: float | None = None
     max: float | None = None
+    choices: list[str] | None = Field(
+        default=None, min_length=1,
+        description="the values an enum param may take: a typo in the default, in --set or "
+        "in a comparison such as params.NAME == \"x\" is a load error")
 
 
 class AppliesTo(_Strict):
@@ -55,8 +68,9 @@ class LockArgs(_Strict):
     state: Literal["halted", "reducing"] = "halted"
     until: str = Field(
         default="next_trading_day",
-        pattern=r"^(?:next_trading_day|next_session|\d{1,2}:\d{2}|\d+(?:\.\d+)?(?:s|m|h))$",
-        description="next_trading_day, next_session, a local time HH:MM, or a duration",
+        pattern=rf"^(?:next_trading_day|next_session|{TIME_PATTERN}|\d+(?:\.\d+)?(?:s|m|h))$",
+        description="next_trading_day, next_session, a local time HH:MM (00:00 to 23:59), or a "
+        "duration of at most 7 days (30m, 4h)",
     )
 
 
@@ -151,7 +165,15 @@ class Rule(_Strict):
         description="how long `when` must hold before the rule fires: 500ms, 2s, 1m, or "
         "params.NAME",
     )
-    cooldown: str = Field(default="0s", pattern=DURATION_PATTERN)
+    cooldown: str = Field(
+        default="0s",
+        pattern=DURATION_PATTERN,
+        description="after firing, how long before the rule may fire again (in a new "
+        f"episode): 0s by default, but {DEFAULT_ALERT_COOLDOWN} for a rule whose only action "
+        "is alert, so a flapping condition does not spam; write `cooldown: 0s` to alert on "
+        "every episode",
+        json_schema_extra=_no_default,  # the default depends on `then`
+    )
     then: list[ActionName | Step] = Field(min_length=1)
     priority: int = Field(default=0, description="higher wins among rules proposing one action")
     mode: Literal["enforce", "warn", "dryrun"] = "enforce"
@@ -172,7 +194,7 @@ class RuleSetFile(_Strict):
         "`firm` is this, and the firm's trading day below sets their daily metrics")
     timezone: str = Field(default="America/New_York", description="IANA timezone for local time")
     trading_day_start: str = Field(
-        default="18:00", pattern=r"^([01]?\d|2[0-3]):[0-5]\d$",
+        default="18:00", pattern=rf"^{TIME_PATTERN}$",
         description="local time a trading day starts (the evening before its date): daily "
         "P&L resets and locks `until: next_trading_day` end here")
     params: dict[str, int | float | bool | str | ParamSpec] = Field(default_factory=dict)
