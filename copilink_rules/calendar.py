@@ -24,11 +24,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InputError, InstrumentError, Problem, SnapshotError
+from .errors import InstrumentError, Problem, SnapshotError
 from .instruments import Catalog, default_catalog
-from .snapshots import format_loc
+from .model import UtcDatetime
+from .snapshots import bounded, clip, format_loc, number_too_long, read_input
 from .sources import YamlSyntaxError, load_yaml
 
 IMPACT_RANK = {"low": 0, "medium": 1, "high": 2}
@@ -37,7 +38,7 @@ IMPACT_RANK = {"low": 0, "medium": 1, "high": 2}
 class NewsEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    time: AwareDatetime
+    time: UtcDatetime  # kept in UTC; years 2000 to 2100
     name: str = Field(min_length=1)
     impact: Literal["low", "medium", "high"] = "high"
     instruments: tuple[str, ...] = ("all",)
@@ -88,11 +89,10 @@ class Calendar:
 
 
 def load_calendar(path: str | Path, catalog: Catalog | None = None) -> Calendar:
+    """Load a YAML or CSV calendar; SnapshotError (file:line: field: message) or
+    InstrumentError when it is wrong. At most 64 MiB, from a regular file or a pipe."""
     file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{file}: cannot read the news calendar: {exc.strerror}") from None
+    text = read_input(path, file, " the news calendar")
     catalog = catalog or default_catalog()
     if file.endswith(".csv"):
         events = _csv_events(text, file)
@@ -101,14 +101,16 @@ def load_calendar(path: str | Path, catalog: Catalog | None = None) -> Calendar:
             data, lines = load_yaml(text)
         except YamlSyntaxError as exc:
             raise SnapshotError([Problem(file, exc.line, str(exc))]) from None
+        except ValueError:  # the YAML reader's int(): more digits than Python converts
+            raise SnapshotError([number_too_long(text, file)]) from None
         try:
             events = _CalendarFile.model_validate(data or {}).events
         except ValidationError as exc:
-            raise SnapshotError([
+            raise SnapshotError(bounded([
                 Problem(file, lines.line_of(list(e["loc"])),
-                        f"{format_loc(tuple(e['loc']))}: "
+                        f"{clip(format_loc(tuple(e['loc'])))}: "
                         f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}")
-                for e in exc.errors()]) from None
+                for e in exc.errors()])) from None
     _check_instruments(events, file, catalog)
     return Calendar(events, catalog)
 
@@ -149,10 +151,10 @@ def _csv_events(text: str, file: str) -> list[NewsEvent]:
             events.append(NewsEvent.model_validate(raw))
         except ValidationError as exc:
             first = exc.errors()[0]
-            problems.append(Problem(file, number, f"{format_loc(tuple(first['loc']))}: "
+            problems.append(Problem(file, number, f"{clip(format_loc(tuple(first['loc'])))}: "
                                                   f"{first['msg']}"))
     if problems:
-        raise SnapshotError(problems)
+        raise SnapshotError(bounded(problems))
     return events
 
 
@@ -162,6 +164,6 @@ def _check_instruments(events: list[NewsEvent], file: str, catalog: Catalog) -> 
         for name in event.instruments:
             upper = name.upper()
             if upper != "ALL" and upper not in catalog.specs and upper not in families:
-                raise InstrumentError(f"{file}: event {event.name!r} at {event.time}: unknown "
-                                      f"instrument {name!r} (use roots such as ES, NQ, CL, or "
-                                      "all)")
+                raise InstrumentError(f"{file}: event {clip(repr(event.name))} at "
+                                      f"{event.time}: unknown instrument {clip(repr(name))} "
+                                      "(use roots such as ES, NQ, CL, or all)")

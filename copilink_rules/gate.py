@@ -30,25 +30,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .calendar import Calendar
 from .instruments import Catalog, default_catalog
-from .model import Snapshot
+from .model import MAX_QTY, Amount, Snapshot
 from .rules.loader import Policy
+from .snapshots import clip
 
 Verdict = Literal["allow", "block", "reduce"]
 _SIZES = ((25000, "25k"), (50000, "50k"), (100000, "100k"))
 
 
 class OrderRequest(BaseModel):
-    """An order the copier is about to send."""
+    """An order the copier is about to send. Numbers are numbers: `qty` a whole number of
+    contracts (`true` and `2.0` are refused), prices finite and bounded (NaN would pass every
+    check). An order for more than MAX_QTY contracts is blocked by `Gate.check`, not refused
+    here, so a caller building an order from a computed quantity never gets an exception."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     account: str
     instrument: str
     side: Literal["buy", "sell"]
-    qty: int = Field(gt=0)
+    qty: int = Field(gt=0, strict=True)
     type: Literal["market", "limit", "stop", "stop_limit"] = "market"
-    price: float | None = Field(default=None, description="expected fill price (limit/stop)")
-    leader_price: float | None = Field(
+    price: Amount | None = Field(default=None, description="expected fill price (limit/stop)")
+    leader_price: Amount | None = Field(
         default=None, description="the leader's entry price: checks a late entry's slippage")
 
 
@@ -174,9 +178,12 @@ class Gate:
     # --- per order: the hot path ------------------------------------------------------------
 
     def check(self, order: OrderRequest) -> GateAnswer:
+        if order.qty > MAX_QTY:  # before any arithmetic: a huge int does not fit a float
+            return GateAnswer("block", 0, (f"an order for more than {MAX_QTY:,} contracts is "
+                                           "never sent",))
         account = self._accounts.get(order.account)
         if account is None:
-            return GateAnswer("block", 0, (f"unknown account {order.account!r}",))
+            return GateAnswer("block", 0, (f"unknown account {clip(repr(order.account))}",))
         inst = self.catalog.parse(order.instrument)
         family = inst.family
         signed = order.qty if order.side == "buy" else -order.qty

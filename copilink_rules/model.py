@@ -2,10 +2,16 @@
 
 No I/O here: loading files lives in `snapshots.py`. Every model forbids unknown fields, so a typo
 in a snapshot is an error, never a silently ignored value.
+
+Numbers are numbers: money, prices and ratios are finite floats within bounds (NaN compares
+false with everything, so a NaN balance would silently disarm every loss limit), quantities are
+integers within bounds (`true` is not 1, `2.0` is not 2), and times lie between the years 2000
+and 2100 (a year-9999 time overflows as soon as the engine adds a duration to it).
 """
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -20,6 +26,46 @@ from pydantic import (
     model_validator,
 )
 
+# Bounds of every number and time a snapshot (or an order to the gate) may carry.
+MAX_QTY = 100_000  # contracts in one position or order
+MAX_AMOUNT = 1e12  # money and prices, either sign
+MAX_RATIO = 1_000.0  # a follower's copy ratio
+MIN_YEAR, MAX_YEAR = 2000, 2100
+_OUT_OF_RANGE = f"times must lie in the years {MIN_YEAR} to {MAX_YEAR} (UTC)"
+
+# A finite float (no NaN, no infinity) that is a number, not a bool or a numeric string.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Money and prices: finite and bounded, so sums and products stay finite too.
+Amount = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_AMOUNT,
+                                le=MAX_AMOUNT)]
+# A signed quantity of contracts: an integer (strict: `true` and `2.0` are refused), bounded.
+Quantity = Annotated[int, Field(strict=True, ge=-MAX_QTY, le=MAX_QTY)]
+
+
+def finite_or_none(value: object) -> float | None:
+    """A number from a broker feed as a float, or None when it is not a usable number.
+
+    For adapters: brokers send NaN (or infinity, or null, or an empty string) for a quote or a
+    P&L they do not have right now. That is stale data, never zero: map it to None (a missing
+    quote, an unknown value) and let the rules treat it as missing. Bools are not numbers;
+    numeric strings are read. `finite_or_none(float("nan"))` is None, `finite_or_none(0)` 0.0.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            return None
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
 
 @lru_cache(maxsize=4096)
 def _utc_from_text(text: str) -> datetime | str:
@@ -30,7 +76,22 @@ def _utc_from_text(text: str) -> datetime | str:
         return text
     if moment.tzinfo is None:
         return text
-    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return _in_range(moment)
+
+
+_START = datetime(MIN_YEAR, 1, 1, tzinfo=UTC)
+_END = datetime(MAX_YEAR + 1, 1, 1, tzinfo=UTC)
+
+
+def _in_range(moment: datetime) -> datetime:
+    """`moment` in UTC, if it lies in the years MIN_YEAR to MAX_YEAR (UTC); else ValueError."""
+    # the year first: 9999-12-31T23:30-05:00 overflows when converted to UTC
+    if not MIN_YEAR - 1 <= moment.year <= MAX_YEAR + 1:
+        raise ValueError(_OUT_OF_RANGE)
+    utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    if not _START <= utc < _END:
+        raise ValueError(_OUT_OF_RANGE)
+    return utc
 
 
 def _before_utc(value: object) -> object:
@@ -39,11 +100,11 @@ def _before_utc(value: object) -> object:
 
 
 def _after_utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return _in_range(moment)
 
 
 # Any UTC offset is accepted; times are kept in UTC with the standard library's tzinfo, which
-# the engine subtracts several times faster than pydantic's own.
+# the engine subtracts several times faster than pydantic's own. Years 2000 to 2100 only.
 UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_before_utc), AfterValidator(_after_utc)]
 
 Role = Literal["leader", "follower"]
@@ -67,23 +128,23 @@ ORDER_ACTIONS = frozenset({"flatten", "cancel_orders", "catch_up"})
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Quote(_Strict):
     """Best bid/ask and last trade of one instrument."""
 
-    bid: float | None = None
-    ask: float | None = None
-    last: float | None = None
+    bid: Amount | None = None
+    ask: Amount | None = None
+    last: Amount | None = None
 
 
 class Position(_Strict):
     """A net position. `qty` is signed: + long, - short."""
 
     instrument: str
-    qty: int
-    avg_price: float = 0.0
+    qty: Quantity
+    avg_price: Amount = 0.0
     opened_at: UtcDatetime | None = None
 
 
@@ -93,10 +154,10 @@ class Order(_Strict):
     id: str
     instrument: str
     side: Literal["buy", "sell"]
-    qty: int = Field(gt=0)
+    qty: Quantity = Field(gt=0)
     type: Literal["market", "limit", "stop", "stop_limit"] = "market"
-    limit_price: float | None = None
-    stop_price: float | None = None
+    limit_price: Amount | None = None
+    stop_price: Amount | None = None
     status: Literal["working", "pending", "filled", "cancelled", "rejected"] = "working"
 
 
@@ -106,15 +167,15 @@ class Account(_Strict):
     id: str = Field(min_length=1)
     role: Role
     leader: str | None = None
-    ratio: float = Field(default=1.0, gt=0)
+    ratio: FiniteFloat = Field(default=1.0, gt=0, le=MAX_RATIO)
     firm: str | None = None
-    size: float | None = Field(default=None, gt=0)
+    size: Amount | None = Field(default=None, gt=0)
     connected: bool = True
     copier: CopierState = "active"
     updated_at: UtcDatetime | None = None
-    balance: float = 0.0
-    realized_pnl: float = 0.0
-    unrealized_pnl: float = 0.0
+    balance: Amount = 0.0
+    realized_pnl: Amount = 0.0
+    unrealized_pnl: Amount = 0.0
     positions: tuple[Position, ...] = ()
     orders: tuple[Order, ...] = ()
     overnight: tuple[str, ...] = ()

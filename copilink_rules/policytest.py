@@ -32,20 +32,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .calendar import load_calendar
 from .engine import Engine
-from .errors import CopilinkError, PolicyTestError, Problem
+from .errors import CopilinkError, PolicyTestError, Problem, SnapshotError
 from .instruments import Catalog, default_catalog
-from .model import Decision, Snapshot
+from .model import Decision, Snapshot, UtcDatetime
 from .rules.loader import load_policy
-from .snapshots import format_loc, iter_timeline, load_snapshot, parse_snapshot
+from .snapshots import (
+    bounded,
+    clip,
+    format_loc,
+    iter_timeline,
+    load_snapshot,
+    number_too_long,
+    parse_snapshot,
+    read_input,
+)
 from .sources import LineMap, YamlSyntaxError, load_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Matcher(_Strict):
@@ -56,11 +65,11 @@ class Matcher(_Strict):
     severity: str | None = None
     suppressed: bool | str = False
     reason: str | None = None
-    at: AwareDatetime | None = None
-    after: AwareDatetime | None = None
-    before: AwareDatetime | None = None
+    at: UtcDatetime | None = None
+    after: UtcDatetime | None = None
+    before: UtcDatetime | None = None
     args: dict[str, Any] | None = None
-    count: int | None = Field(default=None, ge=0)
+    count: int | None = Field(default=None, ge=0, le=1_000_000, strict=True)
 
     def matches(self, decision: Decision) -> bool:
         for name in ("rule", "action", "account", "instrument", "severity"):
@@ -100,8 +109,9 @@ class Case(_Strict):
     ready: bool | None = None
     calendar: str | None = None
     restart_after: int | None = Field(
-        default=None, ge=1, description="save the engine's state after this many snapshots "
-        "and continue in a fresh engine restored from it, as a restarted session would")
+        default=None, ge=1, le=10_000_000, strict=True, description="save the engine's state "
+        "after this many snapshots and continue in a fresh engine restored from it, as a "
+        "restarted session would")
     set: dict[str, str | int | float | bool] = Field(default_factory=dict)
     expect: list[Matcher] = Field(default_factory=list)
     forbid: list[Matcher] = Field(default_factory=list)
@@ -144,19 +154,23 @@ def _text(value: Any) -> str:
 def _load_file(path: Path) -> tuple[TestFile, LineMap]:
     file = str(path)
     try:
-        data, lines = load_yaml(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyTestError([Problem(file, None, f"cannot read: {exc.strerror}")]) from None
+        text = read_input(path, file)
+    except SnapshotError as exc:
+        raise PolicyTestError(exc.problems) from None
+    try:
+        data, lines = load_yaml(text)
     except YamlSyntaxError as exc:
         raise PolicyTestError([Problem(file, exc.line, str(exc))]) from None
+    except ValueError:  # the YAML reader's int(): more digits than Python converts
+        raise PolicyTestError([number_too_long(text, file)]) from None
     try:
         return TestFile.model_validate(data), lines
     except ValidationError as exc:
-        raise PolicyTestError([
-            Problem(file, lines.line_of(list(e["loc"])), f"{format_loc(tuple(e['loc']))}: "
-                    f"{e['msg']}")
+        raise PolicyTestError(bounded([
+            Problem(file, lines.line_of(list(e["loc"])),
+                    f"{clip(format_loc(tuple(e['loc'])))}: {e['msg']}")
             for e in exc.errors()
-        ]) from None
+        ])) from None
 
 
 def _snapshots(case: Case, index: int, base: Path, lines: LineMap,
@@ -184,7 +198,7 @@ def _snapshots(case: Case, index: int, base: Path, lines: LineMap,
                                         "time goes backwards"))
             out.append(snapshot)
     if problems:
-        raise PolicyTestError(problems)
+        raise PolicyTestError(bounded(problems))
     return out
 
 
@@ -245,6 +259,8 @@ def run_test_files(paths: Iterable[str | Path],
                                 if p.name.endswith(("_test.yaml", "_test.yml"))))
         elif path.is_file():
             files.append(path)
+        elif path.exists():  # /dev/zero, a socket, ...
+            raise PolicyTestError([Problem(str(path), None, "not a regular file or a folder")])
         else:
             raise PolicyTestError([Problem(str(path), None, "no such file or folder")])
     if not files:

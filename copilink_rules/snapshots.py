@@ -2,14 +2,22 @@
 
 A timeline is read lazily, one line at a time, so a long session never has to fit in memory and
 an error on line 40,000 is reported as line 40,000.
+
+Inputs are bounded: a file must be a regular file (or a pipe), a single-document file at most
+`MAX_FILE_BYTES`, a timeline line at most `MAX_LINE_CHARS`; a value echoed back in a message is
+cut to `MAX_ECHO` characters, and at most `MAX_PROBLEMS` problems are listed per file.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
@@ -17,6 +25,103 @@ from .errors import InstrumentError, Problem, SnapshotError
 from .instruments import Catalog, default_catalog
 from .model import Snapshot
 from .sources import LineMap, YamlSyntaxError, load_yaml
+
+MAX_FILE_BYTES = 64 * 2**20  # a snapshot, a calendar, a policy-test file
+MAX_LINE_CHARS = 16 * 2**20  # one line of a timeline
+MAX_ECHO = 200  # characters of a user's value quoted back in a message
+MAX_PROBLEMS = 50  # problems listed for one file; the rest are counted
+
+_NON_FINITE = frozenset({"nan", ".nan", "inf", ".inf", "+.inf", "-.inf", "+inf", "-inf",
+                         "infinity", "+infinity", "-infinity"})
+MAX_INT_DIGITS = 100  # a whole number longer than this is a typo or an attack
+_LONG_NUMBER = re.compile(rf"\d{{{MAX_INT_DIGITS + 1},}}")
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """`text`, cut to `limit` characters with a note of how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def bounded(problems: list[Problem]) -> list[Problem]:
+    """At most MAX_PROBLEMS problems, each message at most a few hundred characters."""
+    kept = [Problem(p.file, p.line, clip(p.message, 2 * MAX_ECHO + 100), p.rule)
+            for p in problems[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        kept.append(Problem(problems[0].file, None,
+                            f"... and {len(problems) - MAX_PROBLEMS:,} more problem(s)"))
+    return kept
+
+
+def open_input(path: str | Path, file: str, what: str = "") -> IO[bytes]:
+    """Open a user's input file for reading in binary; refuse devices such as /dev/zero.
+
+    A regular file or a pipe (`<(zcat session.jsonl.gz)`) is read; a device, socket or folder
+    is refused with SnapshotError, whose message starts "cannot read{what}"."""
+    try:
+        handle = Path(path).open("rb")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise SnapshotError([Problem(file, None, f"cannot read{what}: {exc.strerror}")]) \
+            from None
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+    except OSError as exc:
+        handle.close()
+        raise SnapshotError([Problem(file, None, f"cannot read{what}: {exc.strerror}")]) \
+            from None
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        handle.close()
+        raise SnapshotError([Problem(file, None, f"cannot read{what}: not a regular file "
+                                     "(a device, a socket or a folder)")])
+    return handle
+
+
+def read_input(path: str | Path, file: str, what: str = "",
+               limit: int = MAX_FILE_BYTES) -> str:
+    """The text of a single-document input file (UTF-8, newlines made `\\n`), at most `limit`
+    bytes; SnapshotError with one clear line otherwise, having read at most `limit` + 1 bytes."""
+    with open_input(path, file, what) as handle:
+        try:  # a regular file says its size: refuse a huge one without reading it
+            too_big = os.fstat(handle.fileno()).st_size > limit
+            data = b"" if too_big else handle.read(limit + 1)
+        except OSError as exc:
+            raise SnapshotError([Problem(file, None, f"cannot read{what}: {exc.strerror}")]) \
+                from None
+    if too_big or len(data) > limit:
+        raise SnapshotError([Problem(file, None, f"cannot read{what}: larger than "
+                                     f"{limit / 2**20:g} MiB")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SnapshotError([Problem(file, line, "not a UTF-8 text file")]) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+class _LongNumberError(ValueError):
+    def __init__(self, digits: str) -> None:
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _json_int(digits: str) -> int:
+    # json.loads would raise a bare ValueError past Python's 4300-digit limit, and no quantity
+    # or amount needs more than a few digits: refuse, naming the line.
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise _LongNumberError(digits)
+    return int(digits)
+
+
+def number_too_long(text: str, file: str, digits: str | None = None) -> Problem:
+    """The problem for a whole number of more than MAX_INT_DIGITS digits, on its line."""
+    at = text.find(digits) if digits else -1
+    found = _LONG_NUMBER.search(text) if at < 0 else None
+    if found is not None:
+        at, digits = found.start(), found.group()
+    line = text.count("\n", 0, at) + 1 if at >= 0 else None
+    size = f"{len(digits.lstrip('+-')):,} digits" if digits else "too many digits"
+    return Problem(file, line, f"a number with {size} is too long (at most {MAX_INT_DIGITS})")
 
 
 def format_loc(loc: tuple[str | int, ...]) -> str:
@@ -36,17 +141,25 @@ def _pydantic_problems(
     problems = []
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
-        field = format_loc(loc)
+        field = clip(format_loc(loc))
+        given = error.get("input")
         if error["type"] == "extra_forbidden":
             message = f"{field}: unknown field (remove it or check its spelling)"
         elif error["type"] == "missing":
             message = f"{field}: required field is missing"
+        elif error["type"] == "json_invalid":
+            message = f"invalid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
         else:
-            given = error.get("input")
-            shown = f" (got {given!r})" if not isinstance(given, dict | list) else ""
-            message = f"{field}: {error['msg']}{shown}"
+            shown = f" (got {clip(repr(given))})" if not isinstance(given, dict | list) else ""
+            msg = error["msg"]
+            if error["type"] == "float_type" and isinstance(given, str) and \
+                    given.strip().lower() in _NON_FINITE:
+                msg = "Input should be a finite number"
+            message = f"{field}: {msg}{shown}"
         line = line_of.line_of(loc) if isinstance(line_of, LineMap) else line_of
         problems.append(Problem(file, line, message))
+        if len(problems) > MAX_PROBLEMS:
+            break  # bounded() says there were more
     return problems
 
 
@@ -58,7 +171,7 @@ def check_snapshot(
 
     def add(loc: tuple[str | int, ...], message: str) -> None:
         where = line.line_of(loc) if isinstance(line, LineMap) else line
-        problems.append(Problem(file, where, f"{format_loc(loc)}: {message}"))
+        problems.append(Problem(file, where, f"{clip(format_loc(loc))}: {clip(message)}"))
 
     def symbol(loc: tuple[str | int, ...], text: str) -> None:
         try:
@@ -66,21 +179,23 @@ def check_snapshot(
         except InstrumentError as exc:
             add(loc, str(exc))
 
-    ids = [a.id for a in snapshot.accounts]
-    leaders = [a.id for a in snapshot.accounts if a.role == "leader"]
+    seen: set[str] = set()
+    leaders = {a.id for a in snapshot.accounts if a.role == "leader"}
+    leader_count = sum(1 for a in snapshot.accounts if a.role == "leader")
     for name in snapshot.quotes:
         symbol(("quotes", name), name)
     for i, account in enumerate(snapshot.accounts):
-        if ids.index(account.id) != i:
+        if account.id in seen:
             add(("accounts", i, "id"), f"duplicate account id {account.id!r}")
+        seen.add(account.id)
         if account.role == "follower":
             if account.leader is not None and account.leader not in leaders:
                 add(("accounts", i, "leader"), f"no leader account named {account.leader!r}")
-            elif account.leader is None and len(leaders) != 1:
+            elif account.leader is None and leader_count != 1:
                 add(
                     ("accounts", i, "leader"),
                     f"follower {account.id!r} must name its leader "
-                    f"({len(leaders)} leader accounts in this snapshot)",
+                    f"({leader_count} leader accounts in this snapshot)",
                 )
         for j, position in enumerate(account.positions):
             symbol(("accounts", i, "positions", j, "instrument"), position.instrument)
@@ -99,28 +214,25 @@ def parse_snapshot(
     try:
         snapshot = Snapshot.model_validate(data)
     except ValidationError as exc:
-        return None, _pydantic_problems(exc, file, line)
-    return snapshot, check_snapshot(snapshot, file, line, catalog)
+        return None, bounded(_pydantic_problems(exc, file, line))
+    return snapshot, bounded(check_snapshot(snapshot, file, line, catalog))
 
 
 def load_snapshot(path: str | Path, catalog: Catalog | None = None) -> Snapshot:
     """Load one snapshot (.json, .yaml or .yml); raise SnapshotError listing every problem."""
     catalog = catalog or default_catalog()
     file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SnapshotError([Problem(file, None, f"cannot read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise SnapshotError([Problem(file, None, "not a UTF-8 text file")]) from None
     if file.endswith(".jsonl"):
         raise SnapshotError(
             [Problem(file, None, "this is a timeline (JSON Lines); use `replay` for timelines")]
         )
+    text = read_input(path, file)
     try:
         data, lines = load_yaml(text)  # JSON is read as YAML too, which gives us lines
     except YamlSyntaxError as exc:
         data, lines = _json_fallback(text, file, exc)
+    except ValueError:  # the YAML reader's int(): more digits than Python converts
+        raise SnapshotError([number_too_long(text, file)]) from None
     if not isinstance(data, dict):
         raise SnapshotError([Problem(file, 1, "a snapshot must be a JSON/YAML object")])
     snapshot, problems = parse_snapshot(data, file, lines, catalog)
@@ -131,30 +243,41 @@ def load_snapshot(path: str | Path, catalog: Catalog | None = None) -> Snapshot:
 
 def _json_fallback(text: str, file: str, yaml_error: YamlSyntaxError) -> tuple[Any, LineMap]:
     try:
-        return json.loads(text), LineMap(default=None)
+        return json.loads(text, parse_int=_json_int), LineMap(default=None)
+    except _LongNumberError as exc:
+        raise SnapshotError([number_too_long(text, file, exc.digits)]) from None
     except json.JSONDecodeError as exc:
         if file.endswith(".json"):
             message = f"invalid JSON: {exc.msg} (column {exc.colno})"
             raise SnapshotError([Problem(file, exc.lineno, message)]) from None
         raise SnapshotError([Problem(file, yaml_error.line, str(yaml_error))]) from None
+    except ValueError:  # more digits than Python converts to an int
+        raise SnapshotError([number_too_long(text, file)]) from None
+    except RecursionError:
+        raise SnapshotError([Problem(file, None, "invalid JSON: nested too deeply")]) from None
 
 
 def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[Snapshot]:
     """Yield the snapshots of a JSON Lines timeline; stop at the first bad line with SnapshotError.
 
-    Blank lines and lines starting with `#` are skipped. Times must not go backwards.
+    Blank lines and lines starting with `#` are skipped. Times must not go backwards. A line
+    longer than MAX_LINE_CHARS is refused without reading the rest of it.
     """
     catalog = catalog or default_catalog()
     file = str(path)
     previous = None
-    try:
-        handle = Path(path).open(encoding="utf-8")  # noqa: SIM115 - closed by the `with` below
-    except OSError as exc:
-        raise SnapshotError([Problem(file, None, f"cannot read: {exc.strerror}")]) from None
+    handle = io.TextIOWrapper(open_input(path, file), encoding="utf-8")
     with handle:
         number = 0
         try:
-            for number, raw in enumerate(handle, start=1):
+            while True:
+                raw = handle.readline(MAX_LINE_CHARS + 1)
+                if not raw:
+                    break
+                number += 1
+                if len(raw) > MAX_LINE_CHARS and not raw.endswith("\n"):
+                    raise SnapshotError([Problem(file, number, "line longer than "
+                                                 f"{MAX_LINE_CHARS / 2**20:g} MiB")])
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue
@@ -174,6 +297,9 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[
                 yield snapshot
         except UnicodeDecodeError:
             raise SnapshotError([Problem(file, number + 1, "not UTF-8 text")]) from None
+        except OSError as exc:
+            raise SnapshotError([Problem(file, number + 1, f"cannot read: {exc.strerror}")]) \
+                from None
 
 
 _NOT_A_TIMELINE = ("a timeline is JSON Lines (.jsonl): one snapshot per line; for one "
@@ -186,14 +312,19 @@ def _timeline_line(line: str, file: str, number: int, catalog: Catalog) -> Snaps
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             try:
-                json.loads(line)
+                json.loads(line, parse_int=_json_int)
             except json.JSONDecodeError as json_exc:
                 message = f"invalid JSON: {json_exc.msg} (column {json_exc.colno})"
                 raise SnapshotError([Problem(file, number, message)]) from None
-        raise SnapshotError(_pydantic_problems(exc, file, number)) from None
+            except _LongNumberError as long_exc:
+                found = number_too_long(line, file, long_exc.digits)
+                raise SnapshotError([Problem(file, number, found.message)]) from None
+            except (ValueError, RecursionError):  # too deeply nested, ...
+                pass  # pydantic's own message says what
+        raise SnapshotError(bounded(_pydantic_problems(exc, file, number))) from None
     problems = check_snapshot(snapshot, file, number, catalog)
     if problems:
-        raise SnapshotError(problems)
+        raise SnapshotError(bounded(problems))
     return snapshot
 
 

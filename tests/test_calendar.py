@@ -110,3 +110,41 @@ calendar_pieces = st.sampled_from([
 def test_hostile_calendars_only_ever_raise_our_own_errors(text: str, suffix: str) -> None:
     with hostile_file(text, f"news{suffix}") as path, contextlib.suppress(CopilinkError):
         load_calendar(path)
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("news.yaml", "events:\n  - {time: '9999-12-31T23:30:00Z', name: NFP}\n",
+     "FILE:2: events[0].time: Value error, times must lie in the years 2000 to 2100 (UTC)"),
+    ("news.yaml", "events:\n  - {time: '9999-12-31T23:30:00-05:00', name: NFP}\n",
+     "FILE:2: events[0].time: Value error, times must lie in the years 2000 to 2100 (UTC)"),
+    ("news.csv", "time,name,impact,instruments\n9999-12-31T23:30:00-05:00,NFP,high,all\n",
+     "FILE:2: time: Value error, times must lie in the years 2000 to 2100 (UTC)"),
+    ("news.yaml", "events:\n  - {time: '2026-03-06T08:30:00Z', name: " + "N" * 5000 + "}\n"
+     "  - time: '2026-03-06T08:30:00Z'\n    name: NFP\n    ? " + "x" * 100_000 + "\n    : 1\n",
+     "FILE:5: events[1]." + "x" * 190 + "... (100,010 characters): unknown field"),
+])
+def test_calendar_times_are_in_range_and_echoes_are_bounded(tmp_path: Path, name: str,
+                                                            text: str, message: str) -> None:
+    path = write(tmp_path, name, text)
+    with pytest.raises(SnapshotError) as caught:
+        load_calendar(path)
+    assert str(caught.value).replace(str(path), "FILE") == message
+
+
+def test_a_calendar_event_s_time_is_kept_in_utc() -> None:
+    calendar = load_calendar(REPO / "examples" / "firms" / "news.yaml")
+    assert all(e.time.tzinfo is UTC for e in calendar.events)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_dev_zero_or_a_huge_file_as_a_calendar_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        load_calendar("/dev/zero")
+    assert str(caught.value) == ("/dev/zero: cannot read the news calendar: not a regular "
+                                 "file (a device, a socket or a folder)")
+    huge = tmp_path / "news.csv"
+    with huge.open("wb") as handle:  # sparse
+        handle.truncate(64 * 2**20 + 1)
+    with pytest.raises(InputError) as caught:
+        load_calendar(huge)
+    assert str(caught.value) == f"{huge}: cannot read the news calendar: larger than 64 MiB"

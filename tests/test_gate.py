@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,49 @@ def test_the_gate_command_answers_in_table_and_jsonl(tmp_path: Path) -> None:
         code, out, err = gate_cli(order=order)
         assert (code, out) == (2, "")
         assert err.startswith(message)
+
+
+def _gate_cli(order: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["gate", "--rules", str(FIRMS / "apex.yaml"), "--state",
+                str(REPO / "examples" / "missed-entry.json"), "--order", order, "--format",
+                "jsonl"], out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('"qty": true', "error: --order: qty: Input should be a valid integer"),
+    ('"qty": 2.0', "error: --order: qty: Input should be a valid integer"),
+    ('"qty": "2"', "error: --order: qty: Input should be a valid integer"),
+    ('"qty": 1, "leader_price": NaN', "error: --order: leader_price: Input should be a finite "
+                                      "number"),
+    ('"qty": 1, "leader_price": Infinity', "error: --order: leader_price: Input should be a "
+                                           "finite number"),
+    ('"qty": 1, "price": -Infinity', "error: --order: price: Input should be a finite number"),
+    ('"qty": 1, "price": 1e300', "error: --order: price: Input should be less than or equal"),
+])
+def test_an_order_with_a_bool_quantity_or_a_non_finite_price_is_refused(extra: str,
+                                                                        message: str) -> None:
+    # a NaN leader price made the late-entry check false, and the gate said ALLOW
+    code, out, err = _gate_cli('{"account": "F1", "instrument": "NQH6", "side": "buy", ' +
+                               extra + "}")
+    assert (code, out) == (2, "")
+    assert err.startswith(message)
+    assert err.count("\n") == 1
+
+
+def test_an_order_for_more_than_the_bound_is_blocked_never_an_overflow() -> None:
+    gate = gate_for(LEAD, account("F1", firm="apex", size=50000, balance=50000,
+                                  positions=[pos("NQH6", 2)]))
+    for qty in (100_001, 10**400):  # a float cannot hold 10**400: no arithmetic before this
+        answer = gate.check(order(side="sell", qty=qty))
+        assert (answer.verdict, answer.qty) == ("block", 0)
+        assert answer.reasons == ("an order for more than 100,000 contracts is never sent",)
+    code, out, _ = _gate_cli('{"account": "F1", "instrument": "NQH6", "side": "sell", "qty": '
+                             + "9" * 400 + "}")
+    assert code == 0
+    assert json.loads(out)["verdict"] == "block"
+    with pytest.raises(ValueError, match="finite"):
+        order(leader_price=math.nan)
+    with pytest.raises(ValueError, match="valid integer"):
+        order(qty=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,9 +14,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from copilink_rules.cli import run
 from copilink_rules.errors import SnapshotError
-from copilink_rules.model import Snapshot
-from copilink_rules.snapshots import iter_timeline, load_snapshot, load_timeline
+from copilink_rules.instruments import default_catalog
+from copilink_rules.model import Account, Snapshot
+from copilink_rules.snapshots import (
+    MAX_FILE_BYTES,
+    MAX_LINE_CHARS,
+    MAX_PROBLEMS,
+    check_snapshot,
+    iter_timeline,
+    load_snapshot,
+    load_timeline,
+)
 
 from .conftest import REPO, hostile_file
 
@@ -160,3 +173,148 @@ def test_a_time_that_is_not_a_time_is_reported_by_field(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError) as caught:
         load_snapshot(path)
     assert str(caught.value).startswith(f"{path}:1: time: Input should be a valid datetime")
+
+
+# --- bounded inputs ---------------------------------------------------------------------------
+
+class _CountingId(str):
+    """An account id that counts how often it is compared for equality."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountingId.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_the_duplicate_id_check_is_linear_not_quadratic() -> None:
+    # 2,000 accounts: a list.index() per account compares ids ~2,000,000 times; a set, ~never
+    accounts = [Account.model_construct(id=_CountingId(f"F{i}"), role="follower", leader=None,
+                                        positions=(), orders=(), overnight=(), updated_at=None)
+                for i in range(2000)]
+    accounts.insert(0, Account.model_construct(id="LEAD", role="leader", leader=None,
+                                               positions=(), orders=(), overnight=(),
+                                               updated_at=None))
+    snapshot = Snapshot.model_construct(time=datetime(2026, 3, 2, tzinfo=UTC), quotes={},
+                                        accounts=tuple(accounts))
+    _CountingId.compared = 0
+    assert check_snapshot(snapshot, "FILE", 1, default_catalog()) == []
+    assert _CountingId.compared < 10 * len(accounts)
+
+
+def test_a_line_of_40000_accounts_lists_a_bounded_number_of_problems(tmp_path: Path) -> None:
+    accounts = [{"id": "LEAD", "role": "leader"}] + [
+        {"id": "F1", "role": "follower"} for _ in range(40_000)]
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"time": "2026-03-02T14:31:05Z", "accounts": accounts}) + "\n")
+    with pytest.raises(SnapshotError) as caught:
+        load_timeline(path)
+    problems = caught.value.problems
+    assert len(problems) == MAX_PROBLEMS + 1
+    assert str(problems[0]) == f"{path}:1: accounts[2].id: duplicate account id 'F1'"
+    assert str(problems[-1]) == f"{path}: ... and 39,949 more problem(s)"
+
+
+@pytest.mark.parametrize("field", ["instrument", "avg_price", "qty"])
+def test_a_huge_value_is_echoed_back_cut_short(tmp_path: Path, field: str) -> None:
+    huge = "Z" * 1_000_000
+    position: dict[str, object] = {"instrument": "NQH6", "qty": 1, field: huge}
+    line = json.dumps({"time": "2026-03-02T14:31:05Z", "accounts": [
+        {"id": "LEAD", "role": "leader", "positions": [position]}]})
+    for name, text in [("t.jsonl", line + "\n"), ("s.json", line), ("s.yaml", line)]:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(SnapshotError) as caught:
+            load_timeline(path) if name.endswith(".jsonl") else load_snapshot(path)
+        message = str(caught.value)
+        assert message.count("\n") == 0
+        assert len(message) < 600
+        assert "characters)" in message
+
+
+def test_a_huge_account_id_is_echoed_back_cut_short(tmp_path: Path) -> None:
+    huge = "F" * 1_000_000
+    line = json.dumps({"time": "2026-03-02T14:31:05Z", "accounts": [
+        {"id": "LEAD", "role": "leader"}, {"id": huge, "role": "follower"},
+        {"id": huge, "role": "follower"}]})
+    path = tmp_path / "t.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(SnapshotError) as caught:
+        load_timeline(path)
+    assert len(str(caught.value)) < 600
+    assert "duplicate account id 'FFF" in str(caught.value)
+
+
+needs_dev_zero = pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+
+
+@needs_dev_zero
+def test_dev_zero_is_refused_at_once_not_read_forever() -> None:
+    for load in (load_snapshot, load_timeline):
+        with pytest.raises(SnapshotError) as caught:
+            load("/dev/zero")
+        assert str(caught.value) == ("/dev/zero: cannot read: not a regular file (a device, a "
+                                     "socket or a folder)")
+
+
+@needs_dev_zero
+def test_replay_and_dry_run_of_dev_zero_are_one_line_errors() -> None:
+    rules = str(REPO / "rules" / "desync.yaml")
+    for argv in (["replay", "--rules", rules, "/dev/zero"],
+                 ["dry-run", "--rules", rules, "--state", "/dev/zero"]):
+        out, err = io.StringIO(), io.StringIO()
+        assert run(argv, out, err) == 1
+        assert err.getvalue().count("\n") == 1
+        assert "not a regular file" in err.getvalue()
+
+
+def test_a_snapshot_file_over_64_mib_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("wb") as handle:  # sparse: no disk, no time
+        handle.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(SnapshotError) as caught:
+        load_snapshot(path)
+    assert str(caught.value) == f"{path}: cannot read: larger than 64 MiB"
+
+
+def test_a_timeline_line_over_16_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    good = (REPO / "examples" / "clean-session.jsonl").read_text().splitlines()[0]
+    with path.open("w") as handle:
+        handle.write(good + "\n")
+    with path.open("ab") as handle:  # a second line of NULs, sparse, with no newline
+        handle.truncate(path.stat().st_size + MAX_LINE_CHARS + 10)
+    read: list[Snapshot] = []
+    with pytest.raises(SnapshotError) as caught:
+        read.extend(iter_timeline(path))
+    assert len(read) == 1
+    assert str(caught.value) == f"{path}:2: line longer than 16 MiB"
+
+
+def test_a_line_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    good = (REPO / "examples" / "clean-session.jsonl").read_text().splitlines()[0]
+    path = tmp_path / "t.jsonl"
+    path.write_text(good + " " * (MAX_LINE_CHARS - len(good)) + "\n" + good + "\n")
+    assert len(load_timeline(path)) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_timeline_from_a_pipe_is_read(tmp_path: Path) -> None:
+    # `replay <(zcat session.jsonl.gz)`: a pipe is not a regular file, and is welcome
+    lines = (REPO / "examples" / "clean-session.jsonl").read_text()
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with fifo.open("w") as handle:
+            handle.write(lines)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        read = load_timeline(fifo)
+    finally:
+        writer.join()
+    assert len(read) == len([x for x in lines.splitlines() if x.strip()])
