@@ -12,6 +12,7 @@ per problem (`file:line: rule: message`), and exit codes are:
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import tempfile
@@ -25,16 +26,24 @@ from pydantic import ValidationError
 
 from . import __version__
 from .adapters import create_adapter
-from .adapters.base import Broker
+from .adapters.base import Broker, settings_model
 from .adapters.sim import SimBroker
 from .alerts import Alerts
 from .calendar import load_calendar
 from .config import RunConfig, load_config, sim_settings
+from .copier import make_copier
 from .enforcer import KillSwitch
 from .engine import Engine
-from .errors import CopilinkError, InstrumentError, ParamError, RuleFileError, StateError
+from .errors import (
+    CopilinkError,
+    InputError,
+    InstrumentError,
+    ParamError,
+    RuleFileError,
+    StateError,
+)
 from .gate import Gate, OrderRequest
-from .incidents import collect
+from .incidents import collect, open_journal
 from .incidents import render as render_incidents
 from .instruments import Catalog, default_catalog
 from .journal import Journal, iso
@@ -44,7 +53,7 @@ from .policytest import run_test_files
 from .rules.loader import Policy, bundled_rules_dir, load_policy, parse_overrides
 from .rules.spec import ruleset_json_schema_text
 from .session import Session
-from .snapshots import iter_timeline, load_snapshot
+from .snapshots import iter_timeline, load_snapshot, read_input
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -128,12 +137,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="decide and journal, send nothing")
     p.add_argument("--journal", metavar="FILE", help="SQLite journal (default: copilink.db)")
     p.add_argument("--duration", type=_positive, metavar="SECONDS",
-                   help="sim only: stop after this many simulated seconds")
+                   help="stop after this many seconds (simulated seconds on the sim)")
+    p.add_argument("--record", metavar="FILE", help="append every snapshot evaluated to FILE "
+                   "as a timeline line, to replay the day later with other rules")
     p.add_argument("--speed", type=_speed, metavar="X", help="sim only: simulated seconds per "
                    "real second")
     p.add_argument("--sim-state", metavar="FILE", help="sim only: keep the simulated broker "
                    "in this file, so a restarted run meets the same broker")
     p.add_argument("--no-view", action="store_true", help="plain alert lines, no live table")
+
+    p = sub.add_parser("connect", help="connect read-only and print what the broker shows")
+    p.add_argument("--config", required=True, metavar="FILE", help="copilink.yaml")
+    p.add_argument("--timeout", type=_positive, default=15.0, metavar="SECONDS",
+                   help="how long to wait for the broker (default 15)")
 
     p = sub.add_parser("demo", help="a simulated session in which the three desyncs happen "
                        "and are resolved live")
@@ -259,6 +275,7 @@ def cmd_dry_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     catalog = _catalog(args)
     policy = _policy(args, args.rules)
     snapshot = load_snapshot(args.state, catalog)
+    _check_firms({a.id: a.firm for a in snapshot.accounts}, policy, stderr)
     printer = DecisionPrinter(stdout, _format(args, stdout))
     printer.header(f"dry run of {args.state} at {snapshot.time.isoformat()} with rules "
                    f"{policy.name} (version {policy.version}); nothing is sent.\n"
@@ -289,7 +306,7 @@ def cmd_replay(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     progress.done()
     printer.summary(_summary(printer, count))
     if args.save_state:
-        Path(args.save_state).write_text(engine.save_state_json(), encoding="utf-8")
+        write_atomically(args.save_state, engine.save_state_json())
     return EXIT_OK
 
 
@@ -323,6 +340,7 @@ def cmd_check(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     catalog = _catalog(args)
     policy = _policy(args, args.rules)
     snapshot = load_snapshot(args.state, catalog)
+    _check_firms({a.id: a.firm for a in snapshot.accounts}, policy, stderr)
     decisions = _engine(args, policy, catalog, stderr).evaluate(snapshot, as_if_held=True,
                                                                 stage="pre_session")
     blocking = [d for d in decisions if d.suppressed is False]
@@ -335,11 +353,15 @@ def cmd_check(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             stdout.write(f"READY: {len(snapshot.accounts)} accounts passed {checks} "
                          f"pre-session checks ({policy.name}, version {policy.version})\n")
         else:
-            stdout.write(f"NOT READY: {len(blocking)} problem(s) in {len(snapshot.accounts)} "
-                         "accounts\n")
+            troubled = {d.account for d in blocking}
+            stdout.write(f"NOT READY: {len(blocking)} problem(s) in {len(troubled)} of "
+                         f"{len(snapshot.accounts)} accounts\n")
             for d in blocking:
-                stdout.write(f"  [{d.severity}] {d.account or '(all)'}: {d.reason}  "
-                             f"({d.rule})\n")
+                who = d.account or "(all)"
+                # rule messages often name the account first: say it once
+                reason = d.reason.removeprefix(f"{who}: ")
+                line = reason if reason.startswith(f"{who} ") else f"{who}: {reason}"
+                stdout.write(f"  [{d.severity}] {line}  ({d.rule})\n")
     return EXIT_FAIL if blocking else EXIT_OK
 
 
@@ -396,17 +418,65 @@ def cmd_schema(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def _read_json(path: str) -> object:
+    text = read_input(path, path, " saved state")  # bounded; /dev/zero refused
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StateError(f"{path}: cannot read saved state: {exc.strerror}") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise StateError(f"{path}:{exc.lineno}: saved state is not JSON: {exc.msg}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise StateError(f"{path}: saved state is not valid: {str(exc)[:200]}") from None
 
 
 def _summary(printer: DecisionPrinter, snapshots: int) -> str:
     return (f"-- {snapshots} snapshot(s), {printer.count} decision(s), {printer.suppressed} "
             f"suppressed, {printer.errors} evaluation error(s)")
+
+
+def _broker(config: RunConfig, args: argparse.Namespace | None = None) -> Broker:
+    """The configured broker, built from its settings and the accounts it must watch."""
+    if config.broker.name == "sim":
+        sim_state = Path(args.sim_state) if args is not None and args.sim_state else None
+        return make_sim(sim_settings(config), sim_state)
+    if not config.accounts:
+        raise InputError(f"broker {config.broker.name}: copilink.yaml names no accounts; list "
+                         "the leader and followers under accounts: (id = the broker's account "
+                         "name)")
+    try:
+        return create_adapter(config.broker.name, config.broker.settings,
+                              [a.spec() for a in config.accounts])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"broker.settings.{where}: {first['msg']}") from None
+
+
+def firm_problems(firms: dict[str, str | None], policy: Policy) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about accounts' firms: a name no rule set knows is an error (a typo
+    must never turn a firm's limits off); a known firm whose rules are not loaded, a warning."""
+    loaded = set(policy.firms)
+    bundled = {f.stem for f in (bundled_rules_dir() / "firms").glob("*.yaml")}
+    known = sorted(loaded | bundled)
+    errors, warnings = [], []
+    for account, firm in firms.items():
+        if not firm or firm in loaded:
+            continue
+        if firm in bundled:
+            warnings.append(f"account {account}: the rules of firm {firm!r} are not loaded, so "
+                            f"none of its limits apply; add rules/firms/{firm}.yaml to the rules")
+            continue
+        near = difflib.get_close_matches(firm.lower(), known, n=1, cutoff=0.5)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        errors.append(f"account {account}: unknown firm {firm!r}{hint}; known firms: "
+                      f"{', '.join(known)}")
+    return errors, warnings
+
+
+def _check_firms(firms: dict[str, str | None], policy: Policy, stderr: TextIO) -> None:
+    errors, warnings = firm_problems(firms, policy)
+    for warning in warnings:
+        stderr.write(f"warning: {warning}\n")
+    if errors:
+        raise InputError("\n".join(errors))
 
 
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
@@ -417,30 +487,41 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         config.broker.settings = {"random_trades": 40, "random_faults": 12}
     if args.broker:
         config.broker.name = args.broker
+    settings_model(config.broker.name)  # an unknown adapter name: a usage error, at once
+    is_sim = config.broker.name == "sim"
+    if not is_sim and (args.sim_state or args.speed):
+        raise ParamError("--sim-state and --speed are for the sim broker only")
     rules = [str(base / r) for r in config.rules] if not args.rules else list(args.rules)
     overrides = {k: _param_text(v) for k, v in config.params.items()}
     overrides.update(parse_overrides(args.set))
     journal_path = Path(args.journal) if args.journal else base / config.journal
-    if config.broker.name == "sim":
-        settings = sim_settings(config)
-        sim_state = Path(args.sim_state) if args.sim_state else None
-        broker: Broker = make_sim(settings, sim_state)
-    else:
-        sim_state = None
-        broker = create_adapter(config.broker.name, config.broker.settings)
+    policy = load_policy(rules, overrides, args.rules_path)  # bad rules: before connecting
+    _check_firms({a.id: a.firm for a in config.accounts}, policy, stderr)
     view = not args.no_view and stdout.isatty()
     alerts = build_alerts(config, base, None if view else alert_printer(stdout))
     journal = Journal(journal_path)
-    kill = KillSwitch(base / config.kill_file if config.kill_file else None)
+    record = None
+    broker: Broker | None = None
     try:
+        journal.claim()  # one run per journal
+        record = open_output(args.record, append=True) if args.record else None
+        broker = _broker(config, args)
+        if not is_sim:
+            stdout.write(f"connecting to {broker.name}...\n")
+        broker.connect()
+        copier = make_copier(config.copier or ("sim" if is_sim else "external"), broker)
+        kill = KillSwitch(base / config.kill_file if config.kill_file else None)
         calendar = load_calendar(base / config.calendar) if config.calendar else None
         session = Session(broker, journal, alerts, rules, overrides, args.rules_path,
                           dry_run=args.dry_run, kill_switch=kill, calendar=calendar,
                           contracts={a.id: a.instrument for a in config.accounts
-                                     if a.instrument})
+                                     if a.instrument}, copier=copier)
         if calendar is None and uses_news(session.policy):
             stderr.write("warning: these rules use news_blackout() but the config names no "
                          "calendar: no news blackout will ever be in force\n")
+        if not copier.steerable:
+            stdout.write("copier: external — pause and skip-entry are instructions to you "
+                         "(alerts say 'ACT NOW'); flattening is sent to the broker\n")
         for note in session.start():
             stdout.write(f"note: {note}\n")
         stdout.write(f"running {session.policy.name} (version {session.policy.version}) on "
@@ -450,13 +531,52 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                           speed=args.speed or config.broker.speed,
                           until=args.duration, out=stdout, view=view,
                           pre_session=config.pre_session, timezone=config.timezone,
-                          sim_state=sim_state)
+                          sim_state=Path(args.sim_state) if args.sim_state else None,
+                          record=record)
         stdout.write(f"stopped after {session.ticks} ticks; {runner.missed} tick(s) skipped "
                      "while the previous one ran\n")
+        if session.stopped:
+            stderr.write(f"error: {session.stopped}\n")
+            return EXIT_FAIL
     finally:
+        if broker is not None:
+            broker.close()
+        if record is not None:
+            record.close()
         alerts.close()
         journal.close()
     return EXIT_OK
+
+
+def cmd_connect(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    """Connect read-only and print accounts, positions and data age — or what failed."""
+    config, _ = load_config(args.config)
+    broker = _broker(config)
+    try:
+        stdout.write(f"connecting to {broker.name}...\n")
+        broker.connect(timeout=args.timeout)
+        snapshot = broker.snapshot()
+        health = broker.health()
+        detail = f" ({health.detail})" if health.detail else ""
+        stdout.write(f"{broker.name}: {health.state}{detail}; broker time "
+                     f"{iso(snapshot.time)}\n")
+        for account in snapshot.accounts:
+            age = account.data_age(snapshot.time)
+            state = "connected" if account.connected else "NOT CONNECTED"
+            held = ", ".join(f"{p.instrument} {p.qty:+d} @ {p.avg_price:g}"
+                             for p in account.positions if p.qty) or "flat"
+            working = sum(1 for o in account.orders if o.status in ("working", "pending"))
+            stdout.write(f"  {account.id:<14} {account.role:<8} {state:<13} data age "
+                         f"{age:5.1f}s  balance {account.balance:,.2f}  {held}; "
+                         f"{working} working order(s)\n")
+        missing = [a.id for a in snapshot.accounts if not a.connected]
+        if missing:
+            stderr.write(f"error: the broker does not show {', '.join(missing)}: check the "
+                         "account names in copilink.yaml (the broker's own names)\n")
+            return EXIT_FAIL
+        return EXIT_OK
+    finally:
+        broker.close()
 
 
 def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
@@ -496,9 +616,7 @@ def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def cmd_incidents(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    if not Path(args.db).exists():
-        raise StateError(f"{args.db}: no such journal")
-    journal = Journal(args.db, read_only=True)
+    journal = open_journal(args.db)
     try:
         stdout.write(render_incidents(collect(journal, args.since), args.format, args.db))
     finally:
@@ -513,10 +631,30 @@ def cmd_kill(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             path.unlink()
         stdout.write(f"kill switch released: {path} removed\n")
         return EXIT_OK
-    path.write_text("engaged by copilink-rules kill\n", encoding="utf-8")
+    write_atomically(path, "engaged by copilink-rules kill\n")
     stdout.write(f"kill switch engaged: {path} exists, no automatic order will be sent; "
                  f"release with: copilink-rules kill --release --file {path}\n")
     return EXIT_OK
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all; an unwritable path is an InputError."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def open_output(path: str, *, append: bool = False) -> TextIO:
+    """An output file opened for writing; an unwritable path is an InputError."""
+    try:
+        return open(path, "a" if append else "w", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _param_text(value: object) -> str:
@@ -534,6 +672,7 @@ _COMMANDS = {
     "gate": cmd_gate,
     "schema": cmd_schema,
     "run": cmd_run,
+    "connect": cmd_connect,
     "demo": cmd_demo,
     "incidents": cmd_incidents,
     "kill": cmd_kill,

@@ -2,12 +2,14 @@
 
 ```yaml
 broker:
-  name: sim                   # sim (ninjatrader, tradovate, projectx: not in this release)
+  name: sim                   # sim, ninjatrader, tradovate or projectx
   settings: {seed: 7, random_trades: 5, random_faults: 3}   # the adapter's own settings
   speed: 1.0                  # sim only: simulated seconds per real second
-accounts:                     # roles, ratios and firms (sim: the simulated accounts)
-  - {id: LEAD, role: leader, firm: apex}
-  - {id: F1, role: follower, ratio: 1.0, firm: apex}
+copier: external              # who copies: sim (the sim's own) or external (yours: pause and
+                              # skip become instructions to you); default: sim on the sim
+accounts:                     # the broker's account names, roles, ratios, firms, sizes
+  - {id: LEAD, role: leader, firm: apex, size: 50000}
+  - {id: F1, role: follower, ratio: 1.0, firm: apex, size: 50000}
   - {id: F2, role: follower, ratio: 1.0, firm: topstep, instrument: MNQH6}
 rules: [rules/desync.yaml]    # files or folders, relative to this file
 params: {stuck_grace: 2s}     # like --set
@@ -34,6 +36,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .adapters.base import AccountSpec, adapter_names, settings_model
 from .errors import InputError, InstrumentError, Problem, RuleFileError
 from .instruments import default_catalog
 from .rules.loader import parse_duration
@@ -55,9 +58,15 @@ class AccountConfig(_Strict):
     id: str = Field(min_length=1)
     role: Literal["leader", "follower"]
     leader: str | None = None
-    ratio: float = Field(default=1.0, gt=0)
+    ratio: float = Field(default=1.0, gt=0, le=100, allow_inf_nan=False)
     firm: str | None = None
+    size: float | None = Field(default=None, gt=0, le=100_000_000, allow_inf_nan=False,
+                               description="starting balance: every firm limit depends on it")
     instrument: str | None = None
+
+    def spec(self) -> AccountSpec:
+        return AccountSpec(self.id, self.role, self.leader, self.ratio, self.firm, self.size,
+                           self.instrument)
 
 
 class WebhookConfig(_Strict):
@@ -74,6 +83,7 @@ class AlertsConfig(_Strict):
 
 class RunConfig(_Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    copier: Literal["sim", "external"] | None = None
     accounts: list[AccountConfig] = Field(default_factory=list)
     rules: list[str] = Field(default_factory=lambda: ["rules/desync.yaml"])
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -141,6 +151,24 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
                                     f"{format_loc(loc)}: {message}"))
         raise RuleFileError(problems) from None
     problems = []
+    name = config.broker.name
+    if name not in adapter_names():
+        loc = ("broker", "name")
+        problems.append(Problem(file, lines.line_of(list(loc)), f"broker.name: no broker "
+                                f"adapter {name!r}; known: {', '.join(adapter_names())}"))
+    elif name != "sim":  # the sim's settings are its scenario, checked when it is built
+        try:
+            settings_model(name).model_validate(config.broker.settings)
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = ("broker", "settings", *error["loc"])
+                message = "unknown setting" if error["type"] == "extra_forbidden" else \
+                    error["msg"].removeprefix("Value error, ")
+                problems.append(Problem(file, lines.line_of(list(loc)),
+                                        f"{format_loc(loc)}: {message}"))
+    if name not in ("sim", "fake") and config.copier == "sim":
+        problems.append(Problem(file, lines.line_of(["copier"]), "copier: 'sim' is the sim "
+                                "broker's own copier; with a real broker use copier: external"))
     catalog = default_catalog()
     for index, account in enumerate(config.accounts):
         if account.instrument is None:

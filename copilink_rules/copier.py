@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .adapters.base import BrokerAnswer, CopierPort
+from .adapters.sim import SimBroker, SimCopier
 
 COPIER_NAMES = ("sim", "external")
 
@@ -41,8 +42,6 @@ def make_copier(name: str, broker: Any) -> CopierPort:
     if name == "external":
         return ExternalCopier()
     if name == "sim":
-        from .adapters.sim import SimBroker, SimCopier
-
         if not isinstance(broker, SimBroker):
             raise LookupError("copier 'sim' is the sim broker's own copier; with a real "
                               "broker use copier: external")

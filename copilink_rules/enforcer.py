@@ -32,6 +32,7 @@ restarted enforcer asks the broker about those by tag instead of sending them ag
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -141,6 +142,12 @@ class Enforcer:
         self.hold_reason = ""
         self.auth_failed = ""
         self._last_snapshot: Snapshot | None = None
+        # decisions refused for a passing reason this tick (the session re-arms their rules)
+        self.again: list[Decision] = []
+        self._again = False
+        self._refused: dict[tuple[str | None, str, str | None], str] = {}
+        # does the rule that asked for an action still want it? (the engine's episodes)
+        self.still_wanted: Callable[[Action], bool] = lambda action: True
         # while a tick's decisions are carried out, the broker's answers to them are told
         # after them, so "flattening F1" reads before "broker rejected flatten"
         self._told_later: list[Alert] | None = None
@@ -226,6 +233,7 @@ class Enforcer:
         """Follow up open actions against `snapshot`, then carry out new decisions."""
         now = snapshot.time
         self._last_snapshot = snapshot
+        self.again = []
         accounts = {a.id: a for a in snapshot.accounts}
         self._follower_ids = [a.id for a in snapshot.accounts if a.role == "follower"]
         self._expire_locks(now)
@@ -284,10 +292,9 @@ class Enforcer:
                 self.journal.command_status(action.tag, "confirmed", now, "verified in snapshot")
                 del self.outstanding[key]
                 continue
-            if action.status == "pending" and action.sent_at is not None and \
-                    (now - action.sent_at).total_seconds() >= self.verify_after:
-                self._overdue(action, now)
-            elif action.status == "cancelling":
+            late = action.status == "pending" and action.sent_at is not None and \
+                (now - action.sent_at).total_seconds() >= self.verify_after
+            if late or action.status == "cancelling":
                 self._overdue(action, now)
             if action.status == "retrying" and action.next_try is not None and \
                     now >= action.next_try:
@@ -297,6 +304,11 @@ class Enforcer:
                     continue
                 if action.kind == "catch_up":
                     self._finish(action, now, "failed", "catch-up not retried: price moves on")
+                    continue
+                if not self.still_wanted(action):
+                    self._finish(action, now, "failed", f"not retried: the condition of "
+                                 f"{action.rule} no longer holds (the rule decides again if "
+                                 "it comes back)")
                     continue
                 self._send(action, now, retry=True)
 
@@ -401,13 +413,21 @@ class Enforcer:
             self._in_own_contract(action)
             # an order that adds exposure is checked against the freshest data there is
             account, now_fresh = self._fresh_account(decision.account, account, now)
+        self._again = False
         refusal = self._refusal(action, account, now if kind != "catch_up" else now_fresh)
         if refusal:
-            tag = self._tag()
-            self._journal_command(tag, action.account, action.instrument, family, kind,
-                                  action.rule, action.args, "blocked", 1, now, refusal)
-            log.info("%s %s %s blocked: %s", kind, action.account, action.instrument, refusal)
+            if self._again:  # not done, only not now: the engine proposes it again
+                self.again.append(decision)
+            said = (decision.rule, action.account, action.instrument)
+            if self._refused.get(said) != refusal:  # journaled once, not every tick
+                self._refused[said] = refusal
+                tag = self._tag()
+                self._journal_command(tag, action.account, action.instrument, family, kind,
+                                      action.rule, action.args, "blocked", 1, now, refusal)
+                log.info("%s %s %s blocked: %s", kind, action.account, action.instrument,
+                         refusal)
             return None
+        self._refused.pop((decision.rule, action.account, action.instrument), None)
         action.tag = action.base_tag = self._tag()
         self.outstanding[action.key] = action
         self._send(action, now)
@@ -437,13 +457,19 @@ class Enforcer:
 
     def _refusal(self, action: Action, account: Account | None, now: datetime) -> str | None:
         existing = self.outstanding.get(action.key)
+        if existing is not None and action.kind == "flatten" and existing.kind != "flatten" \
+                and self._superseded(existing, now):
+            existing = None
         if existing is not None:
+            self._again = True
             return f"{existing.kind} {existing.tag} is still outstanding for this account " \
                 "and instrument"
         blocked = self.blocked(now)
         if blocked:
+            self._again = True
             return blocked
         if not self._reachable(account, now):
+            self._again = True
             return f"account {action.account} is disconnected or stale: no orders"
         if action.kind != "catch_up" or account is None:
             return None
@@ -464,6 +490,17 @@ class Enforcer:
         if held != 0:
             return "the follower is no longer flat"
         return self._gate_refusal(action, account, qty, now)
+
+    def _superseded(self, existing: Action, now: datetime) -> bool:
+        """A flatten outranks an outstanding catch-up or cancel: once the broker is done
+        with it (a working order is cancelled first), it is closed and the flatten goes."""
+        report = self._find(existing.tag)
+        if report is not None and not report.final:
+            if report.order_id:
+                self._cancel_at_broker(existing, report.order_id, now)
+            return False
+        self._finish(existing, now, "superseded", "a flatten took over")
+        return True
 
     def _gate_refusal(self, action: Action, account: Account, qty: int,
                       now: datetime) -> str | None:
@@ -668,12 +705,30 @@ class Enforcer:
                rule: str | None = None, *, at_once: bool = False) -> None:
         """Journal an alert and tell it (`at_once`: even while decisions are being
         carried out)."""
+        if self.dry_run:
+            message = would(message)
         self.journal.alert(now, severity, account, message)
         alert = Alert(now, severity, message, account, rule)
         if self._told_later is None or at_once:
             self.alerts.send(alert)
         else:
             self._told_later.append(alert)
+
+
+_DONE = re.compile(r"\b(flattened|flattening|paused|pausing|locked|locking|catching up|"
+                   r"skipping|cancelled|cancelling|closed|closing)\b", re.IGNORECASE)
+_WOULD = {"flattened": "would be flattened", "flattening": "would flatten",
+          "paused": "would be paused", "pausing": "would pause", "locked": "would be locked",
+          "locking": "would lock", "catching up": "would catch up", "skipping": "would skip",
+          "cancelled": "would be cancelled", "cancelling": "would cancel",
+          "closed": "would be closed", "closing": "would close"}
+
+
+def would(message: str) -> str:
+    """A rule's alert as a dry run tells it: nothing was done, so "flattened" reads "would be
+    flattened", and the line says it is a dry run."""
+    told = _DONE.sub(lambda m: _WOULD[m.group(0).lower()], message)
+    return f"DRY RUN, nothing sent: {told}"
 
 
 def _with_account(snapshot: Snapshot, fresh: Account) -> Snapshot:

@@ -50,7 +50,8 @@ STATE_VERSION = 1
 
 
 class _Saved(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # a NaN peak restored from damaged state would switch drawdown limits off
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class _SavedRuleState(_Saved):
@@ -67,6 +68,9 @@ class _SavedMetrics(_Saved):
     best_day: float
     last_equity: float
     size: float
+    trades: int = 0
+    streak: int = 0
+    opens: dict[str, tuple[int, float]] = Field(default_factory=dict)
 
 
 class _SavedLock(_Saved):
@@ -124,6 +128,10 @@ class _Metrics:
     best_day: float  # best completed day's P&L
     last_equity: float
     size: float
+    trades: int = 0  # trades closed this trading day
+    streak: int = 0  # losing trades in a row this trading day
+    # family -> (side, realized P&L when that position opened): how a closed trade did
+    opens: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -253,6 +261,7 @@ class Engine:
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = policy.mentions("hedged")
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
+        self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
 
     # --- public API -------------------------------------------------------------------------
 
@@ -337,7 +346,9 @@ class Engine:
             "first_seen": {key: [side, iso(m)] for key, (side, m) in self._first_seen.items()},
             "metrics": {a: {"day": m.day, "day_start": m.day_start, "peak": m.peak,
                             "peak_eod": m.peak_eod, "best_day": m.best_day,
-                            "last_equity": m.last_equity, "size": m.size}
+                            "last_equity": m.last_equity, "size": m.size,
+                            "trades": m.trades, "streak": m.streak,
+                            "opens": {f: list(o) for f, o in m.opens.items()}}
                         for a, m in self._metrics.items()},
             "locks": {a: {"state": lock.state, "until": iso(lock.until), "rule": lock.rule,
                           "reason": lock.reason} for a, lock in self._locks.items()},
@@ -450,6 +461,8 @@ class Engine:
                 metrics = self._roll_metrics(account, equity, day)
             metrics.peak = max(metrics.peak, equity)
             metrics.last_equity = equity
+            if self._trade_counts:
+                _count_trades(metrics, families, realized)
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
             lock = locks.get(account_id)
@@ -465,7 +478,7 @@ class Engine:
                 total, max(metrics.best_day, day_pnl),
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
                 False, "", lock.state if lock else "", lock is not None,
-                at_firm[firm] if firm else 0,
+                at_firm[firm] if firm else 0, metrics.trades, metrics.streak,
             )
             infos[account_id] = _AccountInfo(account, view, families)
         if len(seen_keys) != len(self._first_seen):
@@ -497,6 +510,9 @@ class Engine:
             metrics.peak_eod = max(metrics.peak_eod, metrics.last_equity)
             metrics.day_start = metrics.last_equity
             metrics.day = day
+            metrics.trades = metrics.streak = 0
+            # the broker's realized P&L starts again at 0: a trade still open starts from it
+            metrics.opens = {f: (side, 0.0) for f, (side, _) in metrics.opens.items()}
         if account.size is not None:
             metrics.size = account.size
         return metrics
@@ -871,6 +887,35 @@ class Engine:
                 ENTRY_PRECEDENCE[action] > ENTRY_PRECEDENCE[current[1]]:
             self._entries[key] = (trade, action)
 
+    def _keys(self, rule: str, account: str | None, instrument: str | None) -> list[str]:
+        """The targets of `rule` that a decision about `account` / `instrument` came from."""
+        states = self._states.get(rule, {})
+        family = self.catalog.parse(instrument).family if instrument else None
+        return [key for key in states
+                if key == (account or "*") or (
+                    account is not None and key.startswith(f"{account}|") and
+                    (family is None or key.endswith(f"|{family}")))]
+
+    def episode_live(self, rule: str | None, account: str | None,
+                     instrument: str | None) -> bool:
+        """Does the condition of `rule` still hold for that target (its episode goes on)?
+        A retry of an order the rule asked for is sent only while it does: once the leader
+        starts a new trade, a stuck-follower flatten is no longer what was asked."""
+        if rule is None or rule not in self._states:
+            return True  # not a rule's order (restored from an older journal): as before
+        return bool(self._keys(rule, account, instrument))
+
+    def rearm(self, rule: str | None, account: str | None, instrument: str | None) -> None:
+        """The decision could not be carried out now (another order still working, the
+        account unreachable at the last moment): propose it again while its condition
+        holds, instead of treating it as done."""
+        if rule is None or rule not in self._states:
+            return
+        for key in self._keys(rule, account, instrument):
+            self._states[rule][key].fired = False
+        self._last_fired[rule] = {k: m for k, m in self._last_fired[rule].items()
+                                  if k not in self._keys(rule, account, instrument)}
+
     def replay_decisions(self, decisions: Iterable[dict[str, Any]]) -> int:
         """Take in decisions journaled after the saved state (`Decision.to_json_dict` form):
         the leader trades they skipped, flattened or caught up stay so. Returns how many
@@ -965,6 +1010,27 @@ def lock_until(text: str, now: datetime, zone: Any, trading_day: TradingDay) -> 
         unit = {"s": 1, "m": 60, "h": 3600}[text[-1]]
         return now + timedelta(seconds=float(text[:-1]) * unit)
     return TradingDay(zone, text).next_start(now)
+
+
+def _count_trades(metrics: _Metrics, families: dict[str, _Family], realized: float) -> None:
+    """Count the trades an account closed since the last tick: a family's position gone flat
+    or reversed is a trade, and its realized P&L says whether it lost."""
+    opens = metrics.opens
+    for name, family in families.items():
+        side = 1 if family.equiv > 0 else -1
+        opened = opens.get(name)
+        if opened is not None and opened[0] == side:
+            continue
+        if opened is not None:  # reversed: one trade closed, another opened
+            _closed(metrics, realized - opened[1])
+        opens[name] = (side, realized)
+    for name in [f for f in opens if f not in families]:
+        _closed(metrics, realized - opens.pop(name)[1])
+
+
+def _closed(metrics: _Metrics, pnl: float) -> None:
+    metrics.trades += 1
+    metrics.streak = metrics.streak + 1 if pnl < 0 else 0
 
 
 def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:

@@ -98,15 +98,15 @@ class BrokerError(CopilinkError):
         return str(self.args[0]) if self.args else type(self).__name__
 
 
-class OrderRejected(BrokerError):
+class OrderRejected(BrokerError):  # noqa: N818 - named for what the broker said
     """The broker refused the request and said why."""
 
 
-class BrokerUnavailable(BrokerError):
+class BrokerUnavailable(BrokerError):  # noqa: N818 - named for what the broker said
     """The broker could not be reached (network, timeout, 5xx): never counted as a refusal."""
 
 
-class RateLimited(BrokerError):
+class RateLimited(BrokerError):  # noqa: N818 - named for what the broker said
     """Over the broker's request budget: wait `retry_after` seconds before the next request."""
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -114,5 +114,5 @@ class RateLimited(BrokerError):
         self.retry_after = retry_after
 
 
-class AuthFailed(BrokerError):
+class AuthFailed(BrokerError):  # noqa: N818 - named for what the broker said
     """The broker refused the credentials or ended the session: stop sending, alert."""

@@ -9,7 +9,9 @@ answer, so after a crash the engine knows what it may already have sent and asks
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +58,19 @@ CREATE INDEX IF NOT EXISTS incidents_time ON incidents (time);
 OPEN_STATUSES = ("sending", "pending", "retrying")
 
 
+def _lock_file(handle: Any) -> None:
+    """An exclusive, non-blocking lock on an open file; OSError if another process has it."""
+    if sys.platform == "win32":  # pragma: no cover - NinjaTrader users run Windows
+        import msvcrt  # noqa: PLC0415 - exists on Windows only
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl  # noqa: PLC0415 - exists on POSIX only
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -78,6 +93,8 @@ class CommandRow:
 
 class Journal:
     """One SQLite file. Safe to use from the scheduler's threads (one connection, a lock)."""
+
+    _claim: Any = None  # the lock file held while this process enforces (claim())
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         """Open (or create) the journal at `path`; `read_only` opens an existing one for
@@ -103,11 +120,15 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
             version = self._meta("schema_version")
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: cannot open the journal: {exc}") from None
+        except StateError:
+            raise
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: undecodable table names
+            raise StateError(f"{self.path}: cannot open the journal: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from None
         if version is None and not read_only:
             self._set_meta("schema_version", str(SCHEMA_VERSION))
-        elif version is None or not version.isdigit():
+        elif version is None or not (version.isascii() and version.isdigit()):
             raise StateError(f"{self.path}: the journal has no valid schema version "
                              f"({version!r}): not a copilink-rules journal")
         elif int(version) > SCHEMA_VERSION:
@@ -117,6 +138,43 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self.release()
+
+    # --- one enforcer per journal ---------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Make this process the only one enforcing with this journal: an exclusive lock on
+        `<journal>.lock` that the operating system drops when the process ends (even killed),
+        so a second `run` on the same journal refuses instead of sending every command twice.
+        StateError if another process holds it."""
+        if self.path == ":memory:" or self._claim is not None:
+            return
+        lock_path = f"{self.path}.lock"
+        try:
+            handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run
+        except OSError as exc:
+            raise StateError(f"{lock_path}: cannot create the journal's lock file: "
+                             f"{exc.strerror}") from None
+        try:
+            _lock_file(handle)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StateError(f"{self.path} is in use by {holder}: one run per journal (two "
+                             "would send every command twice); stop the other run or name "
+                             "another journal") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"copilink-rules process {os.getpid()}")
+        handle.flush()
+        self._claim = handle
+
+    def release(self) -> None:
+        handle = self._claim
+        if handle is not None:
+            self._claim = None
+            handle.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -225,7 +283,7 @@ class Journal:
         """Decisions that passed (not suppressed) after `moment` (all when None), oldest
         first, as journaled (`Decision.to_json_dict`)."""
         sql = "SELECT data FROM decisions WHERE suppressed IS NULL AND action IN " \
-            f"({', '.join('?' * len(actions))})"
+            f"({', '.join('?' * len(actions))})"  # noqa: S608 - placeholders only
         params: tuple[Any, ...] = actions
         if moment is not None:
             sql += " AND time > ?"

@@ -4,6 +4,7 @@ scheduler and terminal view."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -59,8 +60,10 @@ def build_alerts(config: RunConfig, base: Path, terminal: Callable[[Alert], None
 def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
              until: float | None, out: TextIO, view: bool, pre_session: str | None = None,
              timezone: str = "America/New_York", sim_state: Path | None = None,
-             title: str = "copilink-rules") -> LiveRunner:
-    """Run until Ctrl-C / SIGTERM, or until the simulated session reaches `until` seconds."""
+             title: str = "copilink-rules", record: TextIO | None = None) -> LiveRunner:
+    """Run until Ctrl-C / SIGTERM, until `until` seconds have passed (simulated seconds on
+    the sim, real ones on a broker), or until the session stops enforcing (its journal
+    cannot be written). `record` receives every snapshot evaluated, as a timeline line."""
     interval = tick
     if isinstance(broker, SimBroker):
         # the engine always sees the market every `tick` of simulated time; a faster speed
@@ -84,12 +87,28 @@ def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
 
         session.after_commands = save_sim
 
+    recorded: list[object] = [None]
+
     def after_tick() -> None:
+        snapshot = session.last_snapshot
+        if record is not None and snapshot is not None and snapshot is not recorded[0]:
+            recorded[0] = snapshot
+            record.write(snapshot.model_dump_json(exclude_defaults=True) + "\n")
+            record.flush()
         if console is not None:
             live.update(render(session, title))
 
+    deadline = None if until is None or isinstance(broker, SimBroker) else \
+        time.monotonic() + until  # the clock at the edge: how long the user asked to run
+
     def finished() -> bool:
-        return until is not None and isinstance(broker, SimBroker) and broker.elapsed >= until
+        if session.stopped is not None:
+            return True
+        if until is None:
+            return False
+        if isinstance(broker, SimBroker):
+            return broker.elapsed >= until
+        return deadline is not None and time.monotonic() >= deadline
 
     runner = LiveRunner(session, tick_seconds=interval, pre_session_at=pre_session,
                         timezone=timezone, should_stop=finished, on_tick=after_tick)

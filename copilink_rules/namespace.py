@@ -59,6 +59,10 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "locked": (BOOL, "the account has a lock"),
         "firm_accounts": (NUM, "accounts in this snapshot at the account's firm, itself "
                                "included (0 when its firm is not given)"),
+        "trades_today": (NUM, "trades closed this trading day (a position in a family gone "
+                              "flat or reversed), as the engine saw them"),
+        "losing_streak": (NUM, "losing trades in a row this trading day (realized P&L of the "
+                               "trade below 0); 0 after a winner"),
     },
     "position": {
         "qty": (NUM, "signed contracts (+ long, - short) in this family"),

@@ -26,6 +26,7 @@ from typing import Any
 from .adapters.base import Broker, CopierPort
 from .alerts import Alert, Alerts
 from .calendar import Calendar
+from .copier import make_copier
 from .enforcer import Enforcer, KillSwitch
 from .engine import Engine
 from .errors import CopilinkError, StateError
@@ -63,8 +64,6 @@ class Session:
         self.policy: Policy = load_policy(self.rules, self.overrides, self.rules_path)
         self.engine = Engine(self.policy, self.catalog, self.calendar)
         if self.copier is None:
-            from .copier import make_copier
-
             self.copier = make_copier("sim" if self.broker.name == "sim" else "external",
                                       self.broker)
         self.enforcer = Enforcer(self.broker, self.journal, self.alerts, self.policy,
@@ -72,6 +71,8 @@ class Session:
                                  kill_switch=self.kill_switch, catalog=self.catalog,
                                  calendar=self.calendar, on_command=self.on_command,
                                  contracts={**self._broker_contracts(), **self.contracts})
+        self.enforcer.still_wanted = lambda action: self.engine.episode_live(
+            action.rule, action.account, action.instrument)
         # why enforcement stopped for good (the journal cannot be written): never act
         # unjournaled
         self.stopped: str | None = None
@@ -152,6 +153,8 @@ class Session:
             self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
             self.journal.decisions(decisions)
         self.enforcer.process(snapshot, decisions)
+        for decision in self.enforcer.again:
+            self.engine.rearm(decision.rule, decision.account, decision.instrument)
         if self.after_commands is not None:
             self.after_commands()
         self.journal.save_engine_state(snapshot.time, self.engine.save_state())

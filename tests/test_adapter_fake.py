@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,8 +45,8 @@ class FakeHarness:
 
 class TestFakeContract(BrokerContract):
     @pytest.fixture
-    def harness(self) -> Iterator[FakeHarness]:
-        yield FakeHarness()
+    def harness(self) -> FakeHarness:
+        return FakeHarness()
 
 
 def test_the_fake_records_every_request_in_order() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,5 +58,5 @@ class SimHarness:
 
 class TestSimContract(BrokerContract):
     @pytest.fixture
-    def harness(self) -> Iterator[SimHarness]:
-        yield SimHarness()
+    def harness(self) -> SimHarness:
+        return SimHarness()

@@ -25,6 +25,7 @@ pydantic `Settings` model (unknown keys refused) and a `create(settings, account
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,8 +252,6 @@ def adapter_names() -> list[str]:
 
 def _module(name: str) -> Any:
     if name not in _MODULES:
-        import difflib
-
         near = difflib.get_close_matches(name, list(_MODULES), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise LookupError(f"No broker adapter named {name!r}{hint}; known: "

@@ -33,8 +33,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: datetime = Field(default=datetime(2026, 3, 2, 14, 30, tzinfo=UTC))
-    price: float = 18000.0
+    price: float = Field(default=18000.0, gt=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,7 @@ class FakeBroker:
         self.connected: dict[str, bool] = {a.id: True for a in accounts}
         self.updated: dict[str, datetime] = {a.id: self.now for a in accounts}
         self.fills: Literal["now", "held"] = "now"
+        self.live = False  # True (`run --broker fake`): its clock follows the wall clock
         self.reachable = True  # False: every request raises BrokerUnavailable
         self._scripted: dict[str, list[BrokerAnswer]] = {}
         self._lock = threading.RLock()
@@ -120,6 +120,8 @@ class FakeBroker:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
+            if self.live:
+                self.advance(max(0.0, (datetime.now(UTC) - self.now).total_seconds()))
             accounts = []
             for spec in self.specs.values():
                 data: dict[str, Any] = {
@@ -287,4 +289,8 @@ class FakeBroker:
 
 
 def create(settings: Settings, accounts: list[AccountSpec]) -> FakeBroker:
-    return FakeBroker(accounts, start=settings.start, price=settings.price)
+    """The fake for `run --broker fake` (a trial run with no broker): its clock is the
+    wall clock from now on, its accounts flat until a test or a script sets them."""
+    broker = FakeBroker(accounts, start=datetime.now(UTC), price=settings.price)
+    broker.live = True
+    return broker
