@@ -19,11 +19,10 @@ from copilink_rules.alerts import Alerts
 from copilink_rules.journal import Journal
 from copilink_rules.session import Session
 
-from .conftest import REPO
+from .chaos_support import REPO, engine_entries, unreachable_orders
+from .chaos_support import follower_states as _positions
 
 MAX_CONTRACTS = 4
-STALE_AFTER = 5.0
-ORDER_KINDS = ("flatten", "place_market", "place_stop", "cancel_orders")
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +54,9 @@ def run_session(seed: int, rules: Path, faults: int, trades: int = 4
     return broker, session, states
 
 
-def _positions(broker: SimBroker) -> dict[str, Any]:
-    """Per follower: (leader exposure, follower exposure) in the NQ family, and health."""
-    leader = broker.accounts[broker.scenario.leader]
-    lead = broker.exposure(leader, "NQ")
-    out: dict[str, Any] = {"time": broker.elapsed}
-    for account in broker.accounts.values():
-        if account.role == "follower":
-            out[account.id] = (lead, broker.exposure(account, "NQ"), account.connected,
-                               account.frozen is None)
-    return out
-
-
 def check_invariants(broker: SimBroker) -> list[str]:
     problems = []
-    engine_orders = [e for e in broker.log if e.get("kind") in ORDER_KINDS and
-                     e["tag"].startswith("CLR-")]
+    engine_orders = engine_entries(broker.log)
     # 1. at most one outstanding corrective order per account and instrument family
     last_open: dict[str, dict[str, Any]] = {}
     for entry in sorted(engine_orders, key=lambda e: e["time"]):
@@ -85,14 +71,9 @@ def check_invariants(broker: SimBroker) -> list[str]:
                 previous.get("filled_at", previous["time"]) > entry["time"]:
             problems.append(f"{entry['tag']} sent before {previous['tag']} filled")
         last_open[key] = entry
+    # 2. never an order to a disconnected account or one whose data is stale
+    problems += unreachable_orders(broker.log)
     for entry in engine_orders:
-        # 2. never an order to a disconnected account or one whose data is stale
-        if entry.get("connected") is False:
-            problems.append(f"{entry['tag']} {entry['kind']} sent to disconnected "
-                            f"{entry['account']}")
-        if entry.get("data_age", 0.0) > STALE_AFTER + 1e-9:
-            problems.append(f"{entry['tag']} sent to {entry['account']} with data "
-                            f"{entry['data_age']:.2f}s old")
         if entry.get("kind") == "place_market" and entry.get("status") == "filled":
             # 3. never past max contracts, never an opposite position
             if entry.get("contracts_after", 0) > MAX_CONTRACTS:

@@ -14,11 +14,18 @@ Faults (`SimFault.kind`):
   stale                       connected, but the account's data stops refreshing for `duration` s
   reject                      the next `count` engine commands to the account are rejected
   delay                       engine orders to the account fill `delay` s late for `duration` s
+  nan_quote                   the feed sends NaN for the quote of the account's contract (and so
+                              for its P&L) for `duration` s; as a real adapter does
+                              (`model.finite_or_none`), the NaN becomes a missing number, never
+                              zero: the quote's bid/ask/last are missing and the account's data
+                              stops refreshing (it goes stale), never a NaN in the snapshot
+  no_quote                    no quote at all for the account's contract for `duration` s
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,12 +35,16 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from copilink_rules.instruments import Catalog, default_catalog
-from copilink_rules.model import Snapshot
+from copilink_rules.model import Snapshot, finite_or_none
 
 from .base import AccountSpec, BrokerAnswer, Health, OrderReport
 
 FaultKind = Literal["missed_entry", "missed_exit", "reversal", "disconnect", "stale", "reject",
-                    "delay"]
+                    "delay", "nan_quote", "no_quote"]
+# what `random_faults` draws from unless the scenario names its own `random_fault_kinds`
+DEFAULT_RANDOM_KINDS: tuple[FaultKind, ...] = ("missed_entry", "missed_exit", "reversal",
+                                               "disconnect", "stale", "reject", "delay")
+_TIMED_KINDS = ("reversal", "disconnect", "stale", "reject", "delay", "nan_quote", "no_quote")
 
 
 class _Strict(BaseModel):
@@ -46,6 +57,9 @@ class SimFollower(_Strict):
     firm: str | None = None
     instrument: str | None = Field(default=None, description="contract it trades (default: "
                                    "the leader's; e.g. MNQH6 to copy NQ as micros)")
+    size: float = Field(default=50000.0, gt=0, allow_inf_nan=False,
+                        description="starting balance (the account size every firm limit "
+                        "depends on)")
 
 
 class SimTrade(_Strict):
@@ -74,12 +88,16 @@ class SimScenario(_Strict):
     price: float = 18000.0
     leader: str = "LEAD"
     leader_firm: str | None = "apex"
+    leader_size: float = Field(default=50000.0, gt=0, allow_inf_nan=False)
     followers: list[SimFollower] = Field(default_factory=lambda: [
         SimFollower(id="F1"), SimFollower(id="F2"), SimFollower(id="F3")])
     trades: list[SimTrade] | None = None
     random_trades: int = Field(default=0, ge=0, description="draw this many trades by seed")
     faults: list[SimFault] = Field(default_factory=list)
     random_faults: int = Field(default=0, ge=0, description="draw this many faults by seed")
+    random_fault_kinds: list[FaultKind] | None = Field(
+        default=None, min_length=1, description="the kinds `random_faults` draws from (default: "
+        "every kind but nan_quote and no_quote)")
     latency: tuple[float, float] = (0.25, 0.75)
     stop_ticks: int = Field(default=80, gt=0, description="leader's protective stop distance")
 
@@ -110,6 +128,7 @@ class _Account:
     ratio: float
     firm: str | None
     symbol: str
+    size: float = 50000.0
     connected: bool = True
     copier: str = "active"
     realized: float = 0.0
@@ -132,11 +151,11 @@ class SimBroker:
         self.price = scenario.price
         self.accounts: dict[str, _Account] = {}
         leader = _Account(scenario.leader, "leader", None, 1.0, scenario.leader_firm,
-                          scenario.instrument)
+                          scenario.instrument, scenario.leader_size)
         self.accounts[leader.id] = leader
         for f in scenario.followers:
             self.accounts[f.id] = _Account(f.id, "follower", scenario.leader, f.ratio, f.firm,
-                                           f.instrument or scenario.instrument)
+                                           f.instrument or scenario.instrument, f.size)
         self.trades = list(scenario.trades or []) or self._random_trades()
         self.faults = list(scenario.faults) + self._random_faults()
         self.events: list[tuple[float, int, str, dict[str, Any]]] = []
@@ -146,12 +165,14 @@ class SimBroker:
         self.rejects: dict[str, int] = {}
         self.reject_reason = "order rejected by the broker (simulated fault)"
         self._delays: dict[str, dict[str, float]] = {}  # account -> {until, delay}
+        # contract -> {until, nan (1.0: the feed sends NaN; 0.0: it sends nothing)}
+        self._quote_faults: dict[str, dict[str, float]] = {}
         self.current_trade: int | None = None
         for index, trade in enumerate(self.trades):
             self._schedule(trade.at, "leader_enter", {"trade": index})
             self._schedule(trade.at + trade.hold, "leader_exit", {"trade": index})
         for index, fault in enumerate(self.faults):
-            if fault.kind in ("reversal", "disconnect", "stale", "reject", "delay"):
+            if fault.kind in _TIMED_KINDS:
                 self._schedule(fault.at, "fault", {"fault": index})
 
     # --- scenario helpers ---------------------------------------------------------------------
@@ -172,8 +193,8 @@ class SimBroker:
             return faults
         end = self.trades[-1].at + self.trades[-1].hold
         for _ in range(self.scenario.random_faults):
-            kind = self.rng.choice(["missed_entry", "missed_exit", "reversal", "disconnect",
-                                    "stale", "reject", "delay"])
+            kind = self.rng.choice(list(self.scenario.random_fault_kinds or
+                                        DEFAULT_RANDOM_KINDS))
             account = self.rng.choice(followers)
             at = round(self.rng.uniform(0, end), 2)
             trade = self.rng.randrange(len(self.trades))
@@ -311,7 +332,7 @@ class SimBroker:
                 side = -1 if leader is None or leader.qty > 0 else 1
                 size = self.catalog.parse(account.symbol).size
                 self._fill(account, account.symbol, side * max(1, round(1 / size)))
-        elif spec.kind in ("disconnect", "stale"):
+        elif spec.kind in ("disconnect", "stale", "nan_quote"):
             if account.frozen is None:
                 account.frozen = self._account_data(account)
                 account.frozen_at = self.elapsed
@@ -324,6 +345,11 @@ class SimBroker:
         elif spec.kind == "delay":
             self._delays[account.id] = {"until": self.elapsed + spec.duration,
                                         "delay": spec.delay}
+        if spec.kind in ("nan_quote", "no_quote"):
+            current = self._quote_faults.get(account.symbol, {"until": 0.0, "nan": 0.0})
+            self._quote_faults[account.symbol] = {
+                "until": max(current["until"], self.elapsed + spec.duration),
+                "nan": 1.0 if spec.kind == "nan_quote" or current["nan"] else 0.0}
 
     def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str,
                         close: bool = False) -> None:
@@ -332,11 +358,13 @@ class SimBroker:
         if close:  # a close-position command closes what is held when it executes
             held = target.positions.get(symbol)
             delta = -held.qty if held is not None else 0
+        before = self.exposure(target, family)
         self._fill(target, symbol, delta)
         leader = self.accounts[self.scenario.leader]
-        self._record(tag, "filled", symbol, filled_at=self.elapsed,
+        self._record(tag, "filled", symbol, filled_at=self.elapsed, before=before,
                      after=self.exposure(target, family), leader=self.exposure(leader, family),
-                     contracts_after=sum(abs(p.qty) for p in target.positions.values()))
+                     contracts_after=sum(abs(p.qty) for p in target.positions.values()),
+                     held_after={s: p.qty for s, p in target.positions.items()})
 
     def exposure(self, account: _Account, family: str) -> float:
         return sum(p.qty * self.catalog.parse(s).size for s, p in account.positions.items()
@@ -354,7 +382,7 @@ class SimBroker:
                               "opened_at": self._iso(p.opened)})
         data: dict[str, Any] = {
             "id": account.id, "role": account.role, "firm": account.firm,
-            "balance": round(50000.0 + account.realized, 2),
+            "size": account.size, "balance": round(account.size + account.realized, 2),
             "realized_pnl": round(account.realized, 2),
             "unrealized_pnl": round(unrealized, 2), "positions": positions,
             "orders": [{"id": o.id, "instrument": o.symbol, "side": o.side, "qty": o.qty,
@@ -382,10 +410,17 @@ class SimBroker:
             if account.role == "follower":
                 data["copier"] = account.copier
             accounts.append(data)
-        symbols = {a.symbol for a in self.accounts.values()}
-        quotes = {s: {"bid": round(self.price - self.catalog.parse(s).tick_size, 4),
-                      "ask": round(self.price, 4), "last": round(self.price, 4)}
-                  for s in sorted(symbols)}
+        quotes: dict[str, dict[str, float | None]] = {}
+        for symbol in sorted({a.symbol for a in self.accounts.values()}):
+            fault = self._quote_faults.get(symbol)
+            if fault is not None and self.elapsed < fault["until"]:
+                if not fault["nan"]:
+                    continue  # no quote at all
+                # the feed's NaN, read the way every adapter reads a broker's numbers
+                quotes[symbol] = {k: finite_or_none(math.nan) for k in ("bid", "ask", "last")}
+                continue
+            quotes[symbol] = {"bid": round(self.price - self.catalog.parse(symbol).tick_size, 4),
+                              "ask": round(self.price, 4), "last": round(self.price, 4)}
         return Snapshot.model_validate({"time": self.now.isoformat(), "quotes": quotes,
                                         "accounts": accounts})
 
@@ -407,7 +442,8 @@ class SimBroker:
         if target is None:
             return {}
         return {"connected": target.connected,
-                "data_age": 0.0 if target.frozen_at is None else self.elapsed - target.frozen_at}
+                "data_age": 0.0 if target.frozen_at is None else self.elapsed - target.frozen_at,
+                "trade": self.current_trade}
 
     def _refuse(self, account: str, tag: str, kind: str) -> BrokerAnswer | None:
         target = self.accounts.get(account)
@@ -445,6 +481,13 @@ class SimBroker:
         for order_id in [o.id for o in target.orders.values()
                          if family is None or self.catalog.parse(o.symbol).family == family]:
             del target.orders[order_id]
+        # an engine order still working (its fill is late) is a working order too
+        for event in [e for e in self.events if e[2] == "engine_fill" and
+                      e[3]["account"] == target.id and (
+                          family is None or
+                          self.catalog.parse(e[3]["symbol"]).family == family)]:
+            self.events.remove(event)
+            self._record(event[3]["tag"], "cancelled", cancelled_at=self.elapsed)
         return family
 
     def close_position(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
@@ -459,7 +502,8 @@ class SimBroker:
                    if family is None or self.catalog.parse(s).family == family]
         if not symbols:
             self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
-                             "account": account, "kind": "flatten", "delta": 0})
+                             "account": account, "kind": "flatten", "delta": 0,
+                             **self._conditions(account)})
             return BrokerAnswer("filled", "already flat", tag)
         answer = BrokerAnswer("filled", "", tag)
         for symbol in symbols:
@@ -497,7 +541,8 @@ class SimBroker:
             return refused
         self._cancel(self.accounts[account], instrument)
         self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
-                         "account": account, "kind": "cancel_orders"})
+                         "account": account, "kind": "cancel_orders",
+                         **self._conditions(account)})
         return BrokerAnswer("filled", "", tag)
 
     def place_order(self, account: str, instrument: str, side: Literal["buy", "sell"],
@@ -510,7 +555,8 @@ class SimBroker:
             self.accounts[account].orders[tag] = _Order(tag, instrument, side, qty, "stop",
                                                         stop_price, tag)
             self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
-                             "account": account, "kind": "place_stop", "instrument": instrument})
+                             "account": account, "kind": "place_stop", "instrument": instrument,
+                             **self._conditions(account)})
             return BrokerAnswer("accepted", "", tag)
         delta = qty if side == "buy" else -qty
         return self._order_fill(account, instrument, delta, tag, "place_market")
@@ -556,6 +602,7 @@ class SimBroker:
             "events": self.events, "seq": self._seq, "log": self.log,
             "skipping": self.skipping, "rejects": self.rejects,
             "delays": self._delays, "current_trade": self.current_trade,
+            "quote_faults": self._quote_faults,
         }
         temporary = Path(f"{path}.tmp")
         temporary.write_text(json.dumps(state), encoding="utf-8")
@@ -581,6 +628,7 @@ class SimBroker:
         broker.rejects = state["rejects"]
         broker._delays = state["delays"]
         broker.current_trade = state["current_trade"]
+        broker._quote_faults = state.get("quote_faults", {})
         return broker
 
 
@@ -621,7 +669,8 @@ class SimCopier:
         if broker.current_trade is not None:
             broker.skipping[follower] = broker.current_trade
         broker.log.append({"tag": tag, "status": "filled", "time": broker.elapsed,
-                           "account": follower, "kind": "skip_entry"})
+                           "account": follower, "kind": "skip_entry",
+                           "trade": broker.current_trade})
         return BrokerAnswer("filled", "", tag)
 
 
@@ -634,8 +683,12 @@ def create(settings: SimScenario, accounts: list[AccountSpec]) -> SimBroker:
     leaders = [a for a in accounts if a.role == "leader"]
     if leaders:
         data["leader"], data["leader_firm"] = leaders[0].id, leaders[0].firm
+        if leaders[0].size is not None:
+            data["leader_size"] = leaders[0].size
     followers = [a for a in accounts if a.role == "follower"]
     if followers:
         data["followers"] = [{"id": a.id, "ratio": a.ratio, "firm": a.firm,
-                              "instrument": a.instrument} for a in followers]
+                              "instrument": a.instrument,
+                              **({"size": a.size} if a.size is not None else {})}
+                             for a in followers]
     return SimBroker(SimScenario.model_validate(data))
