@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from datetime import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .adapters.base import AccountSpec, adapter_names, settings_model
 from .errors import InputError, InstrumentError, Problem, RuleFileError
 from .instruments import default_catalog
+from .rules.expressions import did_you_mean
 from .rules.loader import parse_duration
 from .snapshots import format_loc
 from .sources import YamlSyntaxError, load_yaml
@@ -128,6 +129,29 @@ class RunConfig(_Strict):
         return parse_duration(self.tick)
 
 
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The fields of the (nested) model that holds the last part of `loc`."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        inner = _model_in(field.annotation) if field is not None else None
+        if inner is None:
+            break
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     """The config and the folder its relative paths are relative to."""
     file = str(path)
@@ -145,7 +169,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         problems = []
         for error in exc.errors():
             loc = tuple(error["loc"])
-            message = "unknown field" if error["type"] == "extra_forbidden" else \
+            message = "unknown field" + did_you_mean(str(loc[-1]), _fields_at(RunConfig, loc)) \
+                if error["type"] == "extra_forbidden" else \
                 error["msg"].removeprefix("Value error, ")
             problems.append(Problem(file, lines.line_of(list(loc)),
                                     f"{format_loc(loc)}: {message}"))
@@ -162,7 +187,9 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         except ValidationError as exc:
             for error in exc.errors():
                 loc = ("broker", "settings", *error["loc"])
-                message = "unknown setting" if error["type"] == "extra_forbidden" else \
+                message = "unknown setting" + did_you_mean(
+                    str(loc[-1]), settings_model(name).model_fields) \
+                    if error["type"] == "extra_forbidden" else \
                     error["msg"].removeprefix("Value error, ")
                 problems.append(Problem(file, lines.line_of(list(loc)),
                                         f"{format_loc(loc)}: {message}"))

@@ -17,6 +17,7 @@ from .adapters.base import Broker
 from .adapters.sim import SimBroker, SimFault, SimFollower, SimScenario, SimTrade
 from .alerts import Alert, Alerts, Webhook
 from .config import RunConfig
+from .errors import CopilinkError, InputError
 from .scheduler import LiveRunner
 from .session import Session
 from .view import render
@@ -119,7 +120,14 @@ def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
 
 def make_sim(settings: dict[str, Any], sim_state: Path | None) -> SimBroker:
     if sim_state is not None and sim_state.exists():
-        return SimBroker.load(sim_state)
+        try:
+            return SimBroker.load(sim_state)
+        except CopilinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any damage is one line, never a traceback
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"{sim_state}: not a saved sim broker ({detail}): name another "
+                             "--sim-state file, or delete this one to start a new sim") from None
     return SimBroker(SimScenario.model_validate(settings))
 
 

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import InstrumentError, Problem, SnapshotError
 from .instruments import Catalog, default_catalog
-from .model import Snapshot
+from .model import Account, Order, Position, Quote, Snapshot
+from .rules.expressions import did_you_mean
 from .sources import LineMap, YamlSyntaxError, load_yaml
 
 MAX_FILE_BYTES = 64 * 2**20  # a snapshot, a calendar, a policy-test file
@@ -135,6 +136,19 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+_MODELS_OF = {"accounts": Account, "positions": Position, "orders": Order, "quotes": Quote}
+
+
+def _known_fields(loc: tuple[str | int, ...]) -> list[str]:
+    """The fields of the model that holds the last part of `loc`."""
+    model: type[BaseModel] = Snapshot
+    for part in reversed(loc[:-1]):
+        if isinstance(part, str) and part in _MODELS_OF:
+            model = _MODELS_OF[part]
+            break
+    return list(model.model_fields)
+
+
 def _pydantic_problems(
     exc: ValidationError, file: str, line_of: LineMap | int | None
 ) -> list[Problem]:
@@ -144,7 +158,11 @@ def _pydantic_problems(
         field = clip(format_loc(loc))
         given = error.get("input")
         if error["type"] == "extra_forbidden":
-            message = f"{field}: unknown field (remove it or check its spelling)"
+            hint = did_you_mean(str(loc[-1]), _known_fields(loc)) if loc else ""
+            message = f"{field}: unknown field{hint or ' (remove it or check its spelling)'}"
+        elif error["type"] == "timezone_aware":
+            message = (f"{field}: a time needs its UTC offset: add Z or +00:00 (or your "
+                       f"offset, e.g. -05:00) (got {clip(repr(given))})")
         elif error["type"] == "missing":
             message = f"{field}: required field is missing"
         elif error["type"] == "json_invalid":

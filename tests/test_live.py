@@ -416,7 +416,7 @@ def test_run_rejects_an_unknown_broker_and_a_bad_config(tmp_path: Path) -> None:
     config.write_text("broker: {name: sim}\ntick: 250ms\njournl: x.db\n")
     code, _, err = cli("run", "--config", str(config))
     assert code == 1
-    assert err.strip() == f"{config}:3: journl: unknown field"
+    assert err.strip() == f"{config}:3: journl: unknown field (did you mean 'journal'?)"
     config.write_text("accounts:\n  - {id: L, role: leader}\n"
                       "  - {id: F1, role: follower, instrument: MNQX}\n")
     code, _, err = cli("run", "--config", str(config))

@@ -283,3 +283,65 @@ def test_an_unwritable_journal_stops_enforcement_with_an_alert_and_sends_nothing
         broker.advance(0.25)
         assert session.tick() == []
     assert len(engine_orders(broker, "F2")) == sent_before == 0
+
+
+# --- files and processes ------------------------------------------------------------------------
+
+def test_a_rule_file_that_loads_but_cannot_be_compiled_on_reload_alerts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import copilink_rules.session as session_module
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("ruleset: mine\nextends: [desync]\nrules: []\n")
+    scenario = SimScenario(followers=[SimFollower(id="F1")], trades=[])
+    _broker, session = sim_session(scenario, [rules])
+    session.tick()
+    old = session.policy
+    rules.write_text("ruleset: mine\nextends: [desync]\nparams: {stuck_grace: 5s}\nrules: []\n")
+    os.utime(rules, (1e9, 1e9))
+
+    def cannot_compile(*args: object, **kwargs: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(session_module, "Engine", cannot_compile)
+    message = session.reload_if_changed()
+    assert message is not None
+    assert "cannot be used (maximum recursion depth exceeded); the old rules stay in force" \
+        in message
+    assert session.policy is old
+    assert session.alerts.sent[-1].severity == "critical"
+    assert session.alerts.sent[-1].message == message
+
+
+@pytest.mark.parametrize("content", ["{bad", "", "[1, 2]", '{"version": 1}'])
+def test_a_damaged_sim_state_is_one_line_never_a_traceback(tmp_path: Path,
+                                                           content: str) -> None:
+    import io
+
+    from copilink_rules.cli import run
+
+    state = tmp_path / "sim.json"
+    state.write_text(content)
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["run", "--rules", str(DESYNC), "--sim-state", str(state), "--journal",
+                str(tmp_path / "j.db"), "--duration", "1", "--no-view"], out, err)
+    assert code == 1
+    assert err.getvalue().startswith(f"{state}: not a saved sim broker (")
+    assert len(err.getvalue().strip().splitlines()) == 1
+    assert state.read_text() == content  # nothing written over it
+
+
+def test_an_unwritable_output_path_is_one_line_and_nothing_half_written(tmp_path: Path) -> None:
+    import io
+
+    from copilink_rules.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    target = tmp_path / "missing" / "state.json"
+    code = run(["replay", "--rules", str(DESYNC), "--save-state", str(target),
+                str(REPO / "examples" / "desync-session.jsonl")], out, err)
+    assert code == 1
+    assert err.getvalue().strip() == f"{target}: cannot write: No such file or directory"
+    assert not target.parent.exists()

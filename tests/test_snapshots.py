@@ -61,8 +61,8 @@ accounts:
       - instrument: NQH6
         qty: 1
         avg_prce: 18000
-""", ["FILE:10: accounts[1].positions[0].avg_prce: unknown field (remove it or check its "
-      "spelling)"]),
+""", ["FILE:10: accounts[1].positions[0].avg_prce: unknown field (did you mean "
+      "'avg_price'?)"]),
         (".yaml", """
 time: "2026-03-02T14:31:05Z"
 accounts:
@@ -82,7 +82,8 @@ accounts:
       "a user catalog (--instruments FILE)",
       "FILE:5: accounts[2].id: duplicate account id 'F2'"]),
         (".json", '{"time": "2026-03-02T14:31:05", "accounts": []}',
-         ["FILE:1: time: Input should have timezone info (got '2026-03-02T14:31:05')"]),
+         ["FILE:1: time: a time needs its UTC offset: add Z or +00:00 (or your offset, e.g. "
+          "-05:00) (got '2026-03-02T14:31:05')"]),
         (".json", '{"time": "2026-03-02T14:31:05Z",\n "accounts": [}',
          ["FILE:2: invalid JSON: Expecting value (column 15)"]),
         (".json", '[1, 2]', ["FILE:1: a snapshot must be a JSON/YAML object"]),

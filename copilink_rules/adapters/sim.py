@@ -36,6 +36,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from copilink_rules.instruments import Catalog, default_catalog
 from copilink_rules.model import Snapshot, finite_or_none
+from copilink_rules.snapshots import read_input
 
 from .base import AccountSpec, BrokerAnswer, Health, OrderReport
 
@@ -610,7 +611,8 @@ class SimBroker:
 
     @classmethod
     def load(cls, path: str | Path, catalog: Catalog | None = None) -> SimBroker:
-        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        # bounded: a --sim-state of /dev/zero is refused, not read forever
+        state = json.loads(read_input(path, str(path), " sim state"))
         broker = cls(SimScenario.model_validate(state["scenario"]), catalog)
         broker.rng.setstate(_tupled(state["rng"]))
         broker.elapsed, broker.price = state["elapsed"], state["price"]
