@@ -136,7 +136,8 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
-_MODELS_OF: dict[str, type[BaseModel]] = {"accounts": Account, "positions": Position, "orders": Order, "quotes": Quote}
+_MODELS_OF: dict[str, type[BaseModel]] = {"accounts": Account, "positions": Position,
+                                          "orders": Order, "quotes": Quote}
 
 
 def _known_fields(loc: tuple[str | int, ...]) -> list[str]:
