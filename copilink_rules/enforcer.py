@@ -141,6 +141,7 @@ class Enforcer:
         self.hold_until: datetime | None = None
         self.hold_reason = ""
         self.auth_failed = ""
+        self.auth_failed_at: datetime | None = None
         self._last_snapshot: Snapshot | None = None
         # decisions refused for a passing reason this tick (the session re-arms their rules)
         self.again: list[Decision] = []
@@ -614,6 +615,7 @@ class Enforcer:
                         action.account, action.rule)
         elif answer.status == "auth_failed":
             self.auth_failed = answer.reason or "authentication failed"
+            self.auth_failed_at = now
             self._alert(now, "critical", f"the broker refused our log-in ({answer.reason}): "
                         "no orders are sent until it accepts it again — check the credentials "
                         f"and act on {action.account} by hand", action.account, action.rule)

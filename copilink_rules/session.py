@@ -77,6 +77,7 @@ class Session:
         # unjournaled
         self.stopped: str | None = None
         self._last_problem: str | None = None
+        self._health: str | None = None
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0
@@ -140,6 +141,7 @@ class Session:
             self.before_tick()
         try:
             snapshot = self.broker.snapshot()
+            self._watch_health(snapshot.time)
             blocked = self.enforcer.blocked(snapshot.time)
             decisions = self.engine.evaluate(snapshot, blocked=blocked)
         except (CopilinkError, ValueError) as exc:
@@ -163,6 +165,23 @@ class Session:
         self._last_problem = None
         self.ticks += 1
         return decisions
+
+    def _watch_health(self, now: datetime) -> None:
+        """Tell the trader when the broker connection changes state (a ProjectX logout, a
+        lost socket, back again), and let orders resume once a refused log-in is accepted
+        again — at most once a minute, so wrong credentials are not retried in a burst."""
+        health = self.broker.health()
+        if health.state != self._health:
+            if self._health is not None or not health.ok:
+                severity = "info" if health.ok else "critical"
+                detail = f": {health.detail}" if health.detail else ""
+                self._send(now, severity, f"broker {self.broker.name} {health.state}{detail}",
+                           None)
+            self._health = health.state
+        enforcer = self.enforcer
+        if enforcer.auth_failed and health.ok and enforcer.auth_failed_at is not None and \
+                (now - enforcer.auth_failed_at).total_seconds() >= 60:
+            enforcer.broker_back(now)
 
     def _journal_failed(self, exc: sqlite3.Error) -> None:
         self.stopped = (f"the journal {self.journal.path} cannot be written ({exc}): "

@@ -204,9 +204,21 @@ def test_a_refused_log_in_stops_sending_with_a_critical_alert() -> None:
     assert [c.method for c in fake.calls] == ["close_position"]
     assert any("refused our log-in" in a.message and a.severity == "critical"
                for a in session.alerts.sent)
-    session.enforcer.broker_back(session.last_snapshot.time)  # type: ignore[union-attr]
-    ticks(session, 8)
+    # the adapter is connected again: a minute after the refusal, orders resume (once)
+    ticks(session, 4 * 40)
     assert [c.method for c in fake.calls] == ["close_position", "close_position"]
+    assert any("accepted our log-in again" in a.message for a in session.alerts.sent)
+
+
+def test_a_change_of_the_brokers_connection_is_told() -> None:
+    fake, session = fake_session()
+    ticks(session, 2)
+    fake.reachable = False  # e.g. a ProjectX GatewayLogout, a lost socket
+    ticks(session, 2)
+    fake.reachable = True
+    ticks(session, 2)
+    told = [(a.severity, a.message) for a in session.alerts.sent if "broker fake" in a.message]
+    assert told == [("critical", "broker fake disconnected"), ("info", "broker fake connected")]
 
 
 def test_an_unreachable_broker_is_retried_after_asking_about_the_first_attempt() -> None:
