@@ -63,3 +63,26 @@ def test_the_fake_refuses_a_reused_tag() -> None:
     again = harness.broker.place_order("F1", "NQH6", "buy", 1, "market", "CLR-1")
     assert again.status == "rejected"
     assert "already in use" in again.reason
+
+
+def test_open_pnl_is_worked_out_from_quotes_where_the_broker_gives_none() -> None:
+    from copilink_rules.adapters.base import mark_to_market
+    from copilink_rules.model import Snapshot
+
+    snapshot = Snapshot.model_validate({
+        "time": "2026-03-02T14:30:00Z",
+        "quotes": {"NQ 03-26": {"bid": 18010.0, "ask": 18010.25, "last": 18010.0},
+                   "MESH6": {"last": 5000.0}},
+        "accounts": [
+            {"id": "L", "role": "leader",
+             "positions": [{"instrument": "NQH6", "qty": 2, "avg_price": 18000.0}]},
+            {"id": "F1", "role": "follower",
+             "positions": [{"instrument": "NQH6", "qty": -1, "avg_price": 18000.0},
+                           {"instrument": "ESH6", "qty": 1, "avg_price": 5000.0}]},
+            {"id": "F2", "role": "follower", "unrealized_pnl": -12.5,
+             "positions": [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0}]}]})
+    marked = {a.id: a.unrealized_pnl for a in mark_to_market(snapshot).accounts}
+    # long 2 NQ valued at the bid: 40 ticks x $5 x 2; short 1 at the ask: -41 ticks x $5; the
+    # ES position has no quote (MES is another contract): unknown, counted 0; F2's own figure
+    # from the broker is kept
+    assert marked == {"L": 400.0, "F1": -205.0, "F2": -12.5}

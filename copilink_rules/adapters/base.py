@@ -38,9 +38,11 @@ from copilink_rules.errors import (
     AuthFailed,
     BrokerError,
     BrokerUnavailable,
+    InstrumentError,
     OrderRejected,
     RateLimited,
 )
+from copilink_rules.instruments import Catalog, default_catalog
 from copilink_rules.model import Snapshot
 
 AnswerStatus = Literal["accepted", "filled", "rejected", "unavailable", "rate_limited",
@@ -206,6 +208,49 @@ class ContractMap(Protocol):
 
     def from_broker(self, name: str) -> str:
         """The catalog symbol for the broker's name (or id); InstrumentError if unknown."""
+
+
+# --- what a broker does not say ----------------------------------------------------------------
+
+
+def mark_to_market(snapshot: Snapshot, catalog: Catalog | None = None) -> Snapshot:
+    """`snapshot` with each account's unrealized P&L worked out from its positions and the
+    snapshot's quotes, for brokers that do not report it (NinjaTrader, Tradovate without the
+    cash-balance poll, ProjectX): without it, equity would ignore an open loss and an
+    intraday trailing drawdown could not fire before the position closed. A long position is
+    valued at the bid, a short at the ask (what closing it would get), else the last trade; a
+    position with no quote at all counts 0 (unknown, never a guess)."""
+    catalog = catalog or default_catalog()
+    prices: dict[str, tuple[float | None, float | None, float | None]] = {}
+    for symbol, quote in snapshot.quotes.items():
+        try:
+            canonical = catalog.parse(symbol).symbol
+        except InstrumentError:
+            continue
+        prices[canonical] = (quote.bid, quote.ask, quote.last)
+    accounts = []
+    changed = False
+    for account in snapshot.accounts:
+        open_pnl = 0.0
+        for position in account.positions:
+            if not position.qty:
+                continue
+            try:
+                instrument = catalog.parse(position.instrument)
+            except InstrumentError:
+                continue
+            bid, ask, last = prices.get(instrument.symbol, (None, None, None))
+            price = (bid if position.qty > 0 else ask) or last
+            if price is None:
+                continue
+            open_pnl += position.qty * (price - position.avg_price) / instrument.tick_size * \
+                instrument.tick_value
+        if open_pnl and not account.unrealized_pnl:
+            accounts.append(account.model_copy(update={"unrealized_pnl": round(open_pnl, 2)}))
+            changed = True
+        else:
+            accounts.append(account)
+    return snapshot.model_copy(update={"accounts": tuple(accounts)}) if changed else snapshot
 
 
 # --- errors as answers -----------------------------------------------------------------------

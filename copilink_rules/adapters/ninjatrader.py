@@ -11,7 +11,8 @@ update files out, and optionally the ATI TCP socket for account cash and quotes.
 
 What the adapter cannot know: the files carry no cash and no P&L. Without the ATI socket the
 balance is `AccountSpec.size` (else 0) and realized P&L is 0, so money limits cannot be evaluated
-from this broker; unrealized P&L exists nowhere in the ATI and is always 0. NinjaTrader writes
+from this broker; unrealized P&L exists nowhere in the ATI: it is worked out from the positions
+and the ATI socket's quotes (`base.mark_to_market`), and is 0 without them. NinjaTrader writes
 files only on change, so a file's age says nothing: an account is fresh while our poll of
 outgoing/ succeeds and the connection file says CONNECTED. Orders NinjaTrader placed for someone
 else (the copier, a click) have order files without instrument, side or quantity: they are not in
@@ -42,7 +43,16 @@ from copilink_rules.errors import BrokerUnavailable, InstrumentError, OrderRejec
 from copilink_rules.instruments import Instrument, cme_name, default_catalog, ninjatrader_name
 from copilink_rules.model import MAX_AMOUNT, MAX_QTY, Snapshot, finite_or_none
 
-from .base import AccountSpec, BrokerAnswer, Health, HealthState, OrderReport, OrderState, Side
+from .base import (
+    AccountSpec,
+    BrokerAnswer,
+    Health,
+    HealthState,
+    OrderReport,
+    OrderState,
+    Side,
+    mark_to_market,
+)
 
 log = logging.getLogger(__name__)
 
@@ -533,8 +543,9 @@ class NinjaTraderBroker:
                 accounts.append(data)
             quotes = {s: q for s, q in self._quotes.items() if any(v is not None
                                                                      for v in q.values())}
-            return Snapshot.model_validate({"time": datetime.now(UTC).isoformat(),
-                                            "quotes": quotes, "accounts": accounts})
+            return mark_to_market(Snapshot.model_validate({
+                "time": datetime.now(UTC).isoformat(), "quotes": quotes,
+                "accounts": accounts}))
 
     def _working_orders(self, account: str, now: float) -> list[dict[str, Any]]:
         out = []

@@ -46,7 +46,16 @@ from copilink_rules.errors import (
 from copilink_rules.instruments import default_catalog, projectx_id
 from copilink_rules.model import Snapshot, finite_or_none
 
-from .base import AccountSpec, BrokerAnswer, Health, HealthState, OrderReport, OrderState, Side
+from .base import (
+    AccountSpec,
+    BrokerAnswer,
+    Health,
+    HealthState,
+    OrderReport,
+    OrderState,
+    Side,
+    mark_to_market,
+)
 
 log = logging.getLogger(__name__)
 
@@ -736,8 +745,10 @@ class ProjectXBroker:
                         data["leader"] = spec.leader
                 accounts.append(data)
             quotes = {self._symbol(c): dict(q) for c, q in self._quotes.items()}
-        return Snapshot.model_validate({"time": now.isoformat(), "quotes": quotes,
-                                        "accounts": accounts})
+        # ProjectX reports no open P&L: worked out from the positions and the hub's quotes
+        return mark_to_market(Snapshot.model_validate({"time": now.isoformat(),
+                                                       "quotes": quotes,
+                                                       "accounts": accounts}))
 
     def _order_view(self, order: dict[str, Any]) -> dict[str, Any]:
         size = order.get("size")

@@ -53,7 +53,16 @@ from copilink_rules.errors import (
 from copilink_rules.instruments import cme_name, default_catalog
 from copilink_rules.model import Snapshot, finite_or_none
 
-from .base import AccountSpec, BrokerAnswer, Health, HealthState, OrderReport, OrderState, Side
+from .base import (
+    AccountSpec,
+    BrokerAnswer,
+    Health,
+    HealthState,
+    OrderReport,
+    OrderState,
+    Side,
+    mark_to_market,
+)
 
 log = logging.getLogger(__name__)
 
@@ -937,7 +946,9 @@ class TradovateBroker:
             accounts = [self._account_data(spec) for spec in self._specs]
             quotes = {name: {k: v for k, v in book.items() if v is not None}
                       for name, book in self._quotes.items()}
-        return Snapshot.model_validate({"time": now, "quotes": quotes, "accounts": accounts})
+        # open P&L is not polled (Tradovate asks not to): worked out from the md quotes
+        return mark_to_market(Snapshot.model_validate({"time": now, "quotes": quotes,
+                                                       "accounts": accounts}))
 
     def _account_data(self, spec: AccountSpec) -> dict[str, Any]:
         data: dict[str, Any] = {"id": spec.id, "role": spec.role, "firm": spec.firm,
