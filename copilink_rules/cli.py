@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="output format (default: table on a terminal, else jsonl)")
 
     p = sub.add_parser("validate", help="check rule files; print every problem")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--config", metavar="FILE", help="also check copilink.yaml: its settings, "
+                   "its rules, and that every account's firm is known")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--rules-path", action="append", default=[], metavar="DIR")
 
@@ -255,8 +257,17 @@ def _format(args: argparse.Namespace, stdout: TextIO) -> str:
 
 
 def cmd_validate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    paths = list(args.paths)
+    firms: dict[str, str | None] = {}
+    if args.config:
+        config, base = load_config(args.config)
+        paths += [str(base / r) for r in config.rules] if not paths else []
+        firms = {a.id: a.firm for a in config.accounts}
+    if not paths:
+        raise ParamError("validate needs rule files or folders, or --config FILE")
     try:
-        policy = _policy(args, args.paths)
+        policy = _policy(args, paths)
+        _check_firms(firms, policy, stderr)
     except RuleFileError as exc:
         for problem in exc.problems:
             stderr.write(f"{problem}\n")
@@ -268,6 +279,9 @@ def cmd_validate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
         stdout.write(f"ok: {info.file}: rule set {info.name} ({count} rules{parents})\n")
     stdout.write(f"valid: {len(policy.rules)} rules, {len(policy.params)} params, "
                  f"version {policy.version}\n")
+    if args.config:
+        stdout.write(f"ok: {args.config}: broker {config.broker.name}, "
+                     f"{len(config.accounts)} account(s)\n")
     return EXIT_OK
 
 
@@ -464,7 +478,10 @@ def firm_problems(firms: dict[str, str | None], policy: Policy) -> tuple[list[st
             warnings.append(f"account {account}: the rules of firm {firm!r} are not loaded, so "
                             f"none of its limits apply; add rules/firms/{firm}.yaml to the rules")
             continue
-        near = difflib.get_close_matches(firm.lower(), known, n=1, cutoff=0.5)
+        # "Apex Trader Funding", "apex-trader-funding": a known name inside the typo counts
+        letters = "".join(c for c in firm.lower() if c.isalnum())
+        near = sorted((k for k in known if k in letters), key=len, reverse=True) or \
+            difflib.get_close_matches(firm.lower(), known, n=1, cutoff=0.5)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         errors.append(f"account {account}: unknown firm {firm!r}{hint}; known firms: "
                       f"{', '.join(known)}")

@@ -357,3 +357,51 @@ def test_an_unwritable_output_path_is_one_line_and_nothing_half_written(tmp_path
     assert code == 1
     assert err.getvalue().strip() == f"{target}: cannot write: No such file or directory"
     assert not target.parent.exists()
+
+
+# --- a typo never turns a rule off --------------------------------------------------------------
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import io
+
+    from copilink_rules.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(("firm", "near"), [("Apex", "apex"), ("apex-trader-funding", "apex"),
+                                            ("topstepx", "topstep")])
+def test_an_account_at_an_unknown_firm_is_an_error_naming_the_nearest(
+        tmp_path: Path, firm: str, near: str) -> None:
+    state = tmp_path / "s.json"
+    state.write_text('{"time": "2026-03-02T14:30:00Z", "accounts": ['
+                     '{"id": "L", "role": "leader"}, '
+                     f'{{"id": "F1", "role": "follower", "firm": "{firm}"}}]}}')
+    for command in ("dry-run", "check"):
+        code, _, err = _cli(command, "--rules", str(REPO / "rules" / "firms"), "--state",
+                            str(state))
+        assert code == 1
+        assert err.strip() == (f"account F1: unknown firm {firm!r} (did you mean {near!r}?); "
+                               "known firms: apex, mffu, takeprofit, topstep, tradeify")
+    config = tmp_path / "copilink.yaml"
+    config.write_text(f"accounts:\n  - {{id: L, role: leader}}\n"
+                      f"  - {{id: F1, role: follower, firm: {firm}}}\n"
+                      f"rules: [{REPO / 'rules' / 'firms'}]\n")
+    for argv in (("validate", "--config", str(config)),
+                 ("run", "--config", str(config), "--journal", str(tmp_path / "j.db"))):
+        code, _, err = _cli(*argv)
+        assert code == 1
+        assert f"unknown firm {firm!r} (did you mean {near!r}?)" in err
+
+
+def test_a_known_firm_whose_rules_are_not_loaded_is_a_warning(tmp_path: Path) -> None:
+    state = tmp_path / "s.json"
+    state.write_text('{"time": "2026-03-02T14:30:00Z", "accounts": ['
+                     '{"id": "L", "role": "leader"}, '
+                     '{"id": "F1", "role": "follower", "firm": "apex"}]}')
+    code, _, err = _cli("dry-run", "--rules", str(DESYNC), "--state", str(state))
+    assert code == 0
+    assert err.strip() == ("warning: account F1: the rules of firm 'apex' are not loaded, so "
+                           "none of its limits apply; add rules/firms/apex.yaml to the rules")
