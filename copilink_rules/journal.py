@@ -55,7 +55,7 @@ CREATE INDEX IF NOT EXISTS commands_status ON commands (status);
 CREATE INDEX IF NOT EXISTS incidents_time ON incidents (time);
 """
 
-OPEN_STATUSES = ("sending", "pending", "retrying")
+OPEN_STATUSES = ("sending", "pending", "retrying", "cancelling")
 
 
 def _lock_file(handle: Any) -> None:
