@@ -125,6 +125,18 @@ class AccountSpec:
     size: float | None = None
     instrument: str | None = None
 
+    def snapshot_fields(self) -> dict[str, Any]:
+        """What the configuration says of the account, as a snapshot's account fields: the
+        adapter adds what the broker says (connection, money, positions, orders)."""
+        data: dict[str, Any] = {"id": self.id, "role": self.role, "firm": self.firm}
+        if self.size is not None:
+            data["size"] = self.size
+        if self.role == "follower":
+            data["ratio"] = self.ratio
+            if self.leader:
+                data["leader"] = self.leader
+        return data
+
 
 @runtime_checkable
 class AccountFeed(Protocol):

@@ -125,7 +125,7 @@ class FakeBroker:
             accounts = []
             for spec in self.specs.values():
                 data: dict[str, Any] = {
-                    "id": spec.id, "role": spec.role, "firm": spec.firm,
+                    **spec.snapshot_fields(),
                     "connected": self.connected[spec.id],
                     "updated_at": self.updated[spec.id].isoformat(),
                     "balance": spec.size or 50000.0,
@@ -136,12 +136,6 @@ class FakeBroker:
                                for o in self.orders.values()
                                if o.account == spec.id and o.state == "working"],
                 }
-                if spec.size is not None:
-                    data["size"] = spec.size
-                if spec.role == "follower":
-                    data["ratio"] = spec.ratio
-                    if spec.leader:
-                        data["leader"] = spec.leader
                 accounts.append(data)
             symbols = {s for book in self.positions.values() for s in book}
             quotes = {s: {"bid": self.price - 0.25, "ask": self.price, "last": self.price}

@@ -525,7 +525,7 @@ class NinjaTraderBroker:
             for spec in self.specs.values():
                 updated = self._updated.get(spec.id)
                 data: dict[str, Any] = {
-                    "id": spec.id, "role": spec.role, "firm": spec.firm,
+                    **spec.snapshot_fields(),
                     "connected": self._connected[spec.id] and updated is not None,
                     "updated_at": updated.isoformat() if updated else None,
                     "balance": self._balance.get(spec.id, spec.size or 0.0),
@@ -534,12 +534,6 @@ class NinjaTraderBroker:
                                   for s, (q, p) in sorted(self._positions[spec.id].items())],
                     "orders": self._working_orders(spec.id, now),
                 }
-                if spec.size is not None:
-                    data["size"] = spec.size
-                if spec.role == "follower":
-                    data["ratio"] = spec.ratio
-                    if spec.leader:
-                        data["leader"] = spec.leader
                 accounts.append(data)
             quotes = {s: q for s, q in self._quotes.items() if any(v is not None
                                                                      for v in q.values())}

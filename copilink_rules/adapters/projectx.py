@@ -720,7 +720,7 @@ class ProjectXBroker:
             for acct in self._accounts.values():
                 spec = acct.spec
                 data: dict[str, Any] = {
-                    "id": spec.id, "role": spec.role, "firm": spec.firm,
+                    **spec.snapshot_fields(),
                     "connected": acct.reported, "balance": acct.balance,
                     "positions": [
                         {"instrument": self._symbol(c), "qty": q, "avg_price": p,
@@ -737,12 +737,6 @@ class ProjectXBroker:
                         updated = acct.poisoned_at
                     if updated is not None:
                         data["updated_at"] = updated.isoformat()
-                if spec.size is not None:
-                    data["size"] = spec.size
-                if spec.role == "follower":
-                    data["ratio"] = spec.ratio
-                    if spec.leader:
-                        data["leader"] = spec.leader
                 accounts.append(data)
             quotes = {self._symbol(c): dict(q) for c, q in self._quotes.items()}
         # ProjectX reports no open P&L: worked out from the positions and the hub's quotes

@@ -951,14 +951,8 @@ class TradovateBroker:
                                                        "accounts": accounts}))
 
     def _account_data(self, spec: AccountSpec) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": spec.id, "role": spec.role, "firm": spec.firm,
+        data: dict[str, Any] = {**spec.snapshot_fields(),
                                 "connected": False}
-        if spec.size is not None:
-            data["size"] = spec.size
-        if spec.role == "follower":
-            data["ratio"] = spec.ratio
-            if spec.leader:
-                data["leader"] = spec.leader
         aid = self._ids.get(spec.id)
         if aid is None or aid not in self._reported:
             return data  # never reported: disconnected
