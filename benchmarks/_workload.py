@@ -1,9 +1,11 @@
-"""Shared workload for the benchmarks: a 40-rule policy and snapshots of N accounts."""
+"""Shared workload for the benchmarks: the synthetic 40-rule policy, the peer workload's 20 account
+rules, the shipped rules, and snapshots of N accounts for each."""
 
 from __future__ import annotations
 
 import random
 import textwrap
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -112,24 +114,149 @@ def snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
             "accounts": accounts}
 
 
-def account_envs(policy: Policy, n_accounts: int = 40) -> list[Any]:
-    """What the account-scope conditions of `policy` see for n accounts at 16:30 New York
-    (near the flat-by deadline, so the time conditions are true for some)."""
-    from copilink_rules.engine import Engine  # noqa: PLC0415 - only the condition benchmarks
-    from copilink_rules.model import Snapshot  # noqa: PLC0415
+def peer_policy_text() -> str:
+    """The peer workload's policy: exactly the 20 account conditions, as alerts that fire each
+    time their condition becomes true (no `for`, no cooldown), so a tick's decisions are just
+    the conditions that turned true."""
+    rules = "".join(f"  - id: bench-account-{i}\n    when: \"{cond}\"\n    cooldown: 0s\n"
+                    "    then: [alert]\n" for i, cond in enumerate(ACCOUNT_CONDITIONS))
+    return textwrap.dedent("""\
+        ruleset: peers
+        timezone: America/New_York
+        params: {max_contracts: 10, daily_loss: 1000, flat_by: "16:59"}
+        rules:
+        """) + rules
 
-    engine = Engine(policy)
+
+def load_peer_policy(tmp: Path) -> Policy:
+    path = tmp / "peers.yaml"
+    path.write_text(peer_policy_text())
+    return load_policy([path])
+
+
+def account_envs(policy: Policy, n_accounts: int = 100) -> list[Any]:
+    """What the account-scope conditions of `policy` see for n accounts at 16:30 New York
+    (near the flat-by deadline, so the time conditions are true for some): the environments
+    the engine builds itself in one tick."""
+    from copilink_rules.model import Snapshot  # noqa: PLC0415 - only the condition benchmarks
+
     snapshot = Snapshot.model_validate(
         snapshot_dict(n_accounts, T0 + timedelta(hours=7), random.Random(3)))
-    infos = engine._accounts(snapshot, snapshot.time)
-    targets = engine._account_targets(snapshot, infos, snapshot.time)
-    local = snapshot.time.astimezone(policy.rules[0].timezone)
-    for target in targets:
-        target.env.local, target.env.now_local, target.env.weekday = (
-            local, local.time(), local.weekday())
-    return [t.env for t in targets]
+    return [env for env in capture_envs(policy, snapshot)
+            if getattr(env, "leader", None) is None and getattr(env, "accounts", None) is None]
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- the shipped rules: desync.yaml + every firm file, on accounts at those firms -------------
+
+FIRM_SIZES: dict[str, tuple[int, ...]] = {
+    "apex": (25000, 50000, 100000, 150000), "topstep": (50000, 100000, 150000),
+    "mffu": (50000, 100000, 150000), "takeprofit": (50000,), "tradeify": (50000, 100000),
+}
+GROUP = 20  # accounts per leader: one leader and 19 followers
+
+
+def shipped_policy() -> Policy:
+    """desync.yaml and all of rules/firms/*.yaml, as `copilink-rules run` would load them."""
+    rules = REPO / "rules"
+    return load_policy([rules / "desync.yaml", *sorted((rules / "firms").glob("*.yaml"))],
+                       search_path=[rules])
+
+
+def shipped_snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
+                          leader_long: bool = True) -> dict[str, Any]:
+    """n accounts in groups of one leader (Apex 50K) and 19 followers spread over the five
+    firms with their own account sizes; balances and P&L vary so that some accounts are near a
+    drawdown, daily loss or contract limit. Most followers copy the leader (NQ, or MNQ at 10x),
+    a few drift (missed the entry, too big, opposite side, an extra ES position)."""
+    price = 18000.0 + rng.randint(-8, 8) * 0.25
+    opened = (moment - timedelta(seconds=30)).isoformat()
+    firms = list(FIRM_SIZES)
+    accounts: list[dict[str, Any]] = []
+    stamp = moment.isoformat()
+    for i in range(n_accounts):
+        group, kind = divmod(i, GROUP)
+        leader_id = f"L{group:03d}"
+        if kind == 0:
+            accounts.append({
+                "id": leader_id, "role": "leader", "firm": "apex", "size": 50000.0,
+                "balance": 50400.0, "realized_pnl": 400.0, "updated_at": stamp,
+                "unrealized_pnl": round(rng.uniform(-150, 150), 2),
+                "positions": [{"instrument": "NQH6", "qty": 2, "avg_price": 18000.0,
+                               "opened_at": opened}] if leader_long else []})
+            continue
+        firm = firms[(i + group) % len(firms)]
+        size = FIRM_SIZES[firm][(i // len(firms)) % len(FIRM_SIZES[firm])]
+        # an account's money is its own and stable from one tick to the next (a hash of its
+        # index); only the open P&L moves a little with the price
+        u, v = (i * 2654435761 % 4294967296) / 4294967296, (i * 40503 % 65536) / 65536
+        realized = round((u * 0.06 - 0.04) * size, 2)
+        unrealized = round((v - 0.5) * 600 + rng.uniform(-20, 20), 2) if positions_of(
+            leader_long, kind) else 0.0
+        positions: list[dict[str, Any]] = []
+        if leader_long and kind != 3:
+            qty, symbol = {5: (20, "MNQH6"), 9: (6, "NQH6"), 11: (-2, "NQH6")}.get(
+                kind, (2, "NQH6"))
+            positions.append({"instrument": symbol, "qty": qty, "avg_price": 18000.25,
+                              "opened_at": opened})
+        if kind == 7:
+            positions.append({"instrument": "ESH6", "qty": 1, "avg_price": 5000.0,
+                              "opened_at": opened})
+        accounts.append({
+            "id": f"A{i:05d}", "role": "follower", "leader": leader_id, "firm": firm,
+            "size": float(size), "balance": round(size * (1 + (v - u) * 0.05) + realized, 2),
+            "realized_pnl": realized, "unrealized_pnl": unrealized,
+            "updated_at": stamp, "positions": positions,
+            "orders": [{"id": f"o{i}", "instrument": "NQH6", "side": "sell", "qty": 2,
+                        "type": "stop", "stop_price": 17950.0}] if kind % 4 == 1 else [],
+        })
+    return {"time": stamp,
+            "quotes": {"NQH6": {"bid": price - 0.25, "ask": price, "last": price},
+                       "MNQH6": {"bid": price - 0.25, "ask": price, "last": price},
+                       "ESH6": {"bid": 5000.0, "ask": 5000.25, "last": 5000.25}},
+            "accounts": accounts}
+
+
+def positions_of(leader_long: bool, kind: int) -> bool:
+    return (leader_long and kind != 3) or kind == 7
+
+
+def capture_envs(policy: Policy, snapshot: Any) -> list[Any]:
+    """The evaluation environments the engine itself hands to its compiled condition batches
+    for one tick of `snapshot` (in the order it evaluates them). Found by wrapping
+    `compile_batch` while the Engine is built, so it does not depend on how the engine builds
+    its views."""
+    import sys  # noqa: PLC0415
+
+    from copilink_rules.engine import Engine  # noqa: PLC0415
+    from copilink_rules.rules import expressions  # noqa: PLC0415
+
+    original = expressions.compile_batch
+    seen: list[Any] = []
+
+    def recording(conditions: Any, label: str) -> Any:
+        batch: Callable[[Any], int] = original(conditions, label)
+
+        def wrapper(env: Any) -> int:
+            seen.append(env)
+            return batch(env)
+        return wrapper
+
+    modules = [m for name, m in list(sys.modules.items())
+               if name.startswith("copilink_rules") and
+               getattr(m, "compile_batch", None) is original]
+    for module in modules:
+        module.compile_batch = recording  # type: ignore[attr-defined]
+    try:
+        Engine(policy).evaluate(snapshot)
+    finally:
+        for module in modules:
+            module.compile_batch = original  # type: ignore[attr-defined]
+    if not seen:
+        raise SystemExit("capture_envs: the engine evaluated no condition batch built by "
+                         "compile_batch; benchmarks/_workload.py needs updating")
+    return seen
