@@ -4,11 +4,22 @@ incident, written before or as it happens, with a schema version.
 Commands are written *before* they are sent (status `sending`) and updated with the broker's
 answer, so after a crash the engine knows what it may already have sent and asks the broker
 (by tag) instead of sending it again. The engine's own state is saved with every tick.
+
+Checkpoints (copying the WAL into the database file, an fsync of each) never land on a
+command's path. SQLite's automatic checkpoint runs inside whichever commit makes the WAL reach
+1,000 pages, which may be a command's insert: it is switched off. Instead the journal
+checkpoints at the end of a tick: after saving the engine's state (the session's last write of
+a tick, after its commands went out) once the WAL holds about `checkpoint_pages` pages, and on
+close. The first write after a checkpoint restarts the WAL and fsyncs its header; the journal
+makes that write itself, right after the checkpoint, so the next tick's writes do not pay it.
+A journal written without ticks (no engine state saved) checkpoints after any write but a
+command's once the WAL holds 4 times as much: the WAL never grows without bound.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -22,6 +33,8 @@ from typing import Any
 
 from .errors import StateError
 from .model import Decision
+
+log = logging.getLogger("copilink_rules.journal")
 
 SCHEMA_VERSION = 1
 
@@ -56,6 +69,12 @@ CREATE INDEX IF NOT EXISTS incidents_time ON incidents (time);
 """
 
 OPEN_STATUSES = ("sending", "pending", "retrying", "cancelling")
+
+# the WAL's size (pages of 4 KB) at which the journal checkpoints at the end of a tick: SQLite's
+# own default for its automatic checkpoint
+CHECKPOINT_PAGES = 1000
+# without ticks: a checkpoint after any write but a command's, at this many times that size
+_UNTICKED_FACTOR = 4
 
 
 def _lock_file(handle: Any) -> None:
@@ -96,11 +115,22 @@ class Journal:
 
     _claim: Any = None  # the lock file held while this process enforces (claim())
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False,
+                 checkpoint_pages: int = CHECKPOINT_PAGES) -> None:
         """Open (or create) the journal at `path`; `read_only` opens an existing one for
-        reports and never writes to it. Another program's SQLite file is refused."""
+        reports and never writes to it. Another program's SQLite file is refused.
+
+        `checkpoint_pages`: the WAL's size at which the journal checkpoints at the end of a
+        tick (see the module's docstring); 0 leaves checkpoints to SQLite's automatic one,
+        which may land on any commit, a command's included (for comparisons only)."""
         self.path = str(path)
         self._lock = threading.RLock()
+        self.checkpoint_pages = checkpoint_pages
+        self.checkpoints = 0  # completed checkpoints this journal ran (none on a command's path)
+        self._wal = False  # a WAL file (not ":memory:", not read-only)
+        self._managed = False  # its checkpoints run by this journal, not by SQLite
+        self._writes = 0  # write statements since the last checkpoint
+        self._pages_per_write = 3.0  # WAL pages a write adds: learned at each checkpoint
         try:
             if read_only:
                 uri = Path(self.path).resolve().as_uri() + "?mode=ro"
@@ -116,8 +146,12 @@ class Journal:
                 raise StateError(f"{self.path} is not a copilink-rules journal (a SQLite file "
                                  "without its tables): name another journal file")
             if not read_only:
-                self._db.execute("PRAGMA journal_mode=WAL")
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                self._wal = str(mode).lower() == "wal"
+                if self._wal and checkpoint_pages > 0:
+                    self._db.execute("PRAGMA wal_autocheckpoint=0")
+                    self._managed = True
                 self._db.executescript(_SCHEMA)
             version = self._meta("schema_version")
         except StateError:
@@ -137,8 +171,58 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            if self._managed:
+                self._auto_checkpoint(restart=False)  # SQLite deletes the WAL on close
+                self._managed = self._wal = False  # closed: nothing more to checkpoint
             self._db.close()
         self.release()
+
+    # --- checkpoints (never on a command's path) ------------------------------------------------
+
+    def checkpoint(self, *, restart: bool = True) -> tuple[int, int]:
+        """A PASSIVE checkpoint: copy the WAL's pages into the database file, waiting for no
+        reader (what a reader still uses is copied by a later one). When it copied everything,
+        the WAL restarts: its first write fsyncs the WAL's header, so (unless `restart` is
+        False) that write is made here too. Returns (pages in the WAL, pages copied); (0, 0)
+        inside a transaction or when the journal is no WAL file (":memory:", read-only)."""
+        with self._lock:
+            if not self._wal or self._db.in_transaction:
+                return (0, 0)
+            row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            pages, copied = int(row[1]), int(row[2])
+            writes, self._writes = self._writes, 0
+            if pages > 0 and copied == pages:
+                if writes:
+                    self._pages_per_write = max(0.1, pages / writes)
+                self.checkpoints += 1
+                if restart:
+                    self._set_meta("checkpoints", str(self.checkpoints))  # restarts the WAL
+                    self._writes = 0
+            return (pages, copied)
+
+    def _auto_checkpoint(self, *, restart: bool = True) -> None:
+        """A checkpoint the journal chose to run. Like SQLite's own, a failed one is not a
+        failed write (what was written is in the WAL): a warning, and the next one tries
+        again."""
+        try:
+            self.checkpoint(restart=restart)
+        except sqlite3.Error as exc:
+            log.warning("%s: checkpoint failed (%s); the WAL keeps what it holds", self.path,
+                        exc)
+
+    def _wal_over(self, factor: int) -> bool:
+        """The WAL holds at least `factor` x `checkpoint_pages` pages (an estimate)."""
+        return self._managed and not self._db.in_transaction and \
+            self._writes * self._pages_per_write >= factor * self.checkpoint_pages
+
+    def _write(self, sql: str, params: tuple[Any, ...] = (), *, command: bool = False) -> None:
+        """One write statement. After one that is not a command's, outside a transaction,
+        with the WAL far over its size (a journal written without ticks): a checkpoint."""
+        with self._lock:
+            self._db.execute(sql, params)
+            self._writes += 1
+            if not command and self._wal_over(_UNTICKED_FACTOR):
+                self._auto_checkpoint()
 
     # --- one enforcer per journal ---------------------------------------------------------------
 
@@ -196,8 +280,8 @@ class Journal:
         return None if row is None else str(row[0])
 
     def _set_meta(self, key: str, value: str) -> None:
-        self._exec("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                   "SET value = excluded.value", (key, value))
+        self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                    "SET value = excluded.value", (key, value))
 
     def next_sequence(self) -> int:
         """A counter that survives restarts (for order tags)."""
@@ -209,8 +293,8 @@ class Journal:
     # --- writing --------------------------------------------------------------------------------
 
     def tick(self, moment: datetime, digest: str, accounts: int) -> None:
-        self._exec("INSERT INTO ticks (time, digest, accounts) VALUES (?, ?, ?)",
-                   (iso(moment), digest, accounts))
+        self._write("INSERT INTO ticks (time, digest, accounts) VALUES (?, ?, ?)",
+                    (iso(moment), digest, accounts))
 
     def decisions(self, decisions: list[Decision]) -> None:
         with self._lock:
@@ -220,23 +304,24 @@ class Journal:
                 [(iso(d.time), d.rule, d.action, d.account, d.instrument, d.severity,
                   d.suppressed or None, json.dumps(d.to_json_dict(), default=str))
                  for d in decisions])
+            self._writes += 1
 
     def command(self, row: CommandRow) -> None:
-        self._exec(
+        self._write(
             "INSERT INTO commands (tag, time, account, instrument, family, action, rule, args, "
             "status, attempt, reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.tag, row.time, row.account, row.instrument, row.family, row.action, row.rule,
              json.dumps(row.args, default=str), row.status, row.attempt, row.reason,
-             row.updated))
+             row.updated), command=True)
 
     def command_status(self, tag: str, status: str, moment: datetime,
                        reason: str | None = None) -> None:
-        self._exec("UPDATE commands SET status = ?, reason = COALESCE(?, reason), updated = ? "
-                   "WHERE tag = ?", (status, reason, iso(moment), tag))
+        self._write("UPDATE commands SET status = ?, reason = COALESCE(?, reason), updated = ? "
+                    "WHERE tag = ?", (status, reason, iso(moment), tag))
 
     def answer(self, tag: str, moment: datetime, status: str, reason: str) -> None:
-        self._exec("INSERT INTO answers (tag, time, status, reason) VALUES (?, ?, ?, ?)",
-                   (tag, iso(moment), status, reason))
+        self._write("INSERT INTO answers (tag, time, status, reason) VALUES (?, ?, ?, ?)",
+                    (tag, iso(moment), status, reason))
 
     def answers(self) -> list[tuple[str, str, str, str | None]]:
         """Every broker answer: (tag, time, status, reason), oldest first."""
@@ -245,31 +330,36 @@ class Journal:
 
     def lock(self, account: str, state: str, until: datetime, reason: str, rule: str | None,
              moment: datetime) -> None:
-        self._exec("INSERT INTO locks (account, state, until, reason, rule, time) VALUES "
-                   "(?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET state = excluded.state,"
-                   " until = excluded.until, reason = excluded.reason, rule = excluded.rule, "
-                   "time = excluded.time", (account, state, iso(until), reason, rule,
-                                             iso(moment)))
+        self._write("INSERT INTO locks (account, state, until, reason, rule, time) VALUES "
+                    "(?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET state = excluded.state,"
+                    " until = excluded.until, reason = excluded.reason, rule = excluded.rule, "
+                    "time = excluded.time", (account, state, iso(until), reason, rule,
+                                              iso(moment)))
 
     def unlock(self, account: str) -> None:
-        self._exec("DELETE FROM locks WHERE account = ?", (account,))
+        self._write("DELETE FROM locks WHERE account = ?", (account,))
 
     def incident(self, moment: datetime, account: str | None, instrument: str | None,
                  rule: str | None, severity: str, summary: str, positions: Any,
                  actions: list[str]) -> None:
-        self._exec("INSERT INTO incidents (time, account, instrument, rule, severity, summary, "
-                   "positions, actions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (iso(moment), account, instrument, rule, severity, summary,
-                    json.dumps(positions, default=str), json.dumps(actions)))
+        self._write("INSERT INTO incidents (time, account, instrument, rule, severity, summary, "
+                    "positions, actions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (iso(moment), account, instrument, rule, severity, summary,
+                     json.dumps(positions, default=str), json.dumps(actions)))
 
     def alert(self, moment: datetime, severity: str, account: str | None, message: str) -> None:
-        self._exec("INSERT INTO alerts (time, severity, account, message) VALUES (?, ?, ?, ?)",
-                   (iso(moment), severity, account, message))
+        self._write("INSERT INTO alerts (time, severity, account, message) VALUES (?, ?, ?, ?)",
+                    (iso(moment), severity, account, message))
 
     def save_engine_state(self, moment: datetime | None, data: dict[str, Any]) -> None:
-        self._exec("INSERT INTO engine_state (id, time, data) VALUES (1, ?, ?) ON CONFLICT(id) "
-                   "DO UPDATE SET time = excluded.time, data = excluded.data",
-                   (iso(moment) if moment else None, json.dumps(data)))
+        """The engine's state, saved last in a tick, after its commands went out: so this is
+        where the journal checkpoints, once the WAL has reached `checkpoint_pages`."""
+        with self._lock:
+            self._write("INSERT INTO engine_state (id, time, data) VALUES (1, ?, ?) ON "
+                        "CONFLICT(id) DO UPDATE SET time = excluded.time, data = excluded.data",
+                        (iso(moment) if moment else None, json.dumps(data)))
+            if self._wal_over(1):
+                self._auto_checkpoint()
 
     # --- reading ----------------------------------------------------------------------------
 

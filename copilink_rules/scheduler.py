@@ -3,14 +3,22 @@ overlapping, a missed run logged and skipped rather than piled up), the pre-sess
 configured local time, the daily reset at the trading-day boundary, and hot reload of rule files.
 
 Ctrl-C / SIGTERM stop it cleanly; SIGUSR1 engages the kill switch.
+
+The cyclic garbage collector is kept out of the tick: it is held off while a tick runs (a
+collection stops every thread, so none may land between a snapshot and its commands) and runs,
+on Python's usual schedule, right after; and once the first tick has run, what start-up built
+(modules, rules, engine, adapters) is frozen out of every later collection (`gc.freeze`), so a
+full collection walks only what the run itself keeps. `benchmarks/bench_latency.py` measures it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Any
@@ -27,6 +35,19 @@ log = logging.getLogger("copilink_rules.scheduler")
 # APScheduler reports a skipped run in its own words too; ours (below) says it once
 logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
 logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
+
+@contextmanager
+def gc_held() -> Iterator[None]:
+    """No cyclic garbage collection (in any thread) inside the block; what it allocated is
+    collected, on Python's usual schedule, at the first allocation after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def daily_trigger(at: str, zone: str) -> CronTrigger:
@@ -57,6 +78,7 @@ class LiveRunner:
             "coalesce": True, "max_instances": 1, "misfire_grace_time": 1})
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES |
                                     EVENT_JOB_ERROR)
+        self._frozen = False  # start-up's objects frozen out of the garbage collector
 
     def jobs(self) -> None:
         self.scheduler.add_job(self._tick, IntervalTrigger(seconds=self.tick_seconds),
@@ -78,8 +100,25 @@ class LiveRunner:
                                    IntervalTrigger(seconds=self.reload_every), id="reload",
                                    name="rule-file reload")
 
+    def tick_once(self) -> None:
+        """One evaluation, as the schedule runs it: the garbage collector held off during the
+        tick and, after the first one (start-up is over), start-up's objects frozen out of it.
+        """
+        with gc_held():
+            self.session.tick()
+        if not self._frozen:
+            self._frozen = True
+            gc.collect()
+            gc.freeze()
+
+    def thaw(self) -> None:
+        """Give start-up's objects back to the garbage collector (the run is over)."""
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()
+
     def _tick(self) -> None:
-        self.session.tick()
+        self.tick_once()
         if self.on_tick is not None:
             self.on_tick()
         if self.should_stop is not None and self.should_stop():
@@ -117,6 +156,7 @@ class LiveRunner:
                 pass
         finally:
             self.scheduler.shutdown(wait=True)
+            self.thaw()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
