@@ -1,8 +1,14 @@
 """Replay throughput: a 7-hour session at 4 snapshots/s with 20 accounts (100,800 snapshots)
-through `copilink-rules replay`'s code path: read JSON Lines, validate, evaluate desync.yaml
-(SPEC section 8 target: under 10 s).
+through `copilink-rules replay`'s code path: read JSON Lines, validate, evaluate (SPEC section 8
+target: under 10 s). Replayed twice: with desync.yaml alone, and with desync.yaml and a firm
+file (firms/apex.yaml, which extends desync); each run prints its reading (decoding and
+validating the line) and evaluating parts.
 
     python benchmarks/bench_replay.py [--snapshots 100800] [--accounts 20]
+                                      [--reader fast|strict|both] [--rules desync|apex|both]
+
+`--reader strict` reads every line with the strict pydantic path (what `replay` did before the
+msgspec reader); `both` runs each rule set with each reader, strict first.
 """
 
 from __future__ import annotations
@@ -21,11 +27,42 @@ from copilink_rules.engine import Engine
 from copilink_rules.rules import load_policy
 from copilink_rules.snapshots import iter_timeline
 
+RULES = {
+    "desync": [REPO / "rules" / "desync.yaml"],
+    "apex": [REPO / "rules" / "desync.yaml", REPO / "rules" / "firms" / "apex.yaml"],
+}
+
+
+def replay(path: Path, rules: str, reader: str) -> None:
+    engine = Engine(load_policy(RULES[rules]))
+    decisions = 0
+    parse = 0.0
+    count = 0
+    iterator = iter_timeline(path, fast=reader == "fast")
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        snapshot = next(iterator, None)
+        parse += time.perf_counter() - t0
+        if snapshot is None:
+            break
+        count += 1
+        decisions += len(engine.evaluate(snapshot))
+    total = time.perf_counter() - start
+    label = "desync" if rules == "desync" else "desync + firms/apex"
+    print(f"replay ({label}, {reader} reader): {count} snapshots in {total:.2f} s "
+          f"({count / total:,.0f} snapshots/s; reading+validating {parse:.2f} s = "
+          f"{parse / count * 1e6:.0f} µs a line, evaluating {total - parse:.2f} s = "
+          f"{(total - parse) / count * 1e6:.0f} µs a line), {decisions} decisions   "
+          "(target: 100k snapshots under 10 s)", flush=True)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--snapshots", type=int, default=7 * 3600 * 4)
     parser.add_argument("--accounts", type=int, default=20)
+    parser.add_argument("--reader", choices=["fast", "strict", "both"], default="fast")
+    parser.add_argument("--rules", choices=["desync", "apex", "both"], default="both")
     args = parser.parse_args()
     rng = random.Random(11)
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,27 +78,11 @@ def main() -> None:
                                                       opened), separators=(",", ":")) + "\n")
         size = path.stat().st_size
         print(f"generated {args.snapshots} snapshots x {args.accounts} accounts "
-              f"({size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
-
-        policy = load_policy([REPO / "rules" / "desync.yaml"])
-        engine = Engine(policy)
-        decisions = 0
-        start = time.perf_counter()
-        parse = 0.0
-        count = 0
-        iterator = iter_timeline(path)
-        while True:
-            t0 = time.perf_counter()
-            snapshot = next(iterator, None)
-            parse += time.perf_counter() - t0
-            if snapshot is None:
-                break
-            count += 1
-            decisions += len(engine.evaluate(snapshot))
-        total = time.perf_counter() - start
-    print(f"replay: {count} snapshots in {total:.2f} s ({count / total:,.0f} snapshots/s; "
-          f"reading+validating {parse:.2f} s, evaluating {total - parse:.2f} s), "
-          f"{decisions} decisions   (target: 100k snapshots under 10 s)")
+              f"({size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s", flush=True)
+        readers = ["strict", "fast"] if args.reader == "both" else [args.reader]
+        for rules in (["desync", "apex"] if args.rules == "both" else [args.rules]):
+            for reader in readers:
+                replay(path, rules, reader)
 
 
 if __name__ == "__main__":

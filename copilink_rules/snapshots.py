@@ -22,6 +22,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ValidationError
 
 from .errors import InstrumentError, Problem, SnapshotError
+from .fastread import FastReader
 from .instruments import Catalog, default_catalog
 from .model import Account, Order, Position, Quote, Snapshot
 from .rules.expressions import did_you_mean
@@ -276,15 +277,21 @@ def _json_fallback(text: str, file: str, yaml_error: YamlSyntaxError) -> tuple[A
         raise SnapshotError([Problem(file, None, "invalid JSON: nested too deeply")]) from None
 
 
-def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[Snapshot]:
+def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
+                  fast: bool = True) -> Iterator[Snapshot]:
     """Yield the snapshots of a JSON Lines timeline; stop at the first bad line with SnapshotError.
 
     Blank lines and lines starting with `#` are skipped. Times must not go backwards. A line
     longer than MAX_LINE_CHARS is refused without reading the rest of it.
+
+    Each line is read by `fastread.FastReader` (msgspec), which gives the same snapshot as the
+    strict path (pydantic, `_timeline_line`) or declines; a declined line is read by the strict
+    path, which accepts it or reports its problems. `fast=False` reads every line strictly.
     """
     catalog = catalog or default_catalog()
     file = str(path)
     previous = None
+    reader = FastReader(catalog) if fast else None
     handle = io.TextIOWrapper(open_input(path, file), encoding="utf-8")
     with handle:
         number = 0
@@ -300,8 +307,10 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None) -> Iterator[
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue
+                snapshot = reader.read(line) if reader is not None else None
                 try:
-                    snapshot = _timeline_line(line, file, number, catalog)
+                    if snapshot is None:  # declined by the fast path, or no fast path
+                        snapshot = _timeline_line(line, file, number, catalog)
                 except SnapshotError:
                     if previous is None and (line == "{" or file.endswith(
                             (".json", ".yaml", ".yml"))):  # a snapshot file, most likely
