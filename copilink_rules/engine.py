@@ -30,17 +30,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .calendar import Calendar
 from .errors import EvaluationError, StateError
+from .facts import (
+    FLAT_VIEWS,
+    NO_ORDERS,
+    Family,
+    OrderFacts,
+    PositionFacts,
+    derive_orders,
+    derive_positions,
+    position_view,
+    same_orders,
+    same_positions,
+)
 from .instruments import Catalog, Instrument, default_catalog
 from .model import ORDER_ACTIONS, Account, Decision, Snapshot, UtcDatetime
 from .namespace import (
-    FLAT_FIELDS,
     AccountsView,
     AccountView,
     Env,
     InstrumentView,
     MissingQuote,
     PairView,
-    PositionView,
     QuoteView,
 )
 from .rules.expressions import compile_batch
@@ -142,16 +152,7 @@ class _Lock:
     reason: str
 
 
-@dataclass(slots=True)
-class _Family:
-    """One account's exposure in one instrument family."""
-
-    qty: int
-    equiv: float
-    instrument: Instrument
-    symbol: str
-    avg_price: float
-    opened_at: datetime | None
+_Family = Family  # one account's exposure in one instrument family
 
 
 @dataclass(slots=True)
@@ -167,6 +168,17 @@ class _Target:
 
 
 @dataclass(slots=True)
+class _PairSet:
+    """A follower's pair targets, and the facts they were built from."""
+
+    follower: PositionFacts
+    leader: PositionFacts
+    leader_id: str
+    ratio: float
+    items: list[tuple[_Target, Family | None, Family | None, bool]]  # target, lead, foll, overnight
+
+
+@dataclass(slots=True)
 class _Proposal:
     rule: CompiledRule
     order: int
@@ -179,6 +191,16 @@ class _Proposal:
     target_index: int = 0
 
 
+@dataclass(slots=True)
+class _Subset:
+    """The rules of a group that apply to one kind of account, and how to evaluate them."""
+
+    batch: Callable[[Env], int]
+    mask: int  # the batch's bits to keep
+    allowed: int  # the group's rules that apply (bit i: the group's rule i)
+    bits: list[int] | None  # the group's bit of each batch bit (None: the same)
+
+
 @dataclass
 class _Group:
     """Rules of one scope, stage and timezone, evaluated together by one compiled batch."""
@@ -189,6 +211,8 @@ class _Group:
     batch: Callable[[Env], int] = field(default=lambda env: 0)
     filtered: bool = False
     _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
+    _subsets: dict[tuple[str, str, str | None], _Subset | None] = field(default_factory=dict)
+    _by_mask: dict[int, _Subset] = field(default_factory=dict)
 
     def allowed(self, account: Account) -> int:
         """Bit i set when rule i applies to this account (applies_to)."""
@@ -199,6 +223,42 @@ class _Group:
                        if rule.applies(account.id, account.role, account.firm))
             self._masks[key] = mask
         return mask
+
+    def whole(self) -> _Subset:
+        """Every rule of the group."""
+        full = (1 << len(self.rules)) - 1
+        found = self._by_mask.get(full)
+        if found is None:
+            found = self._by_mask[full] = _Subset(self.batch, full, full, None)
+        return found
+
+    def subset(self, key: tuple[str, str, str | None], account: Account) -> _Subset | None:
+        """The rules that apply to an account of this id, role and firm (None: no rule), as
+        a batch of their own: the conditions of rules that do not apply (another firm's) are
+        not evaluated at all."""
+        try:
+            return self._subsets[key]
+        except KeyError:
+            pass
+        allowed = self.allowed(account)
+        found = self._by_mask.get(allowed) if allowed else None
+        if found is None and allowed:
+            chosen = [i for i in range(len(self.rules)) if (allowed >> i) & 1]
+            if len(self._by_mask) < MAX_SUBSETS:
+                batch = compile_batch([self.rules[i][1].when for i in chosen],
+                                      f"{self.scope} rules")
+                found = _Subset(batch, (1 << len(chosen)) - 1, allowed,
+                                [1 << i for i in chosen])
+            else:  # many kinds of accounts: one batch for all, as if not filtered
+                found = _Subset(self.batch, allowed, allowed, None)
+            self._by_mask[allowed] = found
+        if len(self._subsets) < 100_000:
+            self._subsets[key] = found
+        return found
+
+
+# distinct rule subsets compiled per group (beyond: the group's batch, masked)
+MAX_SUBSETS = 64
 
 
 def _groups(rules: list[CompiledRule]) -> list[_Group]:
@@ -222,6 +282,8 @@ class _AccountInfo:
     account: Account
     view: AccountView
     families: dict[str, _Family]
+    facts: PositionFacts
+    orders: OrderFacts
 
     @property
     def why_unreachable(self) -> str:
@@ -237,7 +299,7 @@ class Engine:
     """Evaluates a Policy against snapshots, one after another, keeping its state."""
 
     def __init__(self, policy: Policy, catalog: Catalog | None = None,
-                 calendar: Calendar | None = None) -> None:
+                 calendar: Calendar | None = None, *, reuse: bool = True) -> None:
         self.policy = policy
         self.calendar = calendar
         self.catalog = catalog or default_catalog()
@@ -262,6 +324,13 @@ class Engine:
         self._hedges = policy.mentions("hedged")
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
         self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
+        # each account's facts of the last tick, reused while its positions (orders) are the
+        # same (facts.py); `reuse=False` derives everything every tick (the reference path)
+        self.reuse = reuse
+        self._position_facts: dict[str, PositionFacts] = {}
+        self._order_facts: dict[str, OrderFacts] = {}
+        self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
+        self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
 
     # --- public API -------------------------------------------------------------------------
 
@@ -296,11 +365,13 @@ class Engine:
                     env = target.env
                     env.local, env.now_local, env.weekday = local, now_local, weekday
             self._evaluate_group(group, targets, now, as_if_held, proposals, errors)
-            live = {t.key for t in targets}
+            live: set[str] | None = None  # built only when some rule has a target's state
             for _, rule in group.rules:
                 # a target that is gone (a pair gone flat, an account removed) ends its episode
                 for table in (self._states[rule.id], self._errors[rule.id]):
                     if table:
+                        if live is None:
+                            live = {t.key for t in targets}
                         for key in [k for k in table if k not in live]:
                             del table[key]
         errors.sort(key=lambda e: (e[0], e[1]))
@@ -388,6 +459,9 @@ class Engine:
                 self._last_fired[rule] = dict(fired)
         self._entries = dict(saved.entries)
         self._first_seen = dict(saved.first_seen)
+        self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
+        self._hedge_marks = None
+        self._pair_sets = {}
         self._metrics = {a: _Metrics(**m.model_dump()) for a, m in saved.metrics.items()}
         self._locks = {a: _Lock(lock.state, lock.until, lock.rule, lock.reason)
                        for a, lock in saved.locks.items()}
@@ -397,59 +471,49 @@ class Engine:
 
     def _accounts(self, snapshot: Snapshot, now: datetime) -> dict[str, _AccountInfo]:
         infos: dict[str, _AccountInfo] = {}
-        seen_keys: set[str] = set()
-        parse = self.catalog.parse
+        seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, locks, metrics_of = self.stale_after, self._locks, self._metrics
+        first_seen, catalog = self._first_seen, self.catalog
         at_firm = Counter(a.firm for a in snapshot.accounts) if self._firm_counts else Counter()
+        # facts of the previous tick, reused for an account whose positions (orders) are the
+        # same; only accounts of this snapshot are kept, so one that is gone for a tick is
+        # derived again (its first-seen times were dropped meanwhile)
+        reuse = self.reuse
+        old_positions, old_orders = self._position_facts, self._order_facts
+        new_positions: dict[str, PositionFacts] = {}
+        new_orders: dict[str, OrderFacts] = {}
+        used: list[PositionFacts] = []  # every account's, an id that repeats included
+        # every account the same as last tick (positions, firm), none new, none gone?
+        same = len(old_positions) == len(snapshot.accounts)
         for account in snapshot.accounts:
             # Hot path: read fields from the model's __dict__, several times faster than
             # attribute access on a pydantic model (whose class defines __getattr__).
             a = account.__dict__
             account_id, firm, connected = a["id"], a["firm"], a["connected"]
             balance, realized, unrealized = a["balance"], a["realized_pnl"], a["unrealized_pnl"]
-            families: dict[str, _Family] = {}
-            contracts = minis = micros = 0
-            overnight = {parse(s).symbol for s in a["overnight"]} if a["overnight"] else ()
-            undeclared = 0
-            for position in a["positions"]:
-                p = position.__dict__
-                qty = p["qty"]
-                if qty == 0:
-                    continue
-                symbol = p["instrument"]
-                instrument = parse(symbol)
-                contracts += abs(qty)
-                if instrument.micro:
-                    micros += abs(qty)
-                else:
-                    minis += abs(qty)
-                if instrument.symbol not in overnight:
-                    undeclared += 1
-                family = families.get(instrument.family)
-                equiv = qty * instrument.size
-                if family is None:
-                    families[instrument.family] = _Family(
-                        qty, equiv, instrument, symbol, p["avg_price"], p["opened_at"])
-                else:
-                    main_is_new = abs(equiv) > abs(family.equiv)
-                    family.qty += qty
-                    family.equiv += equiv
-                    if main_is_new:
-                        family.instrument, family.symbol = instrument, symbol
-                        family.avg_price, family.opened_at = p["avg_price"], p["opened_at"]
-            for name, family in families.items():
-                if family.opened_at is not None:
-                    continue
-                # the broker did not say when the position opened: use when we first saw it
-                key = f"{account_id}|{name}"
-                seen_keys.add(key)
-                side = (family.equiv > 0) - (family.equiv < 0)
-                first = self._first_seen.get(key)
-                if first is None or first[0] != side:
-                    first = self._first_seen[key] = (side, now)
-                family.opened_at = first[1]
-            age = account.data_age(now)
+            positions, overnight, orders = a["positions"], a["overnight"], a["orders"]
+            facts = old_positions.get(account_id) if reuse else None
+            if facts is None or overnight != facts.overnight or firm != facts.firm or \
+                    not same_positions(positions, facts.positions):
+                facts = derive_positions(account_id, firm, positions, overnight, catalog,
+                                         first_seen, now)
+                same = False
+            else:  # the same again: next time, tell so by identity
+                facts.positions = positions
+            new_positions[account_id] = facts
+            used.append(facts)
+            seen_count += len(facts.first_seen)
+            order_facts = old_orders.get(account_id) if reuse and orders else None
+            if order_facts is None or not same_orders(orders, order_facts.orders):
+                order_facts = derive_orders(orders) if orders else NO_ORDERS
+            else:
+                order_facts.orders = orders
+            if orders:
+                new_orders[account_id] = order_facts
+            families = facts.families
+            updated = a["updated_at"]
+            age = (now - updated).total_seconds() if updated else 0.0  # Account.data_age
             stale = age > stale_after
             reachable = connected and not stale
             equity = balance + unrealized
@@ -466,26 +530,40 @@ class Engine:
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
             lock = locks.get(account_id)
-            role, orders = a["role"], a["orders"]
+            role = a["role"]
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
                 account_id, role, firm or "", a["leader"] or "",
                 a["ratio"] if role == "follower" else 1.0, connected,
                 stale, reachable, age, a["copier"], balance, realized,
                 unrealized, realized + unrealized,
-                not families, contracts, len(families),
-                sum(1 for o in orders if o.status in _WORKING) if orders else 0,
-                undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
+                not families, facts.contracts, len(families), order_facts.working,
+                facts.undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
                 total, max(metrics.best_day, day_pnl),
-                day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, minis, micros,
-                False, "", lock.state if lock else "", lock is not None,
+                day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, facts.minis,
+                facts.micros, False, "", lock.state if lock else "", lock is not None,
                 at_firm[firm] if firm else 0, metrics.trades, metrics.streak,
             )
-            infos[account_id] = _AccountInfo(account, view, families)
-        if len(seen_keys) != len(self._first_seen):
-            for key in [k for k in self._first_seen if k not in seen_keys]:
-                del self._first_seen[key]
+            infos[account_id] = _AccountInfo(account, view, families, facts, order_facts)
+        self._position_facts, self._order_facts = new_positions, new_orders
+        if seen_count != len(first_seen) or len(infos) != len(snapshot.accounts):
+            # a key in use is always in the table: only when the counts differ (or an account
+            # id repeats) is there anything to drop
+            seen_keys = {key for facts in used for key in facts.first_seen}
+            for key in [k for k in first_seen if k not in seen_keys]:
+                del first_seen[key]
         if self._hedges:
-            _mark_hedges(infos)
+            # hedges follow from the accounts' firms and positions alone: while none changed,
+            # last tick's marks stand
+            marks = self._hedge_marks if same and len(infos) == len(used) else None
+            if marks is None:
+                _mark_hedges(infos)
+                marks = [(i, info.view.hedged_with) for i, info in infos.items()
+                         if info.view.hedged]
+                self._hedge_marks = marks if reuse else None
+            else:
+                for account_id, others in marks:
+                    view = infos[account_id].view
+                    view.hedged, view.hedged_with = True, others
         return infos
 
     def _trading_day(self, firm: str | None, now: datetime) -> str:
@@ -555,13 +633,16 @@ class Engine:
                       now: datetime) -> list[_Target]:
         leaders = [i for i in infos.values() if i.account.role == "leader"]
         quotes = self._quotes(snapshot)
-        # a leader's view of a family is shared by all its followers this tick
-        lead_views: dict[tuple[str, str], tuple[Any, str, float | None]] = {}
-        targets = []
+        targets: list[_Target] = []
         live_pairs: set[str] = set()
         pair_trades: dict[str, list[tuple[str, str, str]]] = {}
         self._pair_trades = pair_trades
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
+        catalog, entries = self.catalog, self._entries
+        # a follower's pair targets of the last tick, reused (their time, quote and episode
+        # fields refreshed) while its and its leader's positions are the same
+        old_sets = self._pair_sets if self.reuse else {}
+        new_sets: dict[str, _PairSet] = {}
         for info in infos.values():
             follower = info.account
             f = follower.__dict__  # hot path: see _accounts
@@ -571,10 +652,39 @@ class Engine:
                 leaders[0] if len(leaders) == 1 else None)
             if leader is None:
                 continue
-            overnight = {self.catalog.parse(s).family for s in f["overnight"]} \
-                if f["overnight"] else ()
-            ratio = f["ratio"]
+            ratio, follower_id, leader_id = f["ratio"], f["id"], leader.view.id
             lead_families, foll_families = leader.families, info.families
+            trades = pair_trades[follower_id] = pair_trades.get(follower_id, [])
+            account_view, leader_view, orders = info.view, leader.view, leader.orders
+            pairs = old_sets.get(follower_id)
+            if pairs is not None and pairs.follower is info.facts and \
+                    pairs.leader is leader.facts and pairs.leader_id == leader_id and \
+                    pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
+                new_sets[follower_id] = pairs
+                for target, lead, foll, overnight in pairs.items:
+                    pair_key, family, trade = target.key, target.family, target.trade
+                    live_pairs.add(pair_key)
+                    trades.append((pair_key, family, trade))  # type: ignore[arg-type]
+                    entry = entries.get(pair_key)
+                    if entry is not None and entry[0] != trade:
+                        del entries[pair_key]
+                        entry = None
+                    env = target.env
+                    env.now = now
+                    env.account, env.leader_account = account_view, leader_view
+                    env.leader = position_view(lead, now, False)
+                    env.follower = position_view(foll, now, overnight)
+                    env.pair.entry_action = entry[1] if entry else ""
+                    symbol = env.instrument.symbol
+                    env.quote = quotes.get(symbol) or MissingQuote(symbol)
+                    target.account = follower
+                    target.stop_price = orders.stop(family, catalog)  # type: ignore[arg-type]
+                    targets.append(target)
+                continue
+            pairs = _PairSet(info.facts, leader.facts, leader_id, ratio, [])
+            if self.reuse:
+                new_sets[follower_id] = pairs
+            overnight_families = info.facts.overnight_set(catalog)
             if not foll_families or foll_families.keys() == lead_families.keys():
                 families: Iterable[str] = sorted(lead_families)
             elif not lead_families:
@@ -584,31 +694,26 @@ class Engine:
             for family in families:
                 lead = lead_families.get(family)
                 foll = foll_families.get(family)
-                cached = lead_views.get((leader.view.id, family))
-                if cached is None:
-                    cached = lead_views[(leader.view.id, family)] = (
-                        _position_view(lead, now, False),
-                        f"{(lead.equiv > 0) - (lead.equiv < 0)}@{lead.opened_at.isoformat()}"
-                        if lead and lead.opened_at else "",
-                        _protective_stop(leader.account, family, self.catalog),
-                    )
-                lead_view, trade, stop = cached
-                pair_key = f"{f['id']}|{leader.view.id}|{family}"
+                # a leader's view of a family is shared by all its followers (facts.py)
+                lead_view = position_view(lead, now, False)
+                trade = lead.trade_label() if lead else ""
+                pair_key = f"{follower_id}|{leader_id}|{family}"
                 live_pairs.add(pair_key)
-                pair_trades.setdefault(f["id"], []).append((pair_key, family, trade))
-                entry = self._entries.get(pair_key)
+                trades.append((pair_key, family, trade))
+                entry = entries.get(pair_key)
                 if entry is not None and entry[0] != trade:
-                    del self._entries[pair_key]
+                    del entries[pair_key]
                     entry = None
                 instrument = (lead or foll).instrument  # type: ignore[union-attr]
                 expected = (lead.equiv if lead else 0.0) * ratio
+                overnight = family in overnight_families
                 env = Env()  # the hot path: _env() inlined
                 env.params, env.now, env.calendar = params, now, calendar
                 env.families = (family,)
-                env.account = info.view
-                env.leader_account = leader.view
+                env.account = account_view
+                env.leader_account = leader_view
                 env.leader = lead_view
-                env.follower = _position_view(foll, now, family in overnight)
+                env.follower = position_view(foll, now, overnight)
                 env.pair = PairView(family, ratio, expected,
                                     entry[1] if entry else "")  # FIELDS["pair"] order
                 env.instrument = instrument_views.get(instrument.symbol) or \
@@ -616,10 +721,13 @@ class Engine:
                 env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = round(expected / instrument.size) if lead else 0
-                targets.append(_Target(pair_key, follower, env, family, symbol, trade,
-                                       catch_up_qty, stop))
-        for key in [k for k in self._entries if k not in live_pairs]:
-            del self._entries[key]
+                target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
+                                 orders.stop(family, catalog))
+                targets.append(target)
+                pairs.items.append((target, lead, foll, overnight))
+        self._pair_sets = new_sets
+        for key in [k for k in entries if k not in live_pairs]:
+            del entries[key]
         return targets
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
@@ -645,25 +753,46 @@ class Engine:
                         as_if_held: bool, proposals: list[_Proposal],
                         errors_out: list[tuple[int, int, Decision]]) -> None:
         rules = group.rules
+        states_of, errors_of = self._states, self._errors
         # rules whose per-target state must be cleared when their condition is false
         tracked = [i for i, (_, rule) in enumerate(rules)
-                   if self._states[rule.id] or self._errors[rule.id]]
-        full = (1 << len(rules)) - 1
-        batch = group.batch
+                   if states_of[rule.id] or errors_of[rule.id]]
+        whole = group.whole()
+        filtered = group.filtered
+        subset = group.subset if self.reuse else None
         # the outcome per target, kept only when some rule has state to clear afterwards
         results: dict[str, tuple[int, int]] | None = {} if tracked else None
         for index, target in enumerate(targets):
             account = target.account
-            allowed = group.allowed(account) if group.filtered and account is not None else full
-            if not allowed:
-                continue
-            # the hot path: one call evaluates every condition of the group for this target
+            if filtered and account is not None:
+                if subset is not None:
+                    a = account.__dict__
+                    sub = subset((a["id"], a["role"], a["firm"]), account)
+                    if sub is None:
+                        continue
+                else:  # the reference path: every condition, masked
+                    allowed = group.allowed(account)
+                    if not allowed:
+                        continue
+                    sub = _Subset(group.batch, allowed, allowed, None)
+            else:
+                sub = whole
+            # the hot path: one call evaluates the group's conditions for this target
             try:
-                mask = batch(target.env) & allowed
+                mask = sub.batch(target.env) & sub.mask
                 failed = 0
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001
-                mask, failed = self._one_by_one(group, target, index, allowed, now, errors_out)
+                mask, failed = self._one_by_one(group, target, index, sub.allowed, now,
+                                                errors_out)
+            else:
+                bits = sub.bits
+                if bits is not None and mask:  # the batch's bits -> the group's
+                    batch_mask, mask = mask, 0
+                    while batch_mask:
+                        low = batch_mask & -batch_mask
+                        batch_mask ^= low
+                        mask |= bits[low.bit_length() - 1]
             if results is not None:
                 results[target.key] = (mask, failed)
             while mask:
@@ -677,7 +806,7 @@ class Engine:
         for i in tracked:
             bit = 1 << i
             rule_id = rules[i][1].id
-            states, errors = self._states[rule_id], self._errors[rule_id]
+            states, errors = states_of[rule_id], errors_of[rule_id]
             for key in [k for k in states if k in results]:
                 mask, failed = results[key]
                 if not (mask | failed) & bit:
@@ -999,7 +1128,7 @@ def _stronger(p: _Proposal, kept: list[_Proposal],
     return None
 
 
-_FLAT = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
+_FLAT = FLAT_VIEWS
 
 
 def lock_until(text: str, now: datetime, zone: Any, trading_day: TradingDay) -> datetime:
@@ -1054,26 +1183,6 @@ def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
                 view.hedged = True
                 known = [a for a in view.hedged_with.split(",") if a]
                 view.hedged_with = ",".join(sorted(set(known) | set(others)))
-
-
-def _position_view(family: _Family | None, now: datetime, overnight: bool) -> Any:
-    if family is None:
-        return _FLAT[overnight]  # expressions cannot write, so one flat view serves all
-    opened = family.opened_at
-    return PositionView(  # positional, in FIELDS["position"] order: this runs every tick
-        family.qty, "long" if family.equiv > 0 else "short", False, round(family.equiv, 6),
-        family.avg_price, opened, (now - opened).total_seconds() if opened else 0.0,
-        family.symbol, overnight,
-    )
-
-
-def _protective_stop(leader: Account, family: str, catalog: Catalog) -> float | None:
-    for order in leader.orders:
-        if order.type in ("stop", "stop_limit") and order.stop_price is not None and \
-                order.status in ("working", "pending") and \
-                catalog.parse(order.instrument).family == family:
-            return order.stop_price
-    return None
 
 
 def run_timeline(engine: Engine, snapshots: Iterable[Snapshot]) -> Iterable[Decision]:

@@ -1,0 +1,229 @@
+"""An account's facts, derived once and reused while the account's data does not change.
+
+A tick derives from each account its positions per instrument family (what pair rules and the
+account's counts read) and its working orders. Brokers resend every account on every tick,
+mostly unchanged: the same positions, the same orders, only `updated_at` and the P&L moved. So
+what depends only on `positions` + `overnight` (families, contract counts, undeclared
+positions) and on `orders` (working orders, the leader's protective stop) is kept per account
+and reused while those fields are equal to the last tick's; everything that depends on the
+snapshot's time (data age, stale, reachable, a position's age) or on money is recomputed every
+tick, from these facts.
+
+Equal means equal as the rules could tell: the same values of the same types, and a zero of the
+same sign (`-0.0 == 0.0`, yet a message shows them differently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .instruments import Catalog, Instrument
+from .model import Order, Position
+from .namespace import FLAT_FIELDS, PositionView
+
+_WORKING = ("working", "pending")
+# A flat family's view: expressions cannot write, so one flat view serves all.
+FLAT_VIEWS = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
+
+
+@dataclass(slots=True)
+class Family:
+    """One account's exposure in one instrument family."""
+
+    qty: int
+    equiv: float
+    instrument: Instrument
+    symbol: str
+    avg_price: float
+    opened_at: datetime | None
+    # derived on first use and kept while the family is reused (see `position_view`)
+    trade: str | None = None  # the leader trade label: "<side>@<opened_at>"
+    view: Any = None  # its PositionView (not declared overnight), and when its age was set
+    aged: datetime | None = None
+    night_view: Any = None  # the same, declared overnight
+    night_aged: datetime | None = None
+
+    def trade_label(self) -> str:
+        """What identifies a leader's trade: its side and when it opened ("" if unknown)."""
+        label = self.trade
+        if label is None:
+            opened = self.opened_at
+            label = self.trade = (f"{(self.equiv > 0) - (self.equiv < 0)}@{opened.isoformat()}"
+                                  if opened else "")
+        return label
+
+
+def position_view(family: Family | None, now: datetime, overnight: bool) -> Any:
+    """The `leader` / `follower` view of a family at `now`. Built once per family and flag;
+    a later tick only moves its `age` (the one field that depends on the time)."""
+    if family is None:
+        return FLAT_VIEWS[overnight]
+    view, aged = (family.night_view, family.night_aged) if overnight else \
+        (family.view, family.aged)
+    if aged is now:
+        return view
+    opened = family.opened_at
+    age = (now - opened).total_seconds() if opened else 0.0
+    if view is None:
+        view = PositionView(  # positional, in FIELDS["position"] order
+            family.qty, "long" if family.equiv > 0 else "short", False,
+            round(family.equiv, 6), family.avg_price, opened, age, family.symbol, overnight)
+    else:
+        view.age = age
+    if overnight:
+        family.night_view, family.night_aged = view, now
+    else:
+        family.view, family.aged = view, now
+    return view
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b and type(a) is type(b) and (a != 0 or math.copysign(1.0, a) ==
+                                               math.copysign(1.0, b))
+
+
+def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
+    """Do two accounts' positions say exactly the same (so their facts are the same)?"""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    for p, q in zip(a, b, strict=True):
+        if p is q:
+            continue
+        pd, qd = p.__dict__, q.__dict__
+        if pd["qty"] != qd["qty"] or pd["instrument"] != qd["instrument"] or \
+                pd["opened_at"] != qd["opened_at"] or \
+                not _same_float(pd["avg_price"], qd["avg_price"]):
+            return False
+    return True
+
+
+def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
+    """Do two accounts' orders say exactly the same?"""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    for p, q in zip(a, b, strict=True):
+        if p is q:
+            continue
+        pd, qd = p.__dict__, q.__dict__
+        if pd != qd or any(
+                not _same_float(pd[k], qd[k]) for k in ("limit_price", "stop_price")
+                if pd[k] is not None):
+            return False
+    return True
+
+
+@dataclass(slots=True)
+class PositionFacts:
+    """What an account's positions (and declared overnight positions) say, at any time."""
+
+    firm: str | None  # the account's firm, with its positions (what hedges follow from)
+    positions: tuple[Position, ...]  # what these facts were derived from
+    overnight: tuple[str, ...]
+    families: dict[str, Family]
+    contracts: int
+    minis: int
+    micros: int
+    undeclared: int
+    first_seen: tuple[str, ...]  # keys of the engine's first-seen table these facts use
+    overnight_families: Any = None  # families declared overnight (pair views), on first use
+
+    def overnight_set(self, catalog: Catalog) -> Any:
+        found = self.overnight_families
+        if found is None:
+            found = self.overnight_families = frozenset(
+                catalog.parse(s).family for s in self.overnight) if self.overnight else ()
+        return found
+
+
+def derive_positions(account_id: str, firm: str | None, positions: tuple[Position, ...],
+                     overnight_symbols: tuple[str, ...], catalog: Catalog,
+                     first_seen: dict[str, tuple[int, datetime]],
+                     now: datetime) -> PositionFacts:
+    """An account's position facts. A family whose opening time the broker did not give is
+    dated by when the engine first saw it (side included), recorded in `first_seen`."""
+    parse = catalog.parse
+    families: dict[str, Family] = {}
+    contracts = minis = micros = undeclared = 0
+    overnight = {parse(s).symbol for s in overnight_symbols} if overnight_symbols else ()
+    for position in positions:
+        p = position.__dict__  # several times faster than attributes of a pydantic model
+        qty = p["qty"]
+        if qty == 0:
+            continue
+        symbol = p["instrument"]
+        instrument = parse(symbol)
+        contracts += abs(qty)
+        if instrument.micro:
+            micros += abs(qty)
+        else:
+            minis += abs(qty)
+        if instrument.symbol not in overnight:
+            undeclared += 1
+        family = families.get(instrument.family)
+        equiv = qty * instrument.size
+        if family is None:
+            families[instrument.family] = Family(
+                qty, equiv, instrument, symbol, p["avg_price"], p["opened_at"])
+        else:
+            main_is_new = abs(equiv) > abs(family.equiv)
+            family.qty += qty
+            family.equiv += equiv
+            if main_is_new:
+                family.instrument, family.symbol = instrument, symbol
+                family.avg_price, family.opened_at = p["avg_price"], p["opened_at"]
+    seen = []
+    for name, family in families.items():
+        if family.opened_at is not None:
+            continue
+        # the broker did not say when the position opened: use when we first saw it
+        key = f"{account_id}|{name}"
+        seen.append(key)
+        side = (family.equiv > 0) - (family.equiv < 0)
+        first = first_seen.get(key)
+        if first is None or first[0] != side:
+            first = first_seen[key] = (side, now)
+        family.opened_at = first[1]
+    return PositionFacts(firm, positions, overnight_symbols, families, contracts, minis, micros,
+                         undeclared, tuple(seen))
+
+
+@dataclass(slots=True)
+class OrderFacts:
+    """What an account's orders say: how many are working, and (for a leader) the protective
+    stop per family, found on first use."""
+
+    orders: tuple[Order, ...]
+    working: int
+    stops: dict[str, float | None] = field(default_factory=dict)
+
+    def stop(self, family: str, catalog: Catalog) -> float | None:
+        """The stop price of the first working stop order in `family` (a leader's protective
+        stop, which a catch-up copies)."""
+        stops = self.stops
+        if family in stops:
+            return stops[family]
+        found = None
+        for order in self.orders:
+            if order.type in ("stop", "stop_limit") and order.stop_price is not None and \
+                    order.status in _WORKING and \
+                    catalog.parse(order.instrument).family == family:
+                found = order.stop_price
+                break
+        stops[family] = found
+        return found
+
+
+NO_ORDERS = OrderFacts((), 0)
+
+
+def derive_orders(orders: tuple[Order, ...]) -> OrderFacts:
+    if not orders:
+        return OrderFacts(orders, 0)
+    return OrderFacts(orders, sum(1 for o in orders if o.__dict__["status"] in _WORKING))
