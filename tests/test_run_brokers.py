@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from .adapter_contract import wait_for
 from .conftest import REPO
 
 LEADER, FOLLOWERS = "LEAD", ("F1", "F2")
@@ -161,15 +162,6 @@ class Run:
         return code
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def closes(world: World, account: str) -> list[dict[str, Any]]:
     return [c for c in world.received() if c["kind"] == "close" and c["account"] == account]
 
@@ -192,7 +184,7 @@ def test_a_session_is_corrected_on_the_real_protocol_and_survives_a_sigkill(
         # the leader exits; F2 follows at once, F1 is stuck: one close to F1 after the grace
         stand_in.set_position(LEADER, 0)
         stand_in.set_position("F2", 0)
-        assert wait_for(lambda: len(closes(stand_in, "F1")) == 1), log.read_text()
+        assert wait_for(lambda: len(closes(stand_in, "F1")) == 1, 20), log.read_text()
         run.wait_ticking(6)
         # SIGKILL, then a restart on the same journal: the close is not sent again
         run.kill()
@@ -203,7 +195,7 @@ def test_a_session_is_corrected_on_the_real_protocol_and_survives_a_sigkill(
         stand_in.set_position(LEADER, 1)
         stand_in.set_position("F2", 1)
         stand_in.set_position("F1", -1)
-        assert wait_for(lambda: len(closes(stand_in, "F1")) == 2), log.read_text()
+        assert wait_for(lambda: len(closes(stand_in, "F1")) == 2, 20), log.read_text()
         run.wait_ticking(6)
     finally:
         if run.process.poll() is None:

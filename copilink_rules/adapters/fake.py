@@ -185,16 +185,21 @@ class FakeBroker:
         order.qty = abs(delta) or order.qty
         self.updated[order.account] = self.now
 
+    def _cancel_working(self, account: str, instrument: str | None) -> str | None:
+        """Cancel the account's working orders in `instrument`'s family (all when None)."""
+        family = self.catalog.parse(instrument).family if instrument else None
+        for order in self.orders.values():
+            if order.account == account and order.state == "working" and (
+                    family is None or self.catalog.parse(order.instrument).family == family):
+                order.state = "cancelled"
+        return family
+
     def close_position(self, account: str, instrument: str | None, tag: str) -> BrokerAnswer:
         with self._lock:
             early = self._request("close_position", account, instrument, tag)
             if early is not None:
                 return early
-            family = self.catalog.parse(instrument).family if instrument else None
-            for order in self.orders.values():
-                if order.account == account and order.state == "working" and (
-                        family is None or self.catalog.parse(order.instrument).family == family):
-                    order.state = "cancelled"
+            family = self._cancel_working(account, instrument)
             held = [s for s in self.positions[account]
                     if family is None or self.catalog.parse(s).family == family]
             if not held:
@@ -228,11 +233,7 @@ class FakeBroker:
             early = self._request("cancel_orders", account, instrument, tag)
             if early is not None:
                 return early
-            family = self.catalog.parse(instrument).family if instrument else None
-            for order in self.orders.values():
-                if order.account == account and order.state == "working" and (
-                        family is None or self.catalog.parse(order.instrument).family == family):
-                    order.state = "cancelled"
+            self._cancel_working(account, instrument)
             return BrokerAnswer("filled")
 
     def place_order(self, account: str, instrument: str, side: Side, qty: int,
