@@ -15,13 +15,12 @@ same sign (`-0.0 == 0.0`, yet a message shows them differently).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from .instruments import Catalog, Instrument
-from .model import Order, Position
+from .model import Order, Position, signed_zeros_differ
 from .namespace import FLAT_FIELDS, PositionView
 
 _WORKING = ("working", "pending")
@@ -81,8 +80,7 @@ def position_view(family: Family | None, now: datetime, overnight: bool) -> Any:
 
 
 def _same_float(a: float, b: float) -> bool:
-    return a == b and type(a) is type(b) and (a != 0 or math.copysign(1.0, a) ==
-                                               math.copysign(1.0, b))
+    return a == b and type(a) is type(b) and not signed_zeros_differ(a, b)
 
 
 def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from math import copysign
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -44,6 +43,7 @@ from .model import (
     Quote,
     Snapshot,
     _utc_from_text,
+    signed_zeros_differ,
 )
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
@@ -226,7 +226,7 @@ def _zeros_agree(new: Struct, old: Struct, names: tuple[str, ...]) -> bool:
     -0.0 == 0.0, and a reused object must keep the sign the strict path would read."""
     for name in names:
         value = getattr(new, name)
-        if value == 0.0 and copysign(1.0, value) != copysign(1.0, getattr(old, name)):
+        if value is not None and signed_zeros_differ(value, getattr(old, name)):
             return False
     return True
 

@@ -42,6 +42,11 @@ Amount = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_AMOUNT
 Quantity = Annotated[int, Field(strict=True, ge=-MAX_QTY, le=MAX_QTY)]
 
 
+def signed_zeros_differ(a: float, b: float) -> bool:
+    """-0.0 == 0.0, yet a message shows them differently: equal zeros of opposite sign."""
+    return a == 0 and b == 0 and math.copysign(1.0, a) != math.copysign(1.0, b)
+
+
 def finite_or_none(value: object) -> float | None:
     """A number from a broker feed as a float, or None when it is not a usable number.
 
