@@ -31,7 +31,7 @@ from .adapters.sim import SimBroker
 from .alerts import Alerts
 from .calendar import load_calendar
 from .config import RunConfig, load_config, sim_settings
-from .copier import make_copier
+from .copier import FollowerCopy, make_copier
 from .enforcer import KillSwitch
 from .engine import Engine
 from .errors import (
@@ -146,7 +146,16 @@ def _parser() -> argparse.ArgumentParser:
                    "real second")
     p.add_argument("--sim-state", metavar="FILE", help="sim only: keep the simulated broker "
                    "in this file, so a restarted run meets the same broker")
+    p.add_argument("--copier", choices=("builtin", "sim", "external"),
+                   help="who copies (overrides copilink.yaml's copier:)")
     p.add_argument("--no-view", action="store_true", help="plain alert lines, no live table")
+
+    for verb, what in (("resume", "copy onto a paused follower again"),
+                       ("pause", "stop copying onto a follower")):
+        p = sub.add_parser(verb, help=f"built-in copier: {what}")
+        p.add_argument("follower", help="the follower's account name")
+        p.add_argument("--config", metavar="FILE", help="copilink.yaml (its journal)")
+        p.add_argument("--journal", metavar="FILE", help="the running session's journal")
 
     p = sub.add_parser("connect", help="connect read-only and print what the broker shows")
     p.add_argument("--config", required=True, metavar="FILE", help="copilink.yaml")
@@ -504,8 +513,13 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         config.broker.settings = {"random_trades": 40, "random_faults": 12}
     if args.broker:
         config.broker.name = args.broker
+    if args.copier:
+        config.copier = args.copier
     settings_model(config.broker.name)  # an unknown adapter name: a usage error, at once
     is_sim = config.broker.name == "sim"
+    if config.copier == "sim" and not is_sim:
+        raise ParamError("copier 'sim' is the sim broker's own copier; with a real broker use "
+                         "builtin or external")
     if not is_sim and (args.sim_state or args.speed):
         raise ParamError("--sim-state and --speed are for the sim broker only")
     rules = [str(base / r) for r in config.rules] if not args.rules else list(args.rules)
@@ -526,7 +540,8 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         if not is_sim:
             stdout.write(f"connecting to {broker.name}...\n")
         broker.connect()
-        copier = make_copier(config.copier or ("sim" if is_sim else "external"), broker)
+        copier = make_copier(config.copier or ("sim" if is_sim else "external"), broker,
+                             journal, _follower_copies(config, broker))
         kill = KillSwitch(base / config.kill_file if config.kill_file else None)
         calendar = load_calendar(base / config.calendar) if config.calendar else None
         session = Session(broker, journal, alerts, rules, overrides, args.rules_path,
@@ -539,6 +554,11 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         if not copier.steerable:
             stdout.write("copier: external — pause and skip-entry are instructions to you "
                          "(alerts say 'ACT NOW'); flattening is sent to the broker\n")
+        elif copier.name == "builtin":
+            stdout.write("copier: builtin — copilink-rules copies the leader onto the "
+                         "followers, every order through the rules first; resume a paused "
+                         f"follower with: copilink-rules resume <follower> --journal "
+                         f"{journal_path}\n")
         for note in session.start():
             stdout.write(f"note: {note}\n")
         stdout.write(f"running {session.policy.name} (version {session.policy.version}) on "
@@ -562,6 +582,60 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             record.close()
         alerts.close()
         journal.close()
+    return EXIT_OK
+
+
+def _follower_copies(config: RunConfig, broker: Broker) -> list[FollowerCopy]:
+    """How each follower is copied onto (copilink.yaml; the sim's own followers without one)."""
+    copies = [FollowerCopy(a.id, a.leader, a.ratio, a.instrument, a.max_qty, a.copy_stops,
+                           a.enabled) for a in config.accounts if a.role == "follower"]
+    if not copies and isinstance(broker, SimBroker):
+        copies = [FollowerCopy(a.id, a.leader, a.ratio, a.symbol)
+                  for a in broker.accounts.values() if a.role == "follower"]
+    return copies
+
+
+def cmd_copying(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    """`resume F3` / `pause F3`: the built-in copier reads it from the journal every tick."""
+    if args.journal:
+        journal_path = Path(args.journal)
+        followers: list[str] | None = None
+    elif args.config:
+        config, base = load_config(args.config)
+        journal_path = base / config.journal
+        if config.copier not in ("builtin", None) or (config.copier is None and
+                                                     config.broker.name != "sim"):
+            where = "in your copier" if config.copier != "sim" else "with the sim's copier"
+            raise ParamError(f"{args.config}: copier is {config.copier or 'external'}: "
+                             f"{args.command} works for copier: builtin; {args.command} copying "
+                             f"onto {args.follower} {where}")
+        followers = [a.id for a in config.accounts if a.role == "follower"]
+    else:
+        raise ParamError(f"{args.command} needs --config copilink.yaml or --journal FILE")
+    if followers is not None and args.follower not in followers:
+        near = difflib.get_close_matches(args.follower, followers, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise InputError(f"{args.follower!r} is not a follower in {args.config}{hint}; "
+                         f"followers: {', '.join(followers) or 'none'}")
+    if not journal_path.exists():
+        raise InputError(f"{journal_path}: no journal there yet: {args.command} acts on the "
+                         "journal of a session started with run")
+    journal = Journal(journal_path)
+    try:
+        before = journal.copying().get(args.follower)
+        state = "active" if args.command == "resume" else "paused"
+        journal.set_copying(args.follower, state, f"{args.command}d by hand "
+                            f"(copilink-rules {args.command})", datetime.now(UTC))
+    finally:
+        journal.close()
+    was = f" (it was {before[0]}: {before[1]})" if before else ""
+    if state == "active":
+        stdout.write(f"copying onto {args.follower} resumes{was}: from the leader's next "
+                     "change, at the running session's next tick (or when run starts). What "
+                     "it missed meanwhile is for the desync rules.\n")
+    else:
+        stdout.write(f"copying onto {args.follower} paused{was}; resume with: copilink-rules "
+                     f"resume {args.follower} --journal {journal_path}\n")
     return EXIT_OK
 
 
@@ -690,6 +764,8 @@ _COMMANDS = {
     "schema": cmd_schema,
     "run": cmd_run,
     "connect": cmd_connect,
+    "resume": cmd_copying,
+    "pause": cmd_copying,
     "demo": cmd_demo,
     "incidents": cmd_incidents,
     "kill": cmd_kill,

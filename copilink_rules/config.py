@@ -5,12 +5,15 @@ broker:
   name: sim                   # sim, ninjatrader, tradovate or projectx
   settings: {seed: 7, random_trades: 5, random_faults: 3}   # the adapter's own settings
   speed: 1.0                  # sim only: simulated seconds per real second
-copier: external              # who copies: sim (the sim's own) or external (yours: pause and
-                              # skip become instructions to you); default: sim on the sim
+copier: builtin               # who copies: builtin (copilink-rules itself, every order through
+                              # the rules first), sim (the sim's own) or external (yours: pause
+                              # and skip become instructions to you); default: sim on the sim
+                              # broker, external on a real one
 accounts:                     # the broker's account names, roles, ratios, firms, sizes
   - {id: LEAD, role: leader, firm: apex, size: 50000}
   - {id: F1, role: follower, ratio: 1.0, firm: apex, size: 50000}
   - {id: F2, role: follower, ratio: 1.0, firm: topstep, instrument: MNQH6}
+  - {id: F3, role: follower, ratio: 0.5, max_qty: 2, copy_stops: true, enabled: true}
 rules: [rules/desync.yaml]    # files or folders, relative to this file
 params: {stuck_grace: 2s}     # like --set
 journal: copilink.db
@@ -64,6 +67,11 @@ class AccountConfig(_Strict):
     size: float | None = Field(default=None, gt=0, le=100_000_000, allow_inf_nan=False,
                                description="starting balance: every firm limit depends on it")
     instrument: str | None = None
+    # the built-in copier (copier: builtin)
+    max_qty: int | None = Field(default=None, ge=1, le=100_000, strict=True,
+                                description="never more than this many of its own contracts")
+    copy_stops: bool = Field(default=True, description="mirror the leader's stop orders")
+    enabled: bool = Field(default=True, description="false: never copied onto")
 
     def spec(self) -> AccountSpec:
         return AccountSpec(self.id, self.role, self.leader, self.ratio, self.firm, self.size,
@@ -84,7 +92,7 @@ class AlertsConfig(_Strict):
 
 class RunConfig(_Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
-    copier: Literal["sim", "external"] | None = None
+    copier: Literal["sim", "external", "builtin"] | None = None
     accounts: list[AccountConfig] = Field(default_factory=list)
     rules: list[str] = Field(default_factory=lambda: ["rules/desync.yaml"])
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -195,7 +203,17 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
                                         f"{format_loc(loc)}: {message}"))
     if name not in ("sim", "fake") and config.copier == "sim":
         problems.append(Problem(file, lines.line_of(["copier"]), "copier: 'sim' is the sim "
-                                "broker's own copier; with a real broker use copier: external"))
+                                "broker's own copier; with a real broker use copier: builtin "
+                                "or external"))
+    for index, account in enumerate(config.accounts):
+        if account.role != "leader":
+            continue
+        for key in ("max_qty", "copy_stops", "enabled"):
+            if key in account.model_fields_set:
+                loc = ("accounts", index, key)
+                problems.append(Problem(file, lines.line_of(list(loc)), f"{format_loc(loc)}: "
+                                        "a copier setting of followers; the leader is not "
+                                        "copied onto"))
     catalog = default_catalog()
     for index, account in enumerate(config.accounts):
         if account.instrument is None:
@@ -213,6 +231,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
 def sim_settings(config: RunConfig) -> dict[str, Any]:
     """The sim scenario: its own settings, with `accounts` mapped onto leader and followers."""
     settings = dict(config.broker.settings)
+    if config.copier == "builtin":  # copilink-rules copies: the sim's own copier stays off
+        settings.setdefault("own_copier", False)
     leaders = [a for a in config.accounts if a.role == "leader"]
     if len(leaders) > 1:
         raise InputError("the sim broker runs one leader; the config names "
@@ -223,6 +243,7 @@ def sim_settings(config: RunConfig) -> dict[str, Any]:
     followers = [a for a in config.accounts if a.role == "follower"]
     if followers:
         settings.setdefault("followers", [
-            {"id": a.id, "ratio": a.ratio, "firm": a.firm, "instrument": a.instrument}
+            {"id": a.id, "ratio": a.ratio, "firm": a.firm, "instrument": a.instrument,
+             **({"size": a.size} if a.size is not None else {})}
             for a in followers])
     return settings

@@ -6,16 +6,27 @@
               and skip-entry become instructions to the trader — "pause copying onto F3 in your
               copier now" — and the journal records that a person must act. Flattening still
               happens: it goes to the broker, not to the copier.
+    builtin   copilink-rules copies the leader itself (`BuiltinCopier`), through the broker's
+              order port, every order asked of the pre-trade gate first
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
-from .adapters.base import BrokerAnswer, CopierPort
+from .adapters.base import BrokerAnswer, CopierPort, OrderPort, OrderReport, Side, call_broker
 from .adapters.sim import SimBroker, SimCopier
+from .errors import InstrumentError
+from .gate import Gate, OrderRequest
+from .instruments import Catalog, Instrument, default_catalog
+from .journal import CommandRow, Journal, iso
+from .model import Account, Snapshot
 
-COPIER_NAMES = ("sim", "external")
+COPIER_NAMES = ("sim", "external", "builtin")
 
 
 class ExternalCopier:
@@ -37,13 +48,709 @@ class ExternalCopier:
                             f"{instrument} trade: do not let your copier enter it late")
 
 
-def make_copier(name: str, broker: Any) -> CopierPort:
-    """The copier called `name` for `broker` (`sim` needs the sim broker)."""
+def make_copier(name: str, broker: Any, journal: Journal | None = None,
+                followers: Sequence[FollowerCopy] = ()) -> CopierPort:
+    """The copier called `name` for `broker` (`sim` needs the sim broker, `builtin` the
+    journal and the followers of copilink.yaml)."""
     if name == "external":
         return ExternalCopier()
+    if name == "builtin":
+        if journal is None:
+            raise LookupError("copier 'builtin' needs the journal")
+        return BuiltinCopier(broker, journal, followers)
     if name == "sim":
         if not isinstance(broker, SimBroker):
             raise LookupError("copier 'sim' is the sim broker's own copier; with a real "
-                              "broker use copier: external")
+                              "broker use copier: builtin or external")
         return SimCopier(broker)
     raise LookupError(f"No copier named {name!r}; known: {', '.join(COPIER_NAMES)}")
+
+
+# --- the built-in copier ------------------------------------------------------------------------
+
+# the journal's names for the built-in copier's commands (the enforcer leaves them to it)
+COPIER_ACTIONS = ("copy", "copy_stop", "copy_stop_cancel")
+
+
+class CopierHost(Protocol):
+    """What the built-in copier needs of the enforcer it works beside (enforcer.py)."""
+
+    dry_run: bool
+    stale_after: float
+    max_contracts: Any
+    gate: Gate
+
+    def blocked(self, now: datetime) -> str | None: ...
+
+    def busy(self, account: str, family: str) -> bool: ...
+
+    def gate_locks(self) -> dict[str, tuple[str, datetime, str]]: ...
+
+    def broker_trouble(self, answer: BrokerAnswer, now: datetime, account: str) -> None: ...
+
+    def alert(self, now: datetime, severity: str, message: str, account: str | None) -> None: ...
+
+    def new_tag(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FollowerCopy:
+    """How one follower copies its leader (copilink.yaml `accounts[]`)."""
+
+    id: str
+    leader: str | None = None
+    ratio: float = 1.0
+    instrument: str | None = None  # its own contract when not the leader's (MNQH6 for micros)
+    max_qty: int | None = None  # never more than this many of its own contracts
+    copy_stops: bool = True  # mirror the leader's protective stop orders
+    enabled: bool = True  # False: never copied onto (the rules still watch it)
+
+
+@dataclass
+class _InFlight:
+    """A copied order the broker has not yet shown done in the account's positions."""
+
+    tag: str
+    account: str
+    family: str
+    instrument: str
+    expected: float  # the account's exposure in the family once it is done (full contracts)
+    sent_at: datetime
+    status: str = "pending"  # pending | cancelling
+    order_id: str | None = None
+    filled_at: datetime | None = None  # the broker says filled, positions do not show it yet
+
+
+@dataclass
+class _Stop:
+    """A follower's copy of one of the leader's protective stop orders."""
+
+    tag: str
+    order_id: str
+    account: str
+    instrument: str
+    side: str
+    qty: int
+    price: float
+    placed_at: datetime
+
+
+@dataclass
+class _Family:
+    """An account's position in one instrument family: exposure in full contracts, the
+    contracts held, the leader's average price."""
+
+    equiv: float = 0.0
+    symbols: dict[str, int] = field(default_factory=dict)
+    avg_price: float | None = None
+
+
+class BuiltinCopier:
+    """copilink-rules' own copier: mirrors the leader's position in each instrument family
+    onto every active follower through the broker's order port, each order asked of the
+    pre-trade gate first and journaled with its own tag before it goes out.
+
+    Position-driven: when the leader's exposure in a family changes, each follower's target is
+    that exposure x its ratio in its own contract (capped by `max_qty`), and the order sent is
+    the difference to what the follower holds. A copy that is lost, refused or not possible now
+    (a paused, disconnected or halted follower, the kill switch) is not chased: the next change
+    of the leader heals it, and the desync rules decide between now and then (catch up while the
+    price is close, skip the trade, flatten a stuck follower). So a missed message never
+    compounds and a late entry never goes out unchecked.
+
+    Safety: at most one copied order per follower and family at the broker; none while the
+    enforcer has a corrective action there; a reversal is a close, then (once the close shows)
+    an entry — never one order through zero; an entry copied late is priced against the leader's
+    entry by the gate. Pausing is per follower and kept in the journal (`copying` table), which
+    `copilink-rules resume F3` writes too; the copier reads it every tick.
+    """
+
+    name = "builtin"
+    steerable = True
+
+    def __init__(self, broker: OrderPort, journal: Journal, followers: Sequence[FollowerCopy],
+                 catalog: Catalog | None = None, *, verify_after: float = 5.0) -> None:
+        self.broker = broker
+        self.journal = journal
+        self.followers = {f.id: f for f in followers}
+        self.catalog = catalog or default_catalog()
+        self.verify_after = verify_after
+        self.host: CopierHost | None = None
+        self.paused: dict[str, str] = {}  # follower -> why (from the journal)
+        # follower|family -> the leader's exposure the copier last acted on (copied, or chose
+        # not to copy): a change of the leader is a difference from this
+        self.synced: dict[str, float] = {}
+        # leader|family -> (trade number, side): a new trade when it opens or flips
+        self.trades: dict[str, tuple[int, int]] = {}
+        self.skips: dict[str, int] = {}  # follower|family -> the leader trade it sits out
+        self.in_flight: dict[str, _InFlight] = {}  # follower|family -> the copied order
+        self.stops: dict[str, _Stop] = {}  # follower|leader order id -> its copy
+        self.started = False
+        self._gate_ready = False
+        self.snapshot: Snapshot | None = None
+        self.sent = 0  # orders sent (for the benchmark and the summary)
+        # tag -> when the copier sent it (the latency benchmark reads it)
+        self.on_send: Callable[[str, str, str], None] | None = None
+
+    def attach(self, host: CopierHost) -> None:
+        self.host = host
+
+    # --- the CopierPort: what the rules ask of it ------------------------------------------
+
+    def pause(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._set(follower, "paused", "paused by a rule", tag)
+
+    def resume(self, follower: str, tag: str) -> BrokerAnswer:
+        return self._set(follower, "active", "resumed by a rule", tag)
+
+    def _set(self, follower: str, state: str, reason: str, tag: str) -> BrokerAnswer:
+        if follower not in self.followers:
+            return BrokerAnswer("rejected", f"{follower!r} is not a follower in copilink.yaml")
+        now = self.snapshot.time if self.snapshot is not None else datetime.now(UTC)
+        self.journal.set_copying(follower, state, f"{reason} ({tag})", now)
+        if state == "paused":
+            self.paused[follower] = reason
+        else:
+            self.paused.pop(follower, None)
+            self._resync(follower)
+        return BrokerAnswer("filled", "", tag)
+
+    def _resync(self, follower: str) -> None:
+        """Copying onto `follower` starts again from the leader's next change: what it missed
+        meanwhile is for the rules (catch up while the price is close, or skip)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        spec = self.followers[follower]
+        leader = self._leader_of(spec, {a.id: a for a in snapshot.accounts}, snapshot)
+        if leader is None:
+            return
+        for family, position in self._families(leader).items():
+            self.synced[f"{follower}|{family}"] = position.equiv
+
+    def skip_entry(self, follower: str, instrument: str, tag: str) -> BrokerAnswer:
+        if follower not in self.followers:
+            return BrokerAnswer("rejected", f"{follower!r} is not a follower in copilink.yaml")
+        try:
+            family = self.catalog.parse(instrument).family
+        except InstrumentError as exc:
+            return BrokerAnswer("rejected", str(exc))
+        spec = self.followers[follower]
+        leader = spec.leader or self._only_leader()
+        trade = self.trades.get(f"{leader}|{family}")
+        if trade is not None and trade[1] != 0:
+            self.skips[f"{follower}|{family}"] = trade[0]
+        return BrokerAnswer("filled", "", tag)
+
+    def place_catch_up(self, account: str, instrument: str, qty: int, tag: str,
+                       stop_price: float | None) -> tuple[BrokerAnswer, BrokerAnswer | None]:
+        """A catch-up the rules decided (the enforcer tracks it): sent by the copier, so it
+        counts as the copier's order there and the leader's stop is mirrored onto it."""
+        family = self.catalog.parse(instrument).family
+        key = f"{account}|{family}"
+        side: Side = "buy" if qty > 0 else "sell"
+        answer = call_broker(lambda: self.broker.place_order(account, instrument, side,
+                                                             abs(qty), "market", tag))
+        if answer.ok or answer.status == "unavailable":
+            held = self._held(account, family)
+            self.in_flight[key] = _InFlight(tag, account, family, instrument,
+                                            held + qty * self.catalog.parse(instrument).size,
+                                            self._now(), order_id=answer.order_id)
+        spec = self.followers.get(account)
+        if self.snapshot is not None and spec is not None:
+            leader = self._leader_of(spec, {a.id: a for a in self.snapshot.accounts},
+                                     self.snapshot)
+            if leader is not None:
+                self.synced[key] = self._families(leader).get(family, _Family()).equiv
+        if not answer.ok or stop_price is None or (spec is not None and spec.copy_stops):
+            return answer, None  # its stop: the copier mirrors the leader's next tick
+        return answer, call_broker(lambda: self.broker.place_order(
+            account, instrument, "sell" if qty > 0 else "buy", abs(qty), "stop",
+            f"{tag}-stop", stop_price))
+
+    # --- restart ----------------------------------------------------------------------------
+
+    def restore(self, now: datetime) -> list[str]:
+        """Pick up the journal's pauses, the copier's bookkeeping and its orders that were
+        still open: each is asked about by tag before anything is copied there again."""
+        notes = []
+        state = self.journal.copier_state()
+        if state is not None:
+            self.synced = {k: float(v) for k, v in state.get("synced", {}).items()}
+            self.trades = {k: (int(v[0]), int(v[1])) for k, v in state.get("trades", {}).items()}
+            self.skips = {k: int(v) for k, v in state.get("skips", {}).items()}
+            self.stops = {k: _Stop(**{**v, "placed_at": datetime.fromisoformat(v["placed_at"])})
+                          for k, v in state.get("stops", {}).items()}
+            self.started = True
+        for row in self.journal.commands(("sending", "pending", "cancelling")):
+            if row.action != "copy":
+                continue
+            family = row.family or self.catalog.parse(row.instrument or "").family
+            self.in_flight[f"{row.account}|{family}"] = _InFlight(
+                row.tag, row.account, family, row.instrument or "",
+                float(row.args.get("expected", 0.0)),
+                datetime.fromisoformat(row.updated.replace("Z", "+00:00")), row.status)
+            notes.append(f"{row.tag}: a copy to {row.account} was open; asking the broker "
+                         "about it before copying there again")
+        self._read_pauses()
+        if self.paused:
+            notes.append("copying paused onto " + ", ".join(
+                f"{f} ({why})" for f, why in sorted(self.paused.items())) +
+                "; resume with: copilink-rules resume <follower> --config <copilink.yaml>")
+        del now
+        return notes
+
+    def state(self) -> dict[str, Any]:
+        """The bookkeeping a restart needs (saved with the engine's state every tick)."""
+        return {"synced": self.synced, "trades": {k: list(v) for k, v in self.trades.items()},
+                "skips": self.skips,
+                "stops": {k: {**asdict(v), "placed_at": v.placed_at.isoformat()}
+                          for k, v in self.stops.items()}}
+
+    def _read_pauses(self) -> None:
+        paused = {f: "disabled in copilink.yaml" for f, spec in self.followers.items()
+                  if not spec.enabled}
+        for account, (state, reason, _) in self.journal.copying().items():
+            if state == "paused" and account in self.followers:
+                paused.setdefault(account, reason)
+        resumed = [f for f in self.paused if f not in paused]
+        self.paused = paused
+        for follower in resumed:  # resumed from outside (copilink-rules resume)
+            self._resync(follower)
+
+    # --- what the engine sees -------------------------------------------------------------
+
+    def overlay(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot` with each follower's copier state as this copier has it."""
+        self._read_pauses()
+        changed = False
+        accounts = []
+        for account in snapshot.accounts:
+            state = "paused" if account.id in self.paused else "active"
+            if account.role == "follower" and account.id in self.followers and \
+                    account.copier != state:
+                accounts.append(account.model_copy(update={"copier": state}))
+                changed = True
+            else:
+                accounts.append(account)
+        return snapshot.model_copy(update={"accounts": tuple(accounts)}) if changed else \
+            snapshot
+
+    # --- each tick --------------------------------------------------------------------------
+
+    def sync(self, snapshot: Snapshot) -> None:
+        """Follow up the copier's open orders, copy each change of the leaders, mirror their
+        stops. Never raises for a broker problem."""
+        self.snapshot = snapshot
+        now = snapshot.time
+        accounts = {a.id: a for a in snapshot.accounts}
+        self._follow_up(accounts, now)
+        self._count_trades(snapshot)
+        first = not self.started
+        self.started = True
+        host = self.host
+        blocked = host.blocked(now) if host is not None else None
+        self._gate_ready = False
+        for spec in self.followers.values():
+            follower = accounts.get(spec.id)
+            leader = self._leader_of(spec, accounts, snapshot)
+            if follower is None or leader is None:
+                continue
+            lead = self._families(leader)
+            held = self._families(follower)
+            prefix = f"{spec.id}|"
+            families = set(lead) | {k[len(prefix):] for k in self.synced if
+                                    k.startswith(prefix)}
+            for family in sorted(families):
+                key = prefix + family
+                lead_equiv = lead.get(family, _Family()).equiv
+                if first:
+                    self.synced[key] = lead_equiv  # at start: what is open is the rules'
+                    continue
+                if abs(self.synced.get(key, 0.0) - lead_equiv) < 1e-9:
+                    if not lead_equiv:
+                        self.synced.pop(key, None)
+                    continue
+                if key in self.in_flight or (host is not None and host.busy(spec.id, family)):
+                    continue  # waits for the order there to finish: copied after it
+                why_not = self._why_not(spec, follower, now, blocked)
+                if why_not:
+                    self._not_copied(spec.id, family, lead_equiv, why_not, now)
+                    self.synced[key] = lead_equiv
+                    continue
+                self._copy(spec, follower, leader, family, lead.get(family, _Family()),
+                           held.get(family, _Family()), now)
+        if blocked is None:
+            for spec in self.followers.values():
+                if spec.copy_stops:
+                    self._mirror_stops(spec, accounts, snapshot, now)
+
+    def _why_not(self, spec: FollowerCopy, follower: Account, now: datetime,
+                 blocked: str | None) -> str | None:
+        if spec.id in self.paused:
+            return f"copying onto {spec.id} is paused ({self.paused[spec.id]})"
+        if blocked:
+            return blocked
+        stale_after = self.host.stale_after if self.host is not None else 5.0
+        if not follower.connected or follower.data_age(now) > stale_after:
+            return f"{spec.id} is disconnected or its data is stale: no orders"
+        return None
+
+    def _copy(self, spec: FollowerCopy, follower: Account, leader: Account, family: str,
+              lead: _Family, held: _Family, now: datetime) -> None:
+        key = f"{spec.id}|{family}"
+        if not lead.symbols and not held.symbols:
+            self.synced[key] = lead.equiv  # both flat: nothing to copy
+            return
+        own = self._contract(spec, lead, held, family)
+        target = round(lead.equiv * spec.ratio / own.size)
+        if spec.max_qty is not None:
+            target = max(-spec.max_qty, min(spec.max_qty, target))
+        held_own = held.equiv / own.size
+        trade = self.trades.get(f"{leader.id}|{family}", (0, 0))
+        if self.skips.get(key) == trade[0] and trade[1] != 0:
+            # sitting this leader trade out: never into it, only out of what is held
+            target = 0 if held_own * target <= 0 else \
+                int(math.copysign(min(abs(target), round(abs(held_own))), target))
+        elif key in self.skips:
+            del self.skips[key]  # that trade is over
+        if held.equiv and (target == 0 or (held_own > 0) != (target > 0)):
+            # out first (a reversal: the entry follows once the close shows, never one
+            # order through zero)
+            self._close(spec.id, family, held, now, lead.equiv)
+            if target == 0:
+                self.synced[key] = lead.equiv
+            return
+        diff = target - round(held_own)
+        self.synced[key] = lead.equiv
+        if diff == 0:
+            return
+        adds = abs(target) > abs(round(held_own))
+        side: Side = "buy" if diff > 0 else "sell"
+        qty = abs(diff)
+        args: dict[str, Any] = {"leader": leader.id, "leader_equiv": lead.equiv,
+                                "ratio": spec.ratio, "target": target}
+        reason = None
+        host = self.host
+        if host is not None:
+            verdict = self._gate(host).check(OrderRequest(
+                account=spec.id, instrument=own.symbol, side=side, qty=qty,
+                leader_price=lead.avg_price if adds and not held.equiv else None))
+            if verdict.verdict == "block":
+                self._refused(spec.id, family, own.symbol, args, now,
+                              f"pre-trade gate: {'; '.join(verdict.reasons)}")
+                return
+            if verdict.verdict == "reduce":
+                args["reduced_from"] = qty
+                reason = "; ".join(verdict.reasons)
+                qty = verdict.qty
+            limit = host.max_contracts
+            if adds and limit is not None:
+                room = int(limit) - sum(abs(p.qty) for p in follower.positions)
+                if room <= 0:
+                    self._refused(spec.id, family, own.symbol, args, now,
+                                  f"max_contracts {limit} reached")
+                    return
+                if qty > room:
+                    args.setdefault("reduced_from", qty)
+                    reason = f"max_contracts {limit}"
+                    qty = room
+        signed = qty if side == "buy" else -qty
+        args["qty"] = signed
+        args["expected"] = held.equiv + signed * own.size
+        tag = self._tag()
+        self._journal(tag, spec.id, own.symbol, family, "copy", args, "sending", now, reason)
+        if host is not None and host.dry_run:
+            self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
+            return
+        if self.on_send is not None:
+            self.on_send("copy", spec.id, tag)
+        answer = call_broker(lambda: self.broker.place_order(spec.id, own.symbol, side, qty,
+                                                             "market", tag))
+        self.sent += 1
+        self._answered(tag, spec.id, family, own.symbol, float(args["expected"]), answer, now)
+
+    def _close(self, account: str, family: str, held: _Family, now: datetime,
+               lead_equiv: float) -> None:
+        """Close what `account` holds in `family` with the broker's close-position command
+        (it closes what is there when it runs, and cancels the working orders there)."""
+        for symbol in sorted(held.symbols):
+            tag = self._tag()
+            args = {"close": True, "held": held.symbols[symbol], "leader_equiv": lead_equiv,
+                    "expected": 0.0}
+            self._journal(tag, account, symbol, family, "copy", args, "sending", now, None)
+            if self.host is not None and self.host.dry_run:
+                self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
+                continue
+            if self.on_send is not None:
+                self.on_send("copy", account, tag)
+            answer = self._call_close(account, symbol, tag)
+            self.sent += 1
+            self._answered(tag, account, family, symbol, 0.0, answer, now)
+            if not answer.ok:
+                break  # one open order per account and family
+        self._forget_stops(account, family)
+
+    def _call_close(self, account: str, symbol: str, tag: str) -> BrokerAnswer:
+        return call_broker(lambda: self.broker.close_position(account, symbol, tag))
+
+    def _cancel(self, account: str, order_id: str, tag: str, now: datetime) -> BrokerAnswer:
+        answer = call_broker(lambda: self.broker.cancel_order(account, order_id, tag))
+        self.journal.answer(tag, now, answer.status, answer.reason)
+        return answer
+
+    def _answered(self, tag: str, account: str, family: str, instrument: str,
+                  expected: float, answer: BrokerAnswer, now: datetime) -> None:
+        self.journal.answer(tag, now, answer.status, answer.reason)
+        if answer.ok or answer.status == "unavailable":
+            # "unavailable": it may still have arrived; asked about by tag, never re-sent
+            self.in_flight[f"{account}|{family}"] = _InFlight(
+                tag, account, family, instrument, expected, now, order_id=answer.order_id)
+            self.journal.command_status(tag, "pending", now, answer.reason or None)
+            return
+        self.journal.command_status(tag, answer.status, now, answer.reason or None)
+        if answer.status in ("rate_limited", "auth_failed") and self.host is not None:
+            self.host.broker_trouble(answer, now, account)
+        else:
+            self._alert(now, "warning", f"{account}: the broker refused the copy {tag} "
+                        f"({answer.reason}); the desync rules watch {account}", account)
+
+    def _follow_up(self, accounts: dict[str, Account], now: datetime) -> None:
+        for key, order in list(self.in_flight.items()):
+            account = accounts.get(order.account)
+            if account is not None and abs(self._held(order.account, order.family, account) -
+                                           order.expected) < 1e-9:
+                self.journal.command_status(order.tag, "confirmed", now, "verified in snapshot")
+                del self.in_flight[key]
+                continue
+            since = order.filled_at or order.sent_at
+            if (now - since).total_seconds() < self.verify_after:
+                continue
+            report = self._find(order.tag)
+            if report is None:
+                self.journal.command_status(order.tag, "lost", now, "the broker never "
+                                            "received it: not re-sent, the desync rules watch "
+                                            f"{order.account}")
+                self._alert(now, "warning", f"{order.account}: the copy {order.tag} never "
+                            "reached the broker", order.account)
+                del self.in_flight[key]
+            elif not report.final:
+                if order.status != "cancelling":
+                    order.status = "cancelling"
+                    self.journal.command_status(order.tag, "cancelling", now, "still working "
+                                                f"{self.verify_after:g}s later: cancelling it")
+                    order_id = report.order_id or order.order_id
+                    if order_id:
+                        self._cancel(order.account, order_id, f"{order.tag}-cancel", now)
+            elif report.state == "filled" and order.filled_at is None:
+                order.filled_at = now  # the positions should show it soon: wait once more
+            else:
+                self.journal.command_status(order.tag, report.state, now, report.reason or
+                                            "the broker says it is final")
+                del self.in_flight[key]
+
+    def _mirror_stops(self, spec: FollowerCopy, accounts: dict[str, Account],
+                      snapshot: Snapshot, now: datetime) -> None:
+        """Keep a copy of each of the leader's protective stops on the follower, sized to
+        what the follower holds: created, moved (cancelled, then placed at the new price) and
+        cancelled as the leader's are."""
+        follower = accounts.get(spec.id)
+        leader = self._leader_of(spec, accounts, snapshot)
+        if follower is None or leader is None or spec.id in self.paused or \
+                self._why_not(spec, follower, now, None):
+            return
+        held = self._families(follower)
+        wanted: dict[str, tuple[str, str, int, float]] = {}
+        for order in leader.orders:
+            if order.type not in ("stop", "stop_limit") or order.stop_price is None or \
+                    order.status not in ("working", "pending"):
+                continue
+            family = self.catalog.parse(order.instrument).family
+            position = held.get(family)
+            if position is None or not position.equiv or f"{spec.id}|{family}" in \
+                    self.in_flight or (self.host is not None and
+                                       self.host.busy(spec.id, family)):
+                continue
+            symbol, qty = max(position.symbols.items(), key=lambda s: abs(s[1]))
+            own = self.catalog.parse(symbol)
+            closes = "sell" if qty > 0 else "buy"
+            if order.side != closes:
+                continue  # not protecting the follower's side
+            size = round(order.qty * self.catalog.parse(order.instrument).size * spec.ratio /
+                         own.size)
+            size = min(max(size, 1), abs(qty))
+            wanted[f"{spec.id}|{order.id}"] = (symbol, closes, size, order.stop_price)
+        working = {o.id for o in follower.orders if o.status in ("working", "pending")}
+        for key, stop in list(self.stops.items()):
+            if stop.account != spec.id:
+                continue
+            gone = stop.order_id not in working and \
+                (now - stop.placed_at).total_seconds() >= 2.0
+            want = wanted.get(key)
+            if gone:
+                del self.stops[key]  # filled, or cancelled with the position
+                continue
+            if want == (stop.instrument, stop.side, stop.qty, stop.price):
+                continue
+            if self._cancel_stop(stop, now):
+                del self.stops[key]
+        for key, (symbol, side, qty, price) in wanted.items():
+            if key in self.stops:
+                continue
+            self._place_stop(key, spec.id, symbol, side, qty, price, now)
+
+    def _place_stop(self, key: str, account: str, symbol: str, side: str, qty: int,
+                    price: float, now: datetime) -> None:
+        family = self.catalog.parse(symbol).family
+        if self.host is not None:
+            verdict = self._gate(self.host).check(OrderRequest(account=account, instrument=symbol,
+                                                        side=side, qty=qty, type="stop",
+                                                        price=price))
+            if verdict.verdict != "allow":
+                self._refused(account, family, symbol, {"stop_price": price, "qty": qty}, now,
+                              f"pre-trade gate: {'; '.join(verdict.reasons)}", "copy_stop")
+                return
+        tag = self._tag()
+        self._journal(tag, account, symbol, family, "copy_stop",
+                      {"stop_price": price, "qty": qty, "side": side}, "sending", now, None)
+        if self.host is not None and self.host.dry_run:
+            self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
+            return
+        answer = call_broker(lambda: self.broker.place_order(
+            account, symbol, "buy" if side == "buy" else "sell", qty, "stop", tag, price))
+        self.sent += 1
+        self.journal.answer(tag, now, answer.status, answer.reason)
+        self.journal.command_status(tag, "confirmed" if answer.ok else answer.status, now,
+                                    answer.reason or None)
+        if answer.ok:
+            self.stops[key] = _Stop(tag, answer.order_id or tag, account, symbol, side, qty,
+                                    price, now)
+        else:
+            self._alert(now, "critical", f"{account}: the copy of the leader's stop at "
+                        f"{price:g} was refused ({answer.reason}): {account} has no stop, "
+                        "place one by hand", account)
+
+    def _cancel_stop(self, stop: _Stop, now: datetime) -> bool:
+        tag = self._tag()
+        family = self.catalog.parse(stop.instrument).family
+        self._journal(tag, stop.account, stop.instrument, family, "copy_stop_cancel",
+                      {"order_id": stop.order_id, "stop_price": stop.price}, "sending", now,
+                      None)
+        if self.host is not None and self.host.dry_run:
+            self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
+            return True
+        answer = self._cancel(stop.account, stop.order_id, tag, now)
+        self.journal.command_status(tag, "confirmed" if answer.ok else answer.status, now,
+                                    answer.reason or None)
+        return answer.ok
+
+    def _forget_stops(self, account: str, family: str) -> None:
+        """A close cancels the working orders there, the copied stops with them."""
+        for key, stop in list(self.stops.items()):
+            if stop.account == account and self.catalog.parse(stop.instrument).family == family:
+                del self.stops[key]
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _gate(self, host: CopierHost) -> Gate:
+        """The enforcer's gate, given this tick's world once."""
+        if not self._gate_ready and self.snapshot is not None:
+            host.gate.update(self.snapshot, host.gate_locks())
+            self._gate_ready = True
+        return host.gate
+
+    def _count_trades(self, snapshot: Snapshot) -> None:
+        """Number each leader's trades per family: a new trade when it opens or flips."""
+        for account in snapshot.accounts:
+            if account.role != "leader":
+                continue
+            families = self._families(account)
+            names = {k.split("|", 1)[1] for k in self.trades if k.startswith(f"{account.id}|")}
+            for family in names | set(families):
+                key = f"{account.id}|{family}"
+                equiv = families.get(family, _Family()).equiv
+                side = (equiv > 1e-9) - (equiv < -1e-9)
+                number, last = self.trades.get(key, (0, 0))
+                if side and side != last:
+                    number += 1
+                self.trades[key] = (number, side)
+
+    def _families(self, account: Account) -> dict[str, _Family]:
+        out: dict[str, _Family] = {}
+        for position in account.positions:
+            if not position.qty:
+                continue
+            inst = self.catalog.parse(position.instrument)
+            family = out.setdefault(inst.family, _Family())
+            family.equiv += position.qty * inst.size
+            family.symbols[inst.symbol] = family.symbols.get(inst.symbol, 0) + position.qty
+            family.avg_price = position.avg_price
+        return out
+
+    def _held(self, account: str, family: str, seen: Account | None = None) -> float:
+        if seen is None and self.snapshot is not None:
+            seen = next((a for a in self.snapshot.accounts if a.id == account), None)
+        if seen is None:
+            return 0.0
+        return self._families(seen).get(family, _Family()).equiv
+
+    def _contract(self, spec: FollowerCopy, lead: _Family, held: _Family,
+                  family: str) -> Instrument:
+        """The contract the follower trades in `family`: its own (copilink.yaml) when of the
+        same family (NQ copied as MNQ), else what it holds there, else the leader's."""
+        if spec.instrument:
+            own = self.catalog.parse(spec.instrument)
+            if own.family == family:
+                return own
+        symbols = held.symbols or lead.symbols
+        return self.catalog.parse(max(symbols.items(), key=lambda s: abs(s[1]))[0])
+
+    def _leader_of(self, spec: FollowerCopy, accounts: dict[str, Account],
+                   snapshot: Snapshot) -> Account | None:
+        if spec.leader:
+            return accounts.get(spec.leader)
+        leaders = [a for a in snapshot.accounts if a.role == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def _only_leader(self) -> str | None:
+        if self.snapshot is None:
+            return None
+        leaders = [a.id for a in self.snapshot.accounts if a.role == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def _find(self, tag: str) -> OrderReport | None:
+        try:
+            return self.broker.find_tag(tag)
+        except Exception:  # noqa: BLE001 - unknown: ask again next tick
+            return OrderReport(tag, "working", "")
+
+    def _now(self) -> datetime:
+        return self.snapshot.time if self.snapshot is not None else datetime.now(UTC)
+
+    def _tag(self) -> str:
+        if self.host is not None:
+            return self.host.new_tag()
+        return f"CLR-{self.journal.next_sequence():06d}"
+
+    def _journal(self, tag: str, account: str, instrument: str | None, family: str,
+                 kind: str, args: dict[str, Any], status: str, now: datetime,
+                 reason: str | None) -> None:
+        self.journal.command(CommandRow(tag, iso(now), account, instrument, family, kind,
+                                        "copier", args, status, 1, reason, iso(now)))
+
+    def _not_copied(self, account: str, family: str, lead_equiv: float, why: str,
+                    now: datetime) -> None:
+        self._journal(self._tag(), account, None, family, "copy",
+                      {"leader_equiv": lead_equiv}, "not_copied", now, why)
+
+    def _refused(self, account: str, family: str, instrument: str, args: dict[str, Any],
+                 now: datetime, reason: str, kind: str = "copy") -> None:
+        self._journal(self._tag(), account, instrument, family, kind, args, "blocked", now,
+                      reason)
+        self._alert(now, "warning", f"{account}: not copied — {reason}", account)
+
+    def _alert(self, now: datetime, severity: str, message: str, account: str | None) -> None:
+        if self.host is not None:
+            self.host.alert(now, severity, message, account)
+        else:
+            self.journal.alert(now, severity, account, message)

@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 from .adapters.base import Broker, BrokerAnswer, CopierPort, OrderReport, call_broker
 from .alerts import Alert, Alerts
 from .calendar import Calendar
-from .copier import ExternalCopier
+from .copier import COPIER_ACTIONS, BuiltinCopier, ExternalCopier
 from .engine import DEFAULT_STALE_AFTER, lock_until
 from .gate import Gate, OrderRequest
 from .instruments import Catalog, default_catalog
@@ -176,8 +176,8 @@ class Enforcer:
             base = row.tag.split("~")[0]
             last_attempt[base] = max(last_attempt.get(base, 0), row.attempt)
         for row in rows:
-            if row.status not in OPEN_STATUSES:
-                continue
+            if row.status not in OPEN_STATUSES or row.action in COPIER_ACTIONS:
+                continue  # the built-in copier's orders are its own (BuiltinCopier.restore)
             if row.attempt < last_attempt[row.tag.split("~")[0]]:
                 # an attempt a later one replaced (journals written before `retried` existed)
                 self.journal.command_status(row.tag, "retried", now)
@@ -222,6 +222,38 @@ class Enforcer:
                         f"({self.hold_reason})")
             self.hold_until = None
         return None
+
+    # --- what the built-in copier asks (copier.CopierHost) ---------------------------------
+
+    def busy(self, account: str, family: str) -> bool:
+        """Is a corrective action outstanding on `account` in `family`?"""
+        return (account, family) in self.outstanding or (account, "*") in self.outstanding
+
+    def gate_locks(self) -> dict[str, tuple[str, datetime, str]]:
+        return {a: (lock.state, lock.until, lock.rule or "") for a, lock in self.locks.items()}
+
+    def broker_trouble(self, answer: BrokerAnswer, now: datetime, account: str) -> None:
+        """A rate limit or a refused log-in met by another sender: every automatic order
+        stops as if an action of ours had met it."""
+        if answer.status == "rate_limited":
+            self.hold_until = now + timedelta(seconds=max(answer.retry_after or 60.0,
+                                                          self.backoff[0]))
+            self.hold_reason = f"rate limited: {answer.reason}"
+            self._alert(now, "critical", f"the broker rate-limited us ({answer.reason}): no "
+                        f"orders until {iso(self.hold_until)}; watch {account} by hand",
+                        account)
+        elif answer.status == "auth_failed":
+            self.auth_failed = answer.reason or "authentication failed"
+            self.auth_failed_at = now
+            self._alert(now, "critical", f"the broker refused our log-in ({answer.reason}): "
+                        "no orders are sent until it accepts it again — check the credentials "
+                        f"and act on {account} by hand", account)
+
+    def alert(self, now: datetime, severity: str, message: str, account: str | None) -> None:
+        self._alert(now, severity, message, account)
+
+    def new_tag(self) -> str:
+        return self._tag()
 
     def broker_back(self, now: datetime) -> None:
         """The adapter logged in again: sending may resume."""
@@ -457,6 +489,13 @@ class Enforcer:
         return fresh, snapshot.time
 
     def _refusal(self, action: Action, account: Account | None, now: datetime) -> str | None:
+        copier = self.copier
+        copying = copier.in_flight.get(f"{action.account}|{action.family}") \
+            if isinstance(copier, BuiltinCopier) else None
+        if copying is not None:
+            self._again = True
+            return f"the copier's order {copying.tag} is still open for this account and " \
+                "instrument"
         existing = self.outstanding.get(action.key)
         if existing is not None and action.kind == "flatten" and existing.kind != "flatten" \
                 and self._superseded(existing, now):
@@ -579,6 +618,10 @@ class Enforcer:
         qty = int(action.args["qty"])
         instrument = action.instrument
         assert instrument is not None
+        stop_price = action.args.get("stop_price")
+        if isinstance(self.copier, BuiltinCopier):  # the copier sends it: its order there
+            return self.copier.place_catch_up(action.account, instrument, qty, action.tag,
+                                              None if stop_price is None else float(stop_price))
         answer = call_broker(lambda: broker.place_order(
             action.account, instrument, "buy" if qty > 0 else "sell", abs(qty), "market",
             action.tag))

@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS engine_state (
     id INTEGER PRIMARY KEY CHECK (id = 1), time TEXT, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS copying (
+    account TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT, time TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS commands_status ON commands (status);
 CREATE INDEX IF NOT EXISTS incidents_time ON incidents (time);
 """
@@ -361,7 +363,31 @@ class Journal:
             if self._wal_over(1):
                 self._auto_checkpoint()
 
+    def save_copier_state(self, data: dict[str, Any]) -> None:
+        """The built-in copier's bookkeeping (what it copied, skips, its stops)."""
+        self._set_meta("copier_state", json.dumps(data))
+
+    def set_copying(self, account: str, state: str, reason: str, moment: datetime) -> None:
+        """Copying onto `account` is `state` (active or paused) from now: written by the
+        running copier and by `copilink-rules resume` alike, read by the copier every tick."""
+        self._write("INSERT INTO copying (account, state, reason, time) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(account) DO UPDATE SET state = excluded.state, "
+                    "reason = excluded.reason, time = excluded.time",
+                    (account, state, reason, iso(moment)))
+
     # --- reading ----------------------------------------------------------------------------
+
+    def copier_state(self) -> dict[str, Any] | None:
+        text = self._meta("copier_state")
+        return None if text is None else dict(json.loads(text))
+
+    def copying(self) -> dict[str, tuple[str, str, str]]:
+        """account -> (state, reason, time) of every follower whose copying was set."""
+        try:
+            rows = self._exec("SELECT account, state, reason, time FROM copying").fetchall()
+        except sqlite3.OperationalError:  # a journal from before the built-in copier
+            return {}
+        return {str(a): (str(s), str(r or ""), str(t)) for a, s, r, t in rows}
 
     def engine_state(self) -> dict[str, Any] | None:
         row = self._exec("SELECT data FROM engine_state WHERE id = 1").fetchone()

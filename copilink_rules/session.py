@@ -26,7 +26,7 @@ from typing import Any
 from .adapters.base import Broker, CopierPort
 from .alerts import Alert, Alerts
 from .calendar import Calendar
-from .copier import make_copier
+from .copier import BuiltinCopier, make_copier
 from .enforcer import Enforcer, KillSwitch
 from .engine import Engine
 from .errors import CopilinkError, StateError
@@ -73,6 +73,10 @@ class Session:
                                  contracts={**self._broker_contracts(), **self.contracts})
         self.enforcer.still_wanted = lambda action: self.engine.episode_live(
             action.rule, action.account, action.instrument)
+        # copilink-rules' own copier: it copies after the rules' commands each tick
+        self.builtin = self.copier if isinstance(self.copier, BuiltinCopier) else None
+        if self.builtin is not None:
+            self.builtin.attach(self.enforcer)
         # why enforcement stopped for good (the journal cannot be written): never act
         # unjournaled
         self.stopped: str | None = None
@@ -117,6 +121,8 @@ class Session:
                 "journal (--journal) to start afresh, or, with the sim, keep its state "
                 "(--sim-state) so a restart meets the same broker")
         notes += self.enforcer.restore(snapshot.time)
+        if self.builtin is not None:
+            notes += self.builtin.restore(snapshot.time)
         return notes
 
     def tick(self) -> list[Decision]:
@@ -141,6 +147,8 @@ class Session:
             self.before_tick()
         try:
             snapshot = self.broker.snapshot()
+            if self.builtin is not None:  # the rules see whom our copier copies onto
+                snapshot = self.builtin.overlay(snapshot)
             self._watch_health(snapshot.time)
             blocked = self.enforcer.blocked(snapshot.time)
             decisions = self.engine.evaluate(snapshot, blocked=blocked)
@@ -157,6 +165,8 @@ class Session:
         self.enforcer.process(snapshot, decisions)
         for decision in self.enforcer.again:
             self.engine.rearm(decision.rule, decision.account, decision.instrument)
+        if self.builtin is not None:
+            self._copy(snapshot)
         if self.after_commands is not None:
             self.after_commands()
         self.journal.save_engine_state(snapshot.time, self.engine.save_state())
@@ -165,6 +175,20 @@ class Session:
         self._last_problem = None
         self.ticks += 1
         return decisions
+
+    def _copy(self, snapshot: Snapshot) -> None:
+        """The built-in copier's turn. A journal error stops the session (as anywhere); any
+        other failure is one critical alert, and the rules keep watching the followers."""
+        assert self.builtin is not None
+        try:
+            self.builtin.sync(snapshot)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a copier failure must not stop the rules
+            log.exception("the copier failed")
+            self._problem(f"copier: {type(exc).__name__}: {exc} — copying may have stopped; "
+                          "the rules keep watching the followers")
+        self.journal.save_copier_state(self.builtin.state())
 
     def _watch_health(self, now: datetime) -> None:
         """Tell the trader when the broker connection changes state (a ProjectX logout, a
