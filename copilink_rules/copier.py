@@ -70,6 +70,8 @@ def make_copier(name: str, broker: Any, journal: Journal | None = None,
 
 # the journal's names for the built-in copier's commands (the enforcer leaves them to it)
 COPIER_ACTIONS = ("copy", "copy_stop", "copy_stop_cancel")
+# seconds a fill the broker reported may take to show in the account's positions
+FILL_SHOWS_WITHIN = 1.0
 
 
 class CopierHost(Protocol):
@@ -116,7 +118,7 @@ class _InFlight:
     instrument: str
     expected: float  # the account's exposure in the family once it is done (full contracts)
     sent_at: datetime
-    status: str = "pending"  # pending | cancelling
+    status: str = "pending"  # pending | unanswered (the broker could not be reached) | cancelling
     order_id: str | None = None
     filled_at: datetime | None = None  # the broker says filled, positions do not show it yet
 
@@ -286,6 +288,12 @@ class BuiltinCopier:
             if row.action != "copy":
                 continue
             family = row.family or self.catalog.parse(row.instrument or "").family
+            if row.status == "sending" and self._find(row.tag) is None:
+                # journaled, then the process died before the broker had it: copied afresh
+                self.journal.command_status(row.tag, "lost", now, "never reached the broker "
+                                            "(the process stopped): copied again if still due")
+                notes.append(f"{row.tag}: a copy to {row.account} never reached the broker")
+                continue
             self.in_flight[f"{row.account}|{family}"] = _InFlight(
                 row.tag, row.account, family, row.instrument or "",
                 float(row.args.get("expected", 0.0)),
@@ -297,7 +305,6 @@ class BuiltinCopier:
             notes.append("copying paused onto " + ", ".join(
                 f"{f} ({why})" for f, why in sorted(self.paused.items())) +
                 "; resume with: copilink-rules resume <follower> --config <copilink.yaml>")
-        del now
         return notes
 
     def state(self) -> dict[str, Any]:
@@ -402,7 +409,7 @@ class BuiltinCopier:
         if not lead.symbols and not held.symbols:
             self.synced[key] = lead.equiv  # both flat: nothing to copy
             return
-        own = self._contract(spec, lead, held, family)
+        symbol, own = self._contract(spec, lead, held, family)
         target = round(lead.equiv * spec.ratio / own.size)
         if spec.max_qty is not None:
             target = max(-spec.max_qty, min(spec.max_qty, target))
@@ -422,6 +429,9 @@ class BuiltinCopier:
                 self.synced[key] = lead.equiv
             return
         diff = target - round(held_own)
+        # an entry into a leader position older than this change (the follower missed its
+        # start: resumed, reconnected, a lost copy) is a late entry: priced by the gate
+        late = not held.equiv and self.synced.get(key, 0.0) * lead.equiv > 0
         self.synced[key] = lead.equiv
         if diff == 0:
             return
@@ -434,10 +444,11 @@ class BuiltinCopier:
         host = self.host
         if host is not None:
             verdict = self._gate(host).check(OrderRequest(
-                account=spec.id, instrument=own.symbol, side=side, qty=qty,
-                leader_price=lead.avg_price if adds and not held.equiv else None))
+                account=spec.id, instrument=symbol, side=side, qty=qty,
+                price=self._price(lead, side) if late else None,
+                leader_price=lead.avg_price if late else None))
             if verdict.verdict == "block":
-                self._refused(spec.id, family, own.symbol, args, now,
+                self._refused(spec.id, family, symbol, args, now,
                               f"pre-trade gate: {'; '.join(verdict.reasons)}")
                 return
             if verdict.verdict == "reduce":
@@ -448,7 +459,7 @@ class BuiltinCopier:
             if adds and limit is not None:
                 room = int(limit) - sum(abs(p.qty) for p in follower.positions)
                 if room <= 0:
-                    self._refused(spec.id, family, own.symbol, args, now,
+                    self._refused(spec.id, family, symbol, args, now,
                                   f"max_contracts {limit} reached")
                     return
                 if qty > room:
@@ -459,16 +470,16 @@ class BuiltinCopier:
         args["qty"] = signed
         args["expected"] = held.equiv + signed * own.size
         tag = self._tag()
-        self._journal(tag, spec.id, own.symbol, family, "copy", args, "sending", now, reason)
+        self._journal(tag, spec.id, symbol, family, "copy", args, "sending", now, reason)
         if host is not None and host.dry_run:
             self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
             return
         if self.on_send is not None:
             self.on_send("copy", spec.id, tag)
-        answer = call_broker(lambda: self.broker.place_order(spec.id, own.symbol, side, qty,
+        answer = call_broker(lambda: self.broker.place_order(spec.id, symbol, side, qty,
                                                              "market", tag))
         self.sent += 1
-        self._answered(tag, spec.id, family, own.symbol, float(args["expected"]), answer, now)
+        self._answered(tag, spec.id, family, symbol, float(args["expected"]), answer, now)
 
     def _close(self, account: str, family: str, held: _Family, now: datetime,
                lead_equiv: float) -> None:
@@ -503,9 +514,12 @@ class BuiltinCopier:
                   expected: float, answer: BrokerAnswer, now: datetime) -> None:
         self.journal.answer(tag, now, answer.status, answer.reason)
         if answer.ok or answer.status == "unavailable":
-            # "unavailable": it may still have arrived; asked about by tag, never re-sent
+            # "unavailable": it may still have arrived; asked about by tag at the next tick,
+            # never sent again blindly
             self.in_flight[f"{account}|{family}"] = _InFlight(
-                tag, account, family, instrument, expected, now, order_id=answer.order_id)
+                tag, account, family, instrument, expected, now,
+                "pending" if answer.ok else "unanswered", answer.order_id,
+                now if answer.status == "filled" else None)
             self.journal.command_status(tag, "pending", now, answer.reason or None)
             return
         self.journal.command_status(tag, answer.status, now, answer.reason or None)
@@ -523,8 +537,11 @@ class BuiltinCopier:
                 self.journal.command_status(order.tag, "confirmed", now, "verified in snapshot")
                 del self.in_flight[key]
                 continue
-            since = order.filled_at or order.sent_at
-            if (now - since).total_seconds() < self.verify_after:
+            waited = (now - (order.filled_at or order.sent_at)).total_seconds()
+            if order.filled_at is not None:
+                if waited < FILL_SHOWS_WITHIN:
+                    continue
+            elif waited < (0 if order.status == "unanswered" else self.verify_after):
                 continue
             report = self._find(order.tag)
             if report is None:
@@ -683,9 +700,21 @@ class BuiltinCopier:
             inst = self.catalog.parse(position.instrument)
             family = out.setdefault(inst.family, _Family())
             family.equiv += position.qty * inst.size
-            family.symbols[inst.symbol] = family.symbols.get(inst.symbol, 0) + position.qty
+            # as the broker names it: an order goes back in the same words
+            family.symbols[position.instrument] = family.symbols.get(position.instrument,
+                                                                     0) + position.qty
             family.avg_price = position.avg_price
         return out
+
+    def _price(self, lead: _Family, side: Side) -> float | None:
+        """What an order on `side` would pay now, from the quote of the leader's contract
+        (the follower's may be a micro with no quote of its own: same family, same price)."""
+        if self.snapshot is None or not lead.symbols:
+            return None
+        quote = self.snapshot.quotes.get(next(iter(lead.symbols)))
+        if quote is None:
+            return None
+        return (quote.ask if side == "buy" else quote.bid) or quote.last
 
     def _held(self, account: str, family: str, seen: Account | None = None) -> float:
         if seen is None and self.snapshot is not None:
@@ -695,15 +724,17 @@ class BuiltinCopier:
         return self._families(seen).get(family, _Family()).equiv
 
     def _contract(self, spec: FollowerCopy, lead: _Family, held: _Family,
-                  family: str) -> Instrument:
-        """The contract the follower trades in `family`: its own (copilink.yaml) when of the
-        same family (NQ copied as MNQ), else what it holds there, else the leader's."""
+                  family: str) -> tuple[str, Instrument]:
+        """The contract the follower trades in `family`, named as the broker names it: its
+        own (copilink.yaml) when of the same family (NQ copied as MNQ), else what it holds
+        there, else the leader's."""
         if spec.instrument:
             own = self.catalog.parse(spec.instrument)
             if own.family == family:
-                return own
+                return spec.instrument, own
         symbols = held.symbols or lead.symbols
-        return self.catalog.parse(max(symbols.items(), key=lambda s: abs(s[1]))[0])
+        symbol = max(symbols.items(), key=lambda s: abs(s[1]))[0]
+        return symbol, self.catalog.parse(symbol)
 
     def _leader_of(self, spec: FollowerCopy, accounts: dict[str, Account],
                    snapshot: Snapshot) -> Account | None:

@@ -145,6 +145,7 @@ class Enforcer:
         self._last_snapshot: Snapshot | None = None
         # decisions refused for a passing reason this tick (the session re-arms their rules)
         self.again: list[Decision] = []
+        self._quiet: set[tuple[str | None, str | None, str | None]] = set()
         self._again = False
         self._refused: dict[tuple[str | None, str, str | None], str] = {}
         # does the rule that asked for an action still want it? (the engine's episodes)
@@ -266,6 +267,8 @@ class Enforcer:
         """Follow up open actions against `snapshot`, then carry out new decisions."""
         now = snapshot.time
         self._last_snapshot = snapshot
+        # a rule re-armed last tick fires again while it waits: said once, not every tick
+        self._quiet = {(d.rule, d.account, d.instrument) for d in self.again}
         self.again = []
         accounts = {a.id: a for a in snapshot.accounts}
         self._follower_ids = [a.id for a in snapshot.accounts if a.role == "follower"]
@@ -420,11 +423,15 @@ class Enforcer:
                    accounts: dict[str, Account], now: datetime) -> Action | None:
         kind = decision.action
         if kind == "alert":
-            self._decision_alert(decision, snapshot, accounts, now)
+            if (decision.rule, decision.account, decision.instrument) not in self._quiet:
+                self._decision_alert(decision, snapshot, accounts, now)
             return None
         if kind == "lock_account":
             self._lock(decision, now)
             return None
+        if kind in ("pause_copier", "resume_copier", "skip_entry") and \
+                (decision.rule, decision.account, decision.instrument) in self._quiet:
+            return None  # done when the rule first fired; it only waits for its order
         if kind in ("pause_copier", "resume_copier"):
             targets = self._followers() if decision.args.get("all_followers") or \
                 decision.account is None else [decision.account]

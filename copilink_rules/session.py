@@ -184,7 +184,7 @@ class Session:
             self.builtin.sync(snapshot)
         except sqlite3.Error:
             raise
-        except Exception as exc:  # noqa: BLE001 - a copier failure must not stop the rules
+        except Exception as exc:  # a copier failure must not stop the rules
             log.exception("the copier failed")
             self._problem(f"copier: {type(exc).__name__}: {exc} — copying may have stopped; "
                           "the rules keep watching the followers")

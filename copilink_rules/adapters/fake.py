@@ -82,6 +82,7 @@ class FakeBroker:
         self.live = False  # True (`run --broker fake`): its clock follows the wall clock
         self.reachable = True  # False: every request raises BrokerUnavailable
         self._scripted: dict[str, list[BrokerAnswer]] = {}
+        self._unanswered: set[str] = set()  # tags of requests given a scripted refusal
         self._lock = threading.RLock()
         self._seq = 0
 
@@ -161,7 +162,10 @@ class FakeBroker:
             return BrokerAnswer("unavailable", f"account {account} is not connected")
         scripted = self._scripted.get(account)
         if scripted:
-            return scripted.pop(0)
+            answer = scripted.pop(0)
+            if not answer.ok:  # refused or lost: the broker keeps nothing of it
+                self._unanswered.add(tag)
+            return answer
         return None
 
     def _next_id(self) -> str:
@@ -262,7 +266,8 @@ class FakeBroker:
         with self._lock:
             matches = [o for o in self.orders.values() if o.tag == tag]
             if not matches:
-                if any(c.tag == tag for c in self.calls):  # a close of nothing, a cancel
+                if tag not in self._unanswered and any(c.tag == tag for c in self.calls):
+                    # a close of nothing, a cancel
                     call = next(c for c in self.calls if c.tag == tag)
                     return OrderReport(tag, "filled", call.account, call.instrument)
                 return None

@@ -1,0 +1,434 @@
+"""The built-in copier (copier.py `BuiltinCopier`) in a real session on a real journal, against
+the recording fake broker, whose every request is on record: what it copies (ratio, micros,
+max_qty, the firm's contract limit), what it refuses to copy (paused, disconnected, kill
+switch, dry run), reversals, stops, the rules' pause/skip/catch-up, and restarts."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from copilink_rules.adapters.base import AccountSpec, BrokerAnswer
+from copilink_rules.adapters.fake import Call, FakeBroker
+from copilink_rules.alerts import Alert, Alerts
+from copilink_rules.cli import run as cli
+from copilink_rules.copier import BuiltinCopier, FollowerCopy
+from copilink_rules.enforcer import KillSwitch
+from copilink_rules.journal import Journal
+from copilink_rules.session import Session
+
+from .conftest import REPO
+
+DESYNC = REPO / "rules" / "desync.yaml"
+APEX = REPO / "rules" / "firms" / "apex.yaml"
+
+ACCOUNTS = [AccountSpec("LEAD", "leader", firm="apex", size=50000),
+            AccountSpec("F1", "follower", "LEAD", firm="apex", size=50000),
+            AccountSpec("F2", "follower", "LEAD", instrument="MNQH6"),
+            AccountSpec("F3", "follower", "LEAD", ratio=0.5)]
+FOLLOWERS = [FollowerCopy("F1", "LEAD"), FollowerCopy("F2", "LEAD", instrument="MNQH6"),
+             FollowerCopy("F3", "LEAD", ratio=0.5)]
+
+
+class Crash(BaseException):
+    """The process dies here (not an Exception: nothing catches it)."""
+
+
+class Desk:
+    """A fake broker, a journal, a session with the built-in copier; `tick()` moves 0.25 s."""
+
+    def __init__(self, folder: Path, followers: list[FollowerCopy] | None = None,
+                 rules: list[Path] | None = None, fake: FakeBroker | None = None,
+                 **options: Any) -> None:
+        self.folder = folder
+        self.fake = fake or FakeBroker(ACCOUNTS)
+        self.journal = Journal(folder / "journal.db")
+        self.alerts: list[Alert] = []
+        self.copier = BuiltinCopier(self.fake, self.journal, followers or FOLLOWERS)
+        self.session = Session(self.fake, self.journal, Alerts(terminal=self.alerts.append),
+                               rules or [DESYNC], rules_path=[REPO / "rules"],
+                               copier=self.copier, before_tick=lambda: self.fake.advance(0.25),
+                               **options)
+        self.notes = self.session.start()
+        self.tick()  # the copier's first look: what is open at start is the rules'
+
+    def tick(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.session.tick()
+
+    def lead(self, qty: int, instrument: str = "NQH6") -> None:
+        self.fake.set_position("LEAD", instrument, qty)
+
+    def sent(self, account: str) -> list[Call]:
+        """Orders and closes the engine or the copier sent to `account`."""
+        return [c for c in self.fake.calls if c.account == account and
+                c.method in ("place_order", "close_position") and c.tag.startswith("CLR-")]
+
+    def held(self, account: str) -> dict[str, int]:
+        return {s: q for s, (q, _) in self.fake.positions[account].items()}
+
+    def rows(self, action: str = "copy", account: str | None = None) -> list[Any]:
+        return [r for r in self.journal.commands() if r.action == action and
+                (account is None or r.account == account)]
+
+
+def market(calls: list[Call]) -> list[tuple[str, str, int]]:
+    return [(c.instrument or "", str(c.args["side"]), int(c.args["qty"])) for c in calls
+            if c.method == "place_order" and c.args["type"] == "market"]
+
+
+# --- what it copies ------------------------------------------------------------------------
+
+
+def test_entry_add_and_exit_are_copied_onto_each_follower_in_its_own_contract(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path)
+    desk.lead(2)
+    desk.tick()
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 2)]
+    assert market(desk.sent("F2")) == [("MNQH6", "buy", 20)]  # NQ copied as micros, x10
+    assert market(desk.sent("F3")) == [("NQH6", "buy", 1)]  # half ratio
+    desk.lead(4)  # the leader adds 2
+    desk.tick()
+    assert market(desk.sent("F1"))[1:] == [("NQH6", "buy", 2)]
+    assert market(desk.sent("F2"))[1:] == [("MNQH6", "buy", 20)]
+    assert market(desk.sent("F3"))[1:] == [("NQH6", "buy", 1)]
+    assert desk.held("F1") == {"NQH6": 4}
+    assert desk.held("F2") == {"MNQH6": 40}
+    assert desk.held("F3") == {"NQH6": 2}
+    desk.lead(0)
+    desk.tick(2)
+    for follower in ("F1", "F2", "F3"):
+        assert desk.sent(follower)[-1].method == "close_position"
+        assert desk.held(follower) == {}
+    tags = [c.tag for c in desk.fake.calls if c.tag.startswith("CLR-")]
+    assert len(tags) == len(set(tags)) == 9  # one tag per copied order
+    assert not desk.sent("LEAD")
+    assert all(r.status == "confirmed" for r in desk.rows())
+    desk.tick(20)  # in sync: nothing more is sent, no rule fires
+    assert len([c for c in desk.fake.calls if c.tag.startswith("CLR-")]) == 9
+
+
+def test_a_copy_is_cut_to_the_followers_firm_contract_limit(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, rules=[APEX])
+    desk.lead(12)  # an Apex 50K allows 10 contracts
+    desk.tick()
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 10)]
+    row = desk.rows(account="F1")[0]
+    assert row.args["reduced_from"] == 12
+    assert "reduced from 12 to 10" in (row.reason or "")
+
+
+def test_max_qty_caps_the_follower_in_its_own_contracts(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F2", "LEAD", instrument="MNQH6",
+                                                  max_qty=15)])
+    desk.lead(3)
+    desk.tick()
+    assert market(desk.sent("F2")) == [("MNQH6", "buy", 15)]
+    desk.lead(1)  # target 10 of at most 15: it sells 5
+    desk.tick()
+    assert market(desk.sent("F2"))[1:] == [("MNQH6", "sell", 5)]
+
+
+def test_a_reversal_is_a_close_then_an_entry_never_one_order_through_zero(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.lead(2)
+    desk.tick()
+    desk.lead(-2)
+    desk.tick()
+    assert [c.method for c in desk.sent("F1")] == ["place_order", "close_position"]
+    assert desk.held("F1") == {}
+    desk.tick()  # the close shows: now the entry on the other side
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 2), ("NQH6", "sell", 2)]
+    assert desk.held("F1") == {"NQH6": -2}
+
+
+def test_a_second_change_waits_for_the_copy_still_working(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.fills = "held"  # accepted, working until released
+    desk.lead(1)
+    desk.tick()
+    desk.lead(3)
+    desk.tick(3)
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1)]  # never a second beside it
+    desk.fake.fills = "now"
+    desk.fake.release()
+    desk.tick(2)
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1), ("NQH6", "buy", 2)]
+    assert desk.held("F1") == {"NQH6": 3}
+
+
+def test_a_copy_working_too_long_is_cancelled_and_not_doubled(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.fills = "held"
+    desk.lead(1)
+    desk.tick(24)  # 6 s: past the copier's 5 s
+    cancels = [c for c in desk.fake.calls if c.method == "cancel_order" and c.account == "F1"]
+    assert len(cancels) == 1
+    desk.tick(4)
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1)]
+    assert desk.rows(account="F1")[0].status == "cancelled"
+
+
+# --- what it does not copy -----------------------------------------------------------------
+
+
+def test_a_paused_follower_gets_nothing_and_resume_copies_from_the_next_change(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    out = io.StringIO()
+    assert cli(["pause", "F1", "--journal", str(tmp_path / "journal.db")], out,
+               io.StringIO()) == 0
+    assert "copying onto F1 paused" in out.getvalue()
+    desk.tick()
+    desk.lead(1)
+    desk.tick(8)
+    assert desk.sent("F1") == []
+    assert desk.rows(account="F1")[0].status == "not_copied"
+    assert "paused" in (desk.rows(account="F1")[0].reason or "")
+    snapshot = desk.session.last_snapshot
+    assert snapshot is not None
+    assert {a.id: a.copier for a in snapshot.accounts}["F1"] == "paused"  # the rules see it
+    out = io.StringIO()
+    assert cli(["resume", "F1", "--journal", str(tmp_path / "journal.db")], out,
+               io.StringIO()) == 0
+    assert "resumes" in out.getvalue()
+    assert "it was paused" in out.getvalue()
+    desk.tick(2)
+    assert desk.sent("F1") == []  # not a late entry by the copier: that is the rules' call
+    desk.lead(2)  # the next change: the follower is brought to the leader's position
+    desk.tick()
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 2)]
+
+
+def test_a_pause_by_a_rule_survives_a_restart(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    assert desk.copier.pause("F1", "CLR-x").status == "filled"
+    desk.journal.close()
+    again = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], fake=desk.fake)
+    assert any("copying paused onto F1" in note for note in again.notes)
+    again.lead(1)
+    again.tick(2)
+    assert again.sent("F1") == []
+
+
+def test_a_disabled_follower_is_never_copied_onto(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD", enabled=False)])
+    desk.lead(1)
+    desk.tick(2)
+    assert desk.sent("F1") == []
+    assert "disabled" in (desk.rows(account="F1")[0].reason or "")
+
+
+def test_no_copy_to_a_disconnected_follower(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.connected["F1"] = False
+    desk.lead(1)
+    desk.tick(2)
+    assert desk.sent("F1") == []
+    assert "disconnected" in (desk.rows(account="F1")[0].reason or "")
+
+
+def test_the_kill_switch_stops_every_copy(tmp_path: Path) -> None:
+    kill = KillSwitch()
+    kill.engage("test")
+    desk = Desk(tmp_path, kill_switch=kill)
+    desk.lead(1)
+    desk.tick(2)
+    assert [c for c in desk.fake.calls if c.tag.startswith("CLR-")] == []
+
+
+def test_a_dry_run_journals_the_copies_and_sends_nothing(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, dry_run=True)
+    desk.lead(1)
+    desk.tick(2)
+    assert [c for c in desk.fake.calls if c.tag.startswith("CLR-")] == []
+    assert {r.account for r in desk.rows() if r.status == "dry_run"} == {"F1", "F2"}
+
+
+def test_skip_entry_holds_for_the_rest_of_the_leader_trade(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.connected["F1"] = False  # misses the entry
+    desk.lead(1)
+    desk.tick()
+    desk.fake.connected["F1"] = True
+    assert desk.copier.skip_entry("F1", "NQH6", "CLR-skip").ok
+    desk.lead(2)  # the leader adds within the skipped trade
+    desk.tick(2)
+    desk.lead(0)
+    desk.tick(2)
+    assert desk.sent("F1") == []
+    desk.lead(1)  # the next trade is copied
+    desk.tick()
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1)]
+
+
+# --- the rules and the copier together ------------------------------------------------------
+
+
+def test_a_refused_copy_is_not_retried_and_the_rules_catch_up_through_the_copier(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.script("F1", BrokerAnswer("rejected", "insufficient margin"))
+    desk.lead(1)
+    desk.tick()
+    assert any("refused the copy" in a.message for a in desk.alerts)
+    desk.tick(4)
+    assert len(market(desk.sent("F1"))) == 1  # the copier does not chase it
+    desk.tick(12)  # missed_entry_grace 3 s: the rule decides, the copier sends it
+    catch_up = desk.rows("catch_up", "F1")
+    assert [r.status for r in catch_up] == ["confirmed"]
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1), ("NQH6", "buy", 1)]
+    assert desk.held("F1") == {"NQH6": 1}
+    desk.tick(8)
+    assert len(market(desk.sent("F1"))) == 2  # in sync: nothing more
+
+
+def test_a_follower_stuck_after_a_lost_exit_is_flattened_by_the_rules(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.lead(1)
+    desk.tick()
+    desk.fake.script("F1", BrokerAnswer("unavailable", "timeout"))  # the exit is lost
+    desk.lead(0)
+    desk.tick(16)  # stuck_grace 2 s, the copier's own order asked about first
+    assert desk.held("F1") == {}
+    flatten = desk.rows("flatten", "F1")
+    assert len(flatten) == 1
+    assert flatten[0].status == "confirmed"
+
+
+def test_an_opposite_follower_is_flattened_and_paused_in_the_copier(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.lead(1)
+    desk.tick()
+    desk.fake.set_position("F1", "NQH6", -1)  # a person clicked on the follower
+    desk.tick(12)
+    assert desk.held("F1") == {}
+    assert desk.copier.paused.get("F1")
+    assert desk.journal.copying()["F1"][0] == "paused"
+    desk.lead(2)
+    desk.tick(2)
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 1)]  # the entry only, then paused
+
+
+# --- stops ------------------------------------------------------------------------------------
+
+
+def test_the_leaders_stop_is_mirrored_moved_and_cancelled(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD"),
+                                     FollowerCopy("F2", "LEAD", instrument="MNQH6")])
+    fake = desk.fake
+    desk.lead(2)
+    desk.tick()
+    fake.place_order("LEAD", "NQH6", "sell", 2, "stop", "L-1", 17980.0)
+    desk.tick()
+    stops = {c.account: (c.args["qty"], c.args["stop_price"]) for c in fake.calls
+             if c.method == "place_order" and c.args["type"] == "stop" and c.account != "LEAD"}
+    assert stops == {"F1": (2, 17980.0), "F2": (20, 17980.0)}
+    leader_stop = next(o for o in fake.orders.values() if o.tag == "L-1")
+    leader_stop.state = "cancelled"  # the leader moves the stop up
+    fake.place_order("LEAD", "NQH6", "sell", 2, "stop", "L-2", 17990.0)
+    desk.tick(2)
+    working = sorted((o.account, o.qty, o.stop_price) for o in fake.orders.values()
+                     if o.state == "working" and o.account != "LEAD")
+    assert working == [("F1", 2, 17990.0), ("F2", 20, 17990.0)]
+    next(o for o in fake.orders.values() if o.tag == "L-2").state = "cancelled"
+    desk.tick(2)
+    assert not [o for o in fake.orders.values() if o.state == "working" and
+                o.account != "LEAD"]
+    assert {r.status for r in desk.rows("copy_stop_cancel")} == {"confirmed"}
+
+
+def test_copy_stops_false_leaves_the_followers_stops_alone(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD", copy_stops=False)])
+    desk.lead(1)
+    desk.tick()
+    desk.fake.place_order("LEAD", "NQH6", "sell", 1, "stop", "L-1", 17980.0)
+    desk.tick(3)
+    assert not [c for c in desk.fake.calls if c.account == "F1" and c.args.get("type") == "stop"]
+
+
+# --- restarts ---------------------------------------------------------------------------------
+
+
+def crash_on(fake: FakeBroker, account: str, *, after: bool) -> Callable[[], None]:
+    """The next order to `account` kills the process before or after the broker has it."""
+    real = fake.place_order
+
+    def place(*args: Any, **kwargs: Any) -> BrokerAnswer:
+        if args[0] != account:
+            return real(*args, **kwargs)
+        fake.place_order = real  # type: ignore[method-assign]
+        if after:
+            real(*args, **kwargs)
+        raise Crash
+
+    fake.place_order = place  # type: ignore[method-assign]
+    return lambda: setattr(fake, "place_order", real)
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["broker-has-it", "never-sent"])
+def test_a_crash_around_a_copy_never_sends_it_twice_nor_loses_it(tmp_path: Path,
+                                                                  after: bool) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    crash_on(desk.fake, "F1", after=after)
+    desk.lead(2)
+    with pytest.raises(Crash):
+        desk.tick()
+    desk.journal.close()  # the process is gone; a new one starts on the same journal
+    again = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], fake=desk.fake)
+    again.tick(4)
+    assert again.held("F1") == {"NQH6": 2}
+    orders = [c for c in again.fake.calls if c.account == "F1" and c.method == "place_order"]
+    assert len(orders) == 1  # at the broker: exactly one, whether or not it had the first
+    statuses = [r.status for r in again.rows(account="F1")]
+    # the one the broker never had is found out at the restart and sent again
+    assert statuses == (["confirmed"] if after else ["lost", "confirmed"])
+
+
+# --- configuration and the command line -------------------------------------------------------
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "copilink.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_resume_names_the_follower_and_the_journal_it_needs(tmp_path: Path) -> None:
+    config = write(tmp_path, "copier: builtin\naccounts:\n  - {id: LEAD, role: leader}\n"
+                   "  - {id: F1, role: follower}\n  - {id: F3, role: follower}\n")
+    err = io.StringIO()
+    assert cli(["resume", "F4", "--config", str(config)], io.StringIO(), err) != 0
+    assert "'F4' is not a follower" in err.getvalue()
+    assert "F1, F3" in err.getvalue()
+    err = io.StringIO()
+    assert cli(["resume", "F3", "--config", str(config)], io.StringIO(), err) != 0
+    assert "no journal there yet" in err.getvalue()
+    external = write(tmp_path, "broker: {name: fake}\ncopier: external\naccounts:\n"
+                     "  - {id: LEAD, role: leader}\n  - {id: F1, role: follower}\n")
+    err = io.StringIO()
+    assert cli(["resume", "F1", "--config", str(external)], io.StringIO(), err) != 0
+    assert "works for copier: builtin" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
+
+
+def test_copier_settings_belong_to_followers(tmp_path: Path) -> None:
+    config = write(tmp_path, "copier: builtin\naccounts:\n  - {id: LEAD, role: leader}\n"
+                   "  - {id: F1, role: follower, max_qty: 0}\n"
+                   "  - {id: F2, role: follower, copy_stop: true}\n")
+    err = io.StringIO()
+    assert cli(["validate", "--config", str(config)], io.StringIO(), err) != 0
+    assert err.getvalue().splitlines() == [
+        f"{config}:4: accounts[1].max_qty: Input should be greater than or equal to 1",
+        f"{config}:5: accounts[2].copy_stop: unknown field (did you mean 'copy_stops'?)"]
+    config = write(tmp_path, "copier: builtin\naccounts:\n  - {id: LEAD, role: leader, "
+                   "max_qty: 3}\n  - {id: F1, role: follower}\n")
+    err = io.StringIO()
+    assert cli(["validate", "--config", str(config)], io.StringIO(), err) != 0
+    assert f"{config}:3: accounts[0].max_qty: a copier setting of followers" in err.getvalue()
