@@ -703,6 +703,12 @@ def cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     stdout.write("\n" + render_incidents(incidents, "md", str(journal_path)))
     stdout.write(f"\nThe journal is {journal_path}; export it with:\n  copilink-rules "
                  f"incidents --db {journal_path} --format md\n")
+    paused = sorted({c.account for c in commands if c.action == "pause_copier"})
+    if paused:
+        stdout.write(f"\nThe rules paused copying onto {', '.join(paused)}. With copilink-rules "
+                     "as your copier (copier: builtin in copilink.yaml), a paused follower "
+                     f"resumes with:\n  copilink-rules resume {paused[0]} --config "
+                     "copilink.yaml\n")
     return EXIT_OK
 
 

@@ -27,7 +27,8 @@ def render(session: Session, title: str = "copilink-rules") -> Group:
             lock = session.enforcer.locks.get(account.id)
             accounts.add_row(
                 account.id, account.role, link, f"{age:.1f}s",
-                account.copier if account.role == "follower" else "",
+                (Text(account.copier, "bold red") if account.copier == "paused" else
+                 account.copier) if account.role == "follower" else "",
                 positions, f"{account.realized_pnl + account.unrealized_pnl:,.2f}",
                 f"{lock.state} until {lock.until:%H:%M}" if lock else "")
     recent = Table(title="last decisions", expand=True)
@@ -41,6 +42,11 @@ def render(session: Session, title: str = "copilink-rules") -> Group:
                   f"incidents {session.journal.count('incidents')}   "
                   f"kill switch {'ENGAGED' if session.kill_switch.engaged else 'off'}   "
                   f"{'DRY RUN' if session.dry_run else ''}")
+    copier = session.builtin
+    if copier is not None and copier.paused:  # how to resume, where the trader looks
+        status.append(f"\ncopying paused onto {', '.join(sorted(copier.paused))}: resume with "
+                      f"copilink-rules resume <follower> --journal {session.journal.path}",
+                      "bold red")
     stamp = Text(snapshot.time.strftime("%Y-%m-%d %H:%M:%S UTC") if snapshot else
                  datetime.now().strftime("waiting for the first snapshot"), "dim")
     return Group(stamp, accounts, recent, status)

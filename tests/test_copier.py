@@ -432,3 +432,18 @@ def test_copier_settings_belong_to_followers(tmp_path: Path) -> None:
     err = io.StringIO()
     assert cli(["validate", "--config", str(config)], io.StringIO(), err) != 0
     assert f"{config}:3: accounts[0].max_qty: a copier setting of followers" in err.getvalue()
+
+
+def test_the_live_view_shows_a_paused_follower_and_how_to_resume_it(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from copilink_rules.view import render
+
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.copier.pause("F1", "CLR-x")
+    desk.tick()
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(render(desk.session))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "paused" in text
+    assert f"copilink-rules resume <follower> --journal {tmp_path / 'journal.db'}" in text

@@ -310,6 +310,7 @@ def test_demo_resolves_the_three_desyncs_and_prints_the_incident_report(tmp_path
     assert "F3 still holds long 20 MNQH6 while leader LEAD is flat" in out
     assert "F4 is long 1 NQH6 against leader LEAD short 1 NQH6" in out
     assert "# Incident report" in out
+    assert out.rstrip().endswith("copilink-rules resume F1 --config copilink.yaml")  # how
     db = Journal(journal)
     statuses = {(c.action, c.account): c.status for c in db.commands()}
     assert statuses[("catch_up", "F2")] == "confirmed"
