@@ -1,6 +1,11 @@
 """The `sim` broker: an in-process market, a leader that trades, a copier that mirrors it onto
 followers with realistic latency, and fault injection (scripted, or random by seed).
 
+With `own_copier: false` the sim's copier copies nothing: another copier (`copier: builtin`)
+places the followers' orders through the broker, and the faults below hit those orders.
+A working stop order (the leader's own, or one placed through `place_order`) fills as a market
+order when the price reaches it, never taking the account through zero.
+
 Time is virtual: `advance(seconds)` moves the simulation; the runner decides whether that
 happens in real time or accelerated. Everything is deterministic for a given scenario and seed,
 and the whole state saves to JSON (`save` / `load`) so a restarted engine can meet the same
@@ -8,6 +13,8 @@ broker again, as it would a real one.
 
 Faults (`SimFault.kind`):
   missed_entry / missed_exit  the copier loses the leader's entry / exit of trade N for a follower
+                              (with `own_copier: false`: the first market order placed to the
+                              follower after that entry / exit is lost, as with lost_order)
   reversal                    the follower's position flips to the opposite side (stale reversal)
   disconnect                  the account drops for `duration` s: data frozen, commands refused,
                               copies lost
@@ -20,6 +27,13 @@ Faults (`SimFault.kind`):
                               zero: the quote's bid/ask/last are missing and the account's data
                               stops refreshing (it goes stale), never a NaN in the snapshot
   no_quote                    no quote at all for the account's contract for `duration` s
+  lost_order                  from `at` on, the next `count` market orders placed to the account
+                              are lost: answered "unavailable", and the broker keeps no record
+                              of them (`find_tag` finds nothing, nothing fills)
+  stuck_order                 from `at` on, the next `count` market orders placed to the account
+                              are accepted and stay working, never filling, until cancelled
+  manual_order                at `at`, a person's market order of `count` contracts fills on the
+                              account (`side`; default: against the leader's position, else buy)
 """
 
 from __future__ import annotations
@@ -41,11 +55,17 @@ from copilink_rules.snapshots import read_input
 from .base import AccountSpec, BrokerAnswer, Health, OrderReport
 
 FaultKind = Literal["missed_entry", "missed_exit", "reversal", "disconnect", "stale", "reject",
-                    "delay", "nan_quote", "no_quote"]
+                    "delay", "nan_quote", "no_quote", "lost_order", "stuck_order",
+                    "manual_order"]
 # what `random_faults` draws from unless the scenario names its own `random_fault_kinds`
 DEFAULT_RANDOM_KINDS: tuple[FaultKind, ...] = ("missed_entry", "missed_exit", "reversal",
                                                "disconnect", "stale", "reject", "delay")
-_TIMED_KINDS = ("reversal", "disconnect", "stale", "reject", "delay", "nan_quote", "no_quote")
+# ... and with `own_copier: false`: faults of the broker, which hit the other copier's orders
+BROKER_RANDOM_KINDS: tuple[FaultKind, ...] = ("lost_order", "stuck_order", "reject", "delay",
+                                              "disconnect", "stale", "manual_order", "reversal")
+_TIMED_KINDS = ("reversal", "disconnect", "stale", "reject", "delay", "nan_quote", "no_quote",
+                "lost_order", "stuck_order", "manual_order")
+LOST_REASON = "no answer from the broker (simulated lost order)"
 
 
 class _Strict(BaseModel):
@@ -78,6 +98,9 @@ class SimFault(_Strict):
     duration: float = Field(default=0.0, ge=0)
     count: int = Field(default=1, ge=1)
     delay: float = Field(default=0.0, ge=0)
+    side: Literal["buy", "sell"] | None = Field(
+        default=None, description="manual_order's side (default: against the leader's "
+        "position, else buy)")
 
 
 class SimScenario(_Strict):
@@ -98,9 +121,13 @@ class SimScenario(_Strict):
     random_faults: int = Field(default=0, ge=0, description="draw this many faults by seed")
     random_fault_kinds: list[FaultKind] | None = Field(
         default=None, min_length=1, description="the kinds `random_faults` draws from (default: "
-        "every kind but nan_quote and no_quote)")
+        "the copier's faults and the broker's, without nan_quote, no_quote, lost_order, "
+        "stuck_order and manual_order; with own_copier false: the broker's faults)")
     latency: tuple[float, float] = (0.25, 0.75)
     stop_ticks: int = Field(default=80, gt=0, description="leader's protective stop distance")
+    own_copier: bool = Field(default=True, description="False: the sim's copier copies "
+                             "nothing; another copier (copier: builtin) places the followers' "
+                             "orders through the broker")
 
 
 @dataclass
@@ -166,6 +193,8 @@ class SimBroker:
         self.rejects: dict[str, int] = {}
         self.reject_reason = "order rejected by the broker (simulated fault)"
         self._delays: dict[str, dict[str, float]] = {}  # account -> {until, delay}
+        self._lost: dict[str, int] = {}  # account -> market orders still to lose
+        self._stuck: dict[str, int] = {}  # account -> market orders still to leave working
         # contract -> {until, nan (1.0: the feed sends NaN; 0.0: it sends nothing)}
         self._quote_faults: dict[str, dict[str, float]] = {}
         self.current_trade: int | None = None
@@ -194,8 +223,8 @@ class SimBroker:
             return faults
         end = self.trades[-1].at + self.trades[-1].hold
         for _ in range(self.scenario.random_faults):
-            kind = self.rng.choice(list(self.scenario.random_fault_kinds or
-                                        DEFAULT_RANDOM_KINDS))
+            kind = self.rng.choice(list(self.scenario.random_fault_kinds or (
+                DEFAULT_RANDOM_KINDS if self.scenario.own_copier else BROKER_RANDOM_KINDS)))
             account = self.rng.choice(followers)
             at = round(self.rng.uniform(0, end), 2)
             trade = self.rng.randrange(len(self.trades))
@@ -237,6 +266,7 @@ class SimBroker:
         while self.elapsed + 0.25 <= at + 1e-9:
             self.elapsed += 0.25
             self.price += tick * self.rng.choice((-1, 0, 0, 1))
+            self._trigger_stops()
         self.elapsed = max(self.elapsed, at)
         for account in self.accounts.values():
             if account.frozen is None:
@@ -274,8 +304,58 @@ class SimBroker:
                 position.avg = (position.avg * position.qty + self.price * delta) / new
             position.qty = new
 
+    def _trigger_stops(self) -> None:
+        """Working stop orders the price has reached fill as market orders."""
+        for account in self.accounts.values():
+            for order in list(account.orders.values()):
+                if order.type != "stop" or order.stop_price is None or \
+                        order.id not in account.orders:  # gone with an earlier fill
+                    continue
+                if (order.side == "sell" and self.price <= order.stop_price) or \
+                        (order.side == "buy" and self.price >= order.stop_price):
+                    self._trigger(account, order)
+
+    def _trigger(self, account: _Account, order: _Order) -> None:
+        """Fill a triggered stop, never through zero: only what is held against its side; with
+        nothing held against it, it is cancelled."""
+        del account.orders[order.id]
+        direction = -1 if order.side == "sell" else 1
+        held = account.positions.get(order.symbol)
+        against = abs(held.qty) if held is not None and held.qty * direction < 0 else 0
+        delta = direction * min(order.qty, against)
+        family = self.catalog.parse(order.symbol).family
+        before = self.exposure(account, family)
+        self._fill(account, order.symbol, delta)
+        tag = order.tag or order.id
+        status = "filled" if delta else "cancelled"
+        if any(e["tag"] == tag and e["status"] != "lost" for e in self.log):
+            # the command that placed it: `find_tag` reports what became of the order
+            if delta:
+                self._record(tag, status, filled_qty=abs(delta), filled_at=self.elapsed)
+            else:
+                self._record(tag, status, cancelled_at=self.elapsed)
+        self.log.append({"tag": tag, "status": status, "time": self.elapsed,
+                         "account": account.id, "kind": "stop_fill" if delta else "stop_cancel",
+                         "instrument": order.symbol, "delta": delta, "order_id": order.id,
+                         "stop_price": order.stop_price, "price": self.price, "before": before,
+                         "after": self.exposure(account, family),
+                         "held_after": {s: p.qty for s, p in account.positions.items()}})
+        if account.role == "leader" and delta and self.current_trade is not None:
+            trade = self.current_trade
+            if order.symbol not in account.positions:
+                self.current_trade = None
+            self._copy(trade, delta * self.catalog.parse(order.symbol).size, "exit")
+
     def _copy(self, trade: int, delta_equiv: float, stage: str) -> None:
         """The copier mirrors a leader change onto each follower, after a latency."""
+        if not self.scenario.own_copier:
+            # another copier places the followers' orders: a missed copy is the broker losing
+            # the first market order it is sent after the leader's change
+            for spec in self.faults:
+                if spec.kind == f"missed_{stage}" and spec.trade == trade and \
+                        spec.account in self.accounts:
+                    self._lost[spec.account] = self._lost.get(spec.account, 0) + 1
+            return
         for account in self.accounts.values():
             if account.role != "follower":
                 continue
@@ -346,11 +426,33 @@ class SimBroker:
         elif spec.kind == "delay":
             self._delays[account.id] = {"until": self.elapsed + spec.duration,
                                         "delay": spec.delay}
+        elif spec.kind == "lost_order":
+            self._lost[account.id] = self._lost.get(account.id, 0) + spec.count
+        elif spec.kind == "stuck_order":
+            self._stuck[account.id] = self._stuck.get(account.id, 0) + spec.count
+        elif spec.kind == "manual_order":
+            self._manual(account, spec, f"manual-{fault}")
         if spec.kind in ("nan_quote", "no_quote"):
             current = self._quote_faults.get(account.symbol, {"until": 0.0, "nan": 0.0})
             self._quote_faults[account.symbol] = {
                 "until": max(current["until"], self.elapsed + spec.duration),
                 "nan": 1.0 if spec.kind == "nan_quote" or current["nan"] else 0.0}
+
+    def _manual(self, account: _Account, spec: SimFault, tag: str) -> None:
+        """A person's market order, clicked in the platform: it fills at once."""
+        side = spec.side
+        if side is None:
+            leader = self.accounts[self.scenario.leader]
+            held = leader.positions.get(leader.symbol)
+            side = "sell" if held is not None and held.qty > 0 else "buy"
+        delta = spec.count if side == "buy" else -spec.count
+        family = self.catalog.parse(account.symbol).family
+        before = self.exposure(account, family)
+        self._fill(account, account.symbol, delta)
+        self.log.append({"tag": tag, "status": "filled", "time": self.elapsed,
+                         "account": account.id, "kind": "manual", "instrument": account.symbol,
+                         "delta": delta, "before": before, "after": self.exposure(account, family),
+                         "held_after": {s: p.qty for s, p in account.positions.items()}})
 
     def _on_engine_fill(self, account: str, symbol: str, delta: int, tag: str,
                         close: bool = False) -> None:
@@ -408,8 +510,8 @@ class SimBroker:
                 data = self._account_data(account)
                 data["updated_at"] = self._iso(self.elapsed)
             data["connected"] = account.connected
-            if account.role == "follower":
-                data["copier"] = account.copier
+            if account.role == "follower" and self.scenario.own_copier:
+                data["copier"] = account.copier  # else the other copier's state, not ours
             accounts.append(data)
         quotes: dict[str, dict[str, float | None]] = {}
         for symbol in sorted({a.symbol for a in self.accounts.values()}):
@@ -431,7 +533,8 @@ class SimBroker:
                 **data: Any) -> None:
         """Update the log entry of `tag` (for `instrument`, when one command had several)."""
         for entry in self.log:
-            if tag and entry["tag"] == tag and instrument in (None, entry.get("instrument")):
+            if tag and entry["tag"] == tag and entry["status"] != "lost" and \
+                    instrument in (None, entry.get("instrument")):
                 entry["status"] = status
                 entry.update(data)
                 return
@@ -463,13 +566,16 @@ class SimBroker:
         return answer
 
     def _order_fill(self, account: str, symbol: str, delta: int, tag: str,
-                    kind: str, close: bool = False) -> BrokerAnswer:
+                    kind: str, close: bool = False, stuck: bool = False) -> BrokerAnswer:
+        """Fill an order now, or later while a `delay` fault lasts; a stuck order's fill is
+        never due (it works until cancelled)."""
         delay = self._delays.get(account)
         self.log.append({"tag": tag, "status": "accepted", "time": self.elapsed,
                          "account": account, "kind": kind, "instrument": symbol,
                          "delta": delta, **self._conditions(account)})
-        if delay is not None and self.elapsed < delay["until"]:
-            self._schedule(self.elapsed + delay["delay"], "engine_fill",
+        if stuck or (delay is not None and self.elapsed < delay["until"]):
+            due = math.inf if stuck or delay is None else self.elapsed + delay["delay"]
+            self._schedule(due, "engine_fill",
                            {"account": account, "symbol": symbol, "delta": delta, "tag": tag,
                             "close": close})
             return BrokerAnswer("accepted", "", tag)
@@ -560,7 +666,18 @@ class SimBroker:
                              **self._conditions(account)})
             return BrokerAnswer("accepted", "", tag)
         delta = qty if side == "buy" else -qty
-        return self._order_fill(account, instrument, delta, tag, "place_market")
+        if self._lost.get(account, 0) > 0:
+            self._lost[account] -= 1
+            # never reached the broker: no order, only a note for whoever reads the log
+            self.log.append({"tag": tag, "status": "lost", "time": self.elapsed,
+                             "account": account, "kind": "lost_order", "instrument": instrument,
+                             "delta": delta, "reason": LOST_REASON,
+                             **self._conditions(account)})
+            return BrokerAnswer("unavailable", LOST_REASON)
+        stuck = self._stuck.get(account, 0) > 0
+        if stuck:
+            self._stuck[account] -= 1
+        return self._order_fill(account, instrument, delta, tag, "place_market", stuck=stuck)
 
     def contracts(self) -> dict[str, str]:
         leader = self.accounts[self.scenario.leader].symbol
@@ -569,12 +686,13 @@ class SimBroker:
 
     def find_tag(self, tag: str) -> OrderReport | None:
         for entry in self.log:
-            if entry["tag"] == tag:
+            if entry["tag"] == tag and entry["status"] != "lost":  # a lost order left no trace
                 state = {"accepted": "working", "filled": "filled", "rejected": "rejected",
                          "cancelled": "cancelled"}.get(entry["status"], "working")
+                filled = entry.get("filled_qty", abs(entry.get("delta", 0)))
                 return OrderReport(tag, state, entry.get("account", ""),  # type: ignore[arg-type]
-                                   entry.get("instrument"), tag, abs(entry.get("delta", 0))
-                                   if state == "filled" else 0, entry.get("reason", ""))
+                                   entry.get("instrument"), tag,
+                                   filled if state == "filled" else 0, entry.get("reason", ""))
         return None
 
     # --- lifecycle: an in-process broker is always there ------------------------------------
@@ -603,7 +721,7 @@ class SimBroker:
             "events": self.events, "seq": self._seq, "log": self.log,
             "skipping": self.skipping, "rejects": self.rejects,
             "delays": self._delays, "current_trade": self.current_trade,
-            "quote_faults": self._quote_faults,
+            "quote_faults": self._quote_faults, "lost": self._lost, "stuck": self._stuck,
         }
         temporary = Path(f"{path}.tmp")
         temporary.write_text(json.dumps(state), encoding="utf-8")
@@ -631,6 +749,8 @@ class SimBroker:
         broker._delays = state["delays"]
         broker.current_trade = state["current_trade"]
         broker._quote_faults = state.get("quote_faults", {})
+        broker._lost = state.get("lost", {})
+        broker._stuck = state.get("stuck", {})
         return broker
 
 
