@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from copilink_rules.model import Snapshot
 from copilink_rules.rules import Policy, load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +139,6 @@ def account_envs(policy: Policy, n_accounts: int = 100) -> list[Any]:
     """What the account-scope conditions of `policy` see for n accounts at 16:30 New York
     (near the flat-by deadline, so the time conditions are true for some): the environments
     the engine builds itself in one tick."""
-    from copilink_rules.model import Snapshot  # noqa: PLC0415 - only the condition benchmarks
-
     snapshot = Snapshot.model_validate(
         snapshot_dict(n_accounts, T0 + timedelta(hours=7), random.Random(3)))
     return [env for env in capture_envs(policy, snapshot)
@@ -168,13 +167,15 @@ def shipped_policy() -> Policy:
 
 
 def shipped_snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
-                          leader_long: bool = True) -> dict[str, Any]:
+                          leader_long: bool = True,
+                          opened_at: datetime | None = None) -> dict[str, Any]:
     """n accounts in groups of one leader (Apex 50K) and 19 followers spread over the five
     firms with their own account sizes; balances and P&L vary so that some accounts are near a
     drawdown, daily loss or contract limit. Most followers copy the leader (NQ, or MNQ at 10x),
-    a few drift (missed the entry, too big, opposite side, an extra ES position)."""
+    a few drift (missed the entry, too big, opposite side, an extra ES position). Positions
+    opened at `opened_at` (default: 30 s before `moment`, so they differ at every moment)."""
     price = 18000.0 + rng.randint(-8, 8) * 0.25
-    opened = (moment - timedelta(seconds=30)).isoformat()
+    opened = (opened_at or moment - timedelta(seconds=30)).isoformat()
     firms = list(FIRM_SIZES)
     accounts: list[dict[str, Any]] = []
     stamp = moment.isoformat()
@@ -219,6 +220,17 @@ def shipped_snapshot_dict(n_accounts: int, moment: datetime, rng: random.Random,
                        "MNQH6": {"bid": price - 0.25, "ask": price, "last": price},
                        "ESH6": {"bid": 5000.0, "ask": 5000.25, "last": 5000.25}},
             "accounts": accounts}
+
+
+def refreshed(snapshot: Snapshot, moment: datetime) -> Snapshot:
+    """`snapshot` as a broker would send it again at `moment`: every account's data refreshed
+    then (`updated_at`), its positions and orders new objects with the same values (as parsed
+    from a new message), so the engine sees them unchanged by comparing, not by identity."""
+    accounts = tuple(a.model_copy(update={
+        "updated_at": moment,
+        "positions": tuple(p.model_copy() for p in a.positions),
+        "orders": tuple(o.model_copy() for o in a.orders)}) for a in snapshot.accounts)
+    return snapshot.model_copy(update={"time": moment, "accounts": accounts})
 
 
 def positions_of(leader_long: bool, kind: int) -> bool:

@@ -2,12 +2,23 @@
 with the synthetic 40-rule set, at several account counts (SPEC section 8; issue targets:
 shipped rules, 100 accounts p50/p99 under 1/3 ms, 1,000 accounts under 10/25 ms).
 
-    python benchmarks/bench_tick.py [--rules shipped,synthetic] [--accounts 20,100,1000,5000]
+    python benchmarks/bench_tick.py [--rules shipped,shipped-steady,synthetic]
+                                    [--accounts 20,100,1000,5000]
                                     [--seconds 5] [--max-ticks 2000] [--gc default|freeze]
 
 shipped    rules/desync.yaml + every rules/firms/*.yaml (41 session rules), on groups of one
            leader and 19 followers spread over the five firms with their account sizes
-           (_workload.shipped_snapshot_dict)
+           (_workload.shipped_snapshot_dict). Every position's `opened_at` moves with each
+           snapshot, so no account is ever unchanged from one tick to the next; and the timed
+           ticks (the second cycle on) keep the `updated_at` of the first, so the accounts'
+           data ages a cycle (5-10 s) a lap and soon counts as stale (rules' orders held, not
+           sent). The engine's heaviest case, kept as it was to compare with earlier numbers.
+shipped-steady
+           the same rules and accounts as a live session sees them (a tick every 250 ms):
+           positions opened once (`opened_at` fixed) and unchanged from tick to tick except
+           once a cycle, when the leaders go flat and enter again; every account refreshed
+           with each tick (`updated_at` = the tick's time, as new position and order objects
+           of the same values: _workload.refreshed), so accounts are reachable; P&L moves
 synthetic  desync.yaml + 35 synthetic rules (_workload.policy_text) on one leader and n-1
            followers (_workload.snapshot_dict)
 
@@ -35,6 +46,7 @@ from _workload import (
     T0,
     load_bench_policy,
     percentile,
+    refreshed,
     shipped_policy,
     shipped_snapshot_dict,
     snapshot_dict,
@@ -44,8 +56,11 @@ from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
 from copilink_rules.rules import Policy
 
+START = T0 + timedelta(hours=5)  # 14:30 New York: mid-session
 MAKERS: dict[str, Callable[[int, Any, random.Random, bool], dict[str, Any]]] = {
     "shipped": shipped_snapshot_dict,
+    "shipped-steady": lambda n, moment, rng, long: shipped_snapshot_dict(
+        n, moment, rng, long, opened_at=START - timedelta(seconds=30)),
     "synthetic": lambda n, moment, rng, long: snapshot_dict(n, moment, rng, leader_long=long),
 }
 
@@ -54,7 +69,7 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
              freeze: bool) -> tuple[list[float], int, int]:
     """Per-tick times, decisions made and full collections during the timed ticks."""
     rng = random.Random(7)
-    start = T0 + timedelta(hours=5)  # 14:30 New York: mid-session
+    start = START
     distinct = max(10, min(40, 20_000 // accounts))  # snapshots to build (pydantic is slow)
     make = MAKERS[kind]
     snapshots = [Snapshot.model_validate(make(accounts, start + timedelta(milliseconds=250 * i),
@@ -73,7 +88,8 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
     budget_end = time.perf_counter() + seconds
     lap = 1
     while len(times) < max_ticks and (len(times) < 20 or time.perf_counter() < budget_end):
-        batch = [s.model_copy(update={"time": s.time + cycle * lap}) for s in snapshots]
+        batch = [refreshed(s, s.time + cycle * lap) if kind == "shipped-steady" else
+                 s.model_copy(update={"time": s.time + cycle * lap}) for s in snapshots]
         for snapshot in batch:
             if len(times) >= max_ticks:
                 break
@@ -89,8 +105,8 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rules", default="shipped,synthetic",
-                        help="comma-separated: shipped, synthetic")
+    parser.add_argument("--rules", default="shipped,shipped-steady,synthetic",
+                        help="comma-separated: shipped, shipped-steady, synthetic")
     parser.add_argument("--accounts", default="20,100,1000,5000",
                         help="comma-separated account counts")
     parser.add_argument("--seconds", type=float, default=5.0,
@@ -103,7 +119,7 @@ def main() -> None:
     policies: dict[str, Policy] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
-            policies[kind] = shipped_policy() if kind == "shipped" else \
+            policies[kind] = shipped_policy() if kind.startswith("shipped") else \
                 load_bench_policy(Path(tmp))
     print(f"tick = Engine.evaluate on one snapshot; gc {args.gc}; up to {args.seconds:g} s "
           f"or {args.max_ticks} ticks per row")

@@ -322,6 +322,9 @@ class Engine:
                         for stage in ("session", "pre_session")}
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = policy.mentions("hedged")
+        # rules with an order among their actions: held (all their actions) while unreachable
+        self._order_rules = {r.id for r in policy.rules
+                             if any(a.name in ORDER_ACTIONS for a in r.actions)}
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
         self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
@@ -331,6 +334,7 @@ class Engine:
         self._order_facts: dict[str, OrderFacts] = {}
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
+        self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
 
     # --- public API -------------------------------------------------------------------------
 
@@ -364,7 +368,8 @@ class Engine:
                 for target in targets:
                     env = target.env
                     env.local, env.now_local, env.weekday = local, now_local, weekday
-            self._evaluate_group(group, targets, now, as_if_held, proposals, errors)
+            self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
+                                 blocked)
             live: set[str] | None = None  # built only when some rule has a target's state
             for _, rule in group.rules:
                 # a target that is gone (a pair gone flat, an account removed) ends its episode
@@ -521,8 +526,11 @@ class Engine:
             if day is None:
                 day = days[firm] = self._trading_day(firm, now)
             metrics = metrics_of.get(account_id)
-            if metrics is None or metrics.day != day or a["size"] is not None:
+            size = a["size"]
+            if metrics is None or metrics.day != day:
                 metrics = self._roll_metrics(account, equity, day)
+            elif size is not None:  # _roll_metrics' only change to the metrics of today
+                metrics.size = size
             metrics.peak = max(metrics.peak, equity)
             metrics.last_equity = equity
             if self._trade_counts:
@@ -607,12 +615,25 @@ class Engine:
                          now: datetime) -> list[_Target]:
         targets = []
         params, calendar = self.params, self.calendar
-        for info in infos.values():
-            env = Env()  # the hot path: _env() inlined
+        # each account's target of the last tick, its env refreshed (the same fields are set
+        # in every tick, so nothing of the last one is left); the reference path builds anew
+        old = self._account_targets_of if self.reuse else {}
+        new: dict[str, _Target] = {}
+        for account_id, info in infos.items():
+            target = old.get(account_id)
+            if target is None:
+                env = Env()  # the hot path: _env() inlined
+                target = _Target(account_id, info.account, env)
+            else:
+                env = target.env
+                target.account = info.account
             env.params, env.now, env.calendar = params, now, calendar
             env.families = info.families.keys()
             env.account = info.view
-            targets.append(_Target(info.view.id, info.account, env))
+            new[account_id] = target
+            targets.append(target)
+        if self.reuse:
+            self._account_targets_of = new
         return targets
 
     def _global_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
@@ -751,7 +772,8 @@ class Engine:
 
     def _evaluate_group(self, group: _Group, targets: list[_Target], now: datetime,
                         as_if_held: bool, proposals: list[_Proposal],
-                        errors_out: list[tuple[int, int, Decision]]) -> None:
+                        errors_out: list[tuple[int, int, Decision]],
+                        infos: dict[str, _AccountInfo], blocked: str | None) -> None:
         rules = group.rules
         states_of, errors_of = self._states, self._errors
         # rules whose per-target state must be cleared when their condition is false
@@ -799,7 +821,11 @@ class Engine:
                 low = mask & -mask
                 mask ^= low
                 order, rule = rules[low.bit_length() - 1]
-                self._on_true(rule, order, target, index, now, as_if_held, proposals)
+                state = states_of[rule.id].get(target.key)
+                if state is not None and state.fired:
+                    continue  # this episode fired already (_on_true's first test, inlined)
+                self._on_true(rule, order, target, index, now, as_if_held, proposals, infos,
+                              blocked)
         if results is None:
             return
         # a condition evaluated false ends its episode; one evaluated at all clears its error
@@ -839,7 +865,8 @@ class Engine:
         return mask, failed
 
     def _on_true(self, rule: CompiledRule, order: int, target: _Target, index: int,
-                 now: datetime, as_if_held: bool, proposals: list[_Proposal]) -> None:
+                 now: datetime, as_if_held: bool, proposals: list[_Proposal],
+                 infos: dict[str, _AccountInfo], blocked: str | None) -> None:
         states = self._states[rule.id]
         key = target.key
         state = states.get(key)
@@ -852,6 +879,13 @@ class Engine:
             return
         last = self._last_fired[rule.id].get(key)
         if last is not None and (now - last).total_seconds() < rule.cooldown:
+            return
+        if state.held and self.reuse and rule.id in self._order_rules and \
+                target.account is not None and \
+                (blocked or not infos[target.account.id].view.reachable):
+            # its orders are on hold and were reported already: _hold_unreachable would drop
+            # every proposal of this rule and target, and leave it unfired, as here, without
+            # building them (rendering their messages) first. `reuse=False` builds them.
             return
         state.fired = True
         for action, template in zip(rule.actions, rule.templates, strict=True):
@@ -1178,9 +1212,15 @@ def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
         del firm, family
         for side, accounts in by_side.items():
             others = by_side.get(-side, [])
+            joined: str | None = None  # the other side, once: hundreds of accounts at a firm
             for account in accounts:
                 view = infos[account].view
                 view.hedged = True
+                if not view.hedged_with:  # hedged nowhere else (yet): just the other side
+                    if joined is None:
+                        joined = ",".join(sorted(set(others)))
+                    view.hedged_with = joined
+                    continue
                 known = [a for a in view.hedged_with.split(",") if a]
                 view.hedged_with = ",".join(sorted(set(known) | set(others)))
 

@@ -632,8 +632,13 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         assert isinstance(node.func, ast.Name)
         name = node.func.id
-        numbers = all(self.types.get(id(arg)) == NUM for arg in node.args)
+        kinds = [self.types.get(id(arg)) for arg in node.args]
+        numbers = all(kind == NUM for kind in kinds)
         args = [self.visit(arg) for arg in node.args]
+        if name == "tier":
+            chain = _tier_chain(args, kinds)
+            if chain is not None:
+                return ast.copy_location(chain, node)
         if name in _TIME_ARGUMENTS:  # fold literal times (params are literals by now)
             args = [self._time_constant(arg, name) if isinstance(arg, ast.Constant) else arg
                     for arg in args]
@@ -694,6 +699,54 @@ class _Rewriter(ast.NodeTransformer):
             raise ExpressionError(f'{function}() needs a time "HH:MM", but params.{param} is '
                                   f"{_brief(node.value)}") from None
         return ast.copy_location(ast.Name(id=constant, ctx=ast.Load()), node)
+
+
+_TIER_VALUES = itertools.count()
+
+
+def _tier_chain(args: list[ast.expr], kinds: list[str | None]) -> ast.expr | None:
+    """tier(value, upto1, result1, ..., otherwise) as the chained conditional
+    `result1 if (v := value) <= upto1 else result2 if v <= upto2 else ... otherwise`, where
+    the checker proved the library's run-time checks needless: `value` is a number and every
+    `upto` and result is a constant by now (literals and params folded at load), upto numbers.
+
+    Then the two agree exactly: the library evaluates all its arguments first, but constants
+    cannot fail, so only `value` could, and it is evaluated first (and once) here too; every
+    comparison is the same `value <= upto`, in the same order. Size tiers of the firm rules
+    (`tier(account.size, 50000, params.x_50k, ...)`) are all of this form."""
+    value = args[0]
+    pairs = [_signed_constant(arg) for arg in args[1:]]
+    if kinds[0] != NUM or len(pairs) % 2 == 0 or None in pairs:
+        return None
+    if isinstance(value, ast.Constant) and value.value.__class__ not in _NUMBER_TYPES:
+        return None
+    if any(upto.value.__class__ not in _NUMBER_TYPES for upto in pairs[0:-1:2]):  # type: ignore[union-attr]
+        return None
+    constants: list[ast.Constant] = pairs  # type: ignore[assignment]
+    name = f"__cl_tier{next(_TIER_VALUES)}"  # a local of the compiled lambda
+    chain: ast.expr = constants[-1]
+    for index in range(len(constants) - 3, -1, -2):  # from the last upto back to the first
+        test: ast.expr = ast.Name(id=name, ctx=ast.Load())
+        if index == 0:
+            test = ast.NamedExpr(target=ast.Name(id=name, ctx=ast.Store()), value=value)
+        chain = ast.IfExp(test=ast.Compare(left=test, ops=[ast.LtE()],
+                                           comparators=[constants[index]]),
+                          body=constants[index + 1], orelse=chain)
+    return chain
+
+
+def _signed_constant(node: ast.expr) -> ast.Constant | None:
+    """A constant, or a number literal with its sign (`-2500` parses as -(2500)), as one
+    constant of the value it evaluates to; None for anything else."""
+    if isinstance(node, ast.Constant):
+        return node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd) and \
+            isinstance(node.operand, ast.Constant) and \
+            isinstance(node.operand.value, int | float):  # bool too: -True is -1, as at run time
+        number = node.operand.value
+        return ast.copy_location(
+            ast.Constant(value=-number if isinstance(node.op, ast.USub) else +number), node)
+    return None
 
 
 def parse_expression(source: object) -> ast.expr:

@@ -1,0 +1,201 @@
+"""The engine's shortcuts decide exactly as the plain path: `tier()` compiled inline gives what
+the library function gives, an order on hold is not built again while it stays on hold, and
+hedges marked with the other side joined once are the hedges marked one by one."""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from copilink_rules.engine import Engine, _mark_hedges
+from copilink_rules.errors import EvaluationError
+from copilink_rules.rules.expressions import compile_batch, compile_expression, fn_tier
+
+from .conftest import account, at, pos, snap
+from .test_expressions import env
+from .test_facts import DESYNC, both
+
+# --- tier() -----------------------------------------------------------------------------------
+
+BOUNDS = [25000, 50000, 100000, 150000]
+number = st.one_of(
+    st.sampled_from([*BOUNDS, 0, -0.0, 24999.99, 50000.0, 100000.5, -1]),
+    st.integers(-10**6, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True))
+
+
+def run_tier(source: str, size: Any, values: dict[str, Any]) -> tuple[Any, str]:
+    """`source` compiled in account scope with `values` as params, and its compiled code."""
+    compiled = compile_expression(source, "account", dict.fromkeys(values, "number"),
+                                  values=values)
+    e = env()
+    e.account.size = size
+    return compiled.evaluate(e), ast.unparse(compiled.tree)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as a rule could tell: the same type and value (NaN is NaN)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b and str(a) == str(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=number, uptos=st.lists(number, min_size=1, max_size=6),
+       results=st.lists(number, min_size=8, max_size=8))
+def test_tier_compiled_inline_gives_what_the_library_gives(size: float, uptos: list[float],
+                                                          results: list[float]) -> None:
+    pairs: list[Any] = []
+    for upto, result in zip(uptos, results, strict=False):
+        pairs += [upto, result]
+    pairs.append(results[-1])
+    values = {f"p{i}": v for i, v in enumerate(pairs)}
+    source = f"tier(account.size, {', '.join(f'params.p{i}' for i in range(len(pairs)))})"
+    got, code = run_tier(source, size, values)
+    assert "__cl_fn_tier" not in code  # really inline
+    assert same(got, fn_tier(size, tuple(pairs)))
+
+
+@pytest.mark.parametrize(("source", "inline"), [
+    ("tier(account.size, 25000, 1500, 50000, 2500, 3000)", True),
+    ("tier(account.size, 25000, -1500, 50000, -2500, -3000)", True),  # signed literals
+    ("tier(account.size * 2 - 1, 25000, 1, 50000, 2, 3)", True),  # any number, once
+    ("tier(30000, 25000, 1, 50000, 2, 3)", True),
+    ("tier(account.size, account.balance, 1, 2)", False),  # an upto that is not a constant
+    ("tier(account.size, 25000, account.pnl, 2)", False),  # nor a result
+    ("tier(account.size, 25000, 1, 50000, 2)", False),  # no `otherwise`: the library's error
+    ("tier(account.size, 'x', 1, 2)", False),  # the library's error at run time
+    ("tier(account.id, 25000, 1, 2)", False),
+])
+def test_tier_is_inline_only_where_nothing_can_differ(source: str, inline: bool) -> None:
+    for size in (0, 25000, 25000.5, 50000, 60000, float("nan")):
+        e = env()
+        e.account.size = size
+        e.account.balance = 40000
+        call = ast.parse(source, mode="eval").body
+        assert isinstance(call, ast.Call)
+        try:
+            args = [compile_expression(ast.unparse(a), "account", {}).evaluate(e)
+                    for a in call.args]
+            expected: Any = fn_tier(args[0], tuple(args[1:]))
+        except EvaluationError as exc:
+            expected = exc
+        compiled = compile_expression(source, "account", {})
+        assert ("__cl_fn_tier" not in ast.unparse(compiled.tree)) is inline
+        if isinstance(expected, EvaluationError):
+            with pytest.raises(EvaluationError, match=re.escape(str(expected))):
+                compiled.evaluate(e)
+        else:
+            assert same(compiled.evaluate(e), expected)
+
+
+def test_tiers_inline_keep_their_own_values_in_one_batch() -> None:
+    """Each inline tier has its own local: two in one condition, and conditions batched into
+    one function, do not read each other's value."""
+    sources = ["tier(account.size, 50000, 1, 2) + tier(account.balance, 50000, 10, 20) == 21",
+               "tier(account.balance, 50000, 1, 2) == 2 and tier(account.size, 0, 5, 6) == 6",
+               "tier(account.size, 50000, 1, 2) == 2"]
+    conditions = [compile_expression(s, "account", {}, condition=True) for s in sources]
+    batch = compile_batch(conditions, "account rules")
+    e = env()
+    e.account.size, e.account.balance = 25000, 60000
+    assert [c.evaluate(e) for c in conditions] == [True, True, False]
+    assert batch(e) == 0b011
+
+
+# --- orders on hold ---------------------------------------------------------------------------
+
+HELD = """
+    ruleset: demo
+    rules:
+      - id: too-many
+        when: account.contracts > 1
+        then:
+          - flatten
+          - alert: {message: "{account.id} flattened ({account.contracts} contracts)"}
+      - id: note
+        when: account.contracts > 1
+        then: [alert]
+      - id: dry
+        mode: dryrun
+        when: account.contracts > 2
+        then: [flatten]
+"""
+
+
+def test_an_order_on_hold_is_reported_once_and_fires_when_reachable(policy_of: Any) -> None:
+    policy = policy_of(HELD)
+    stamp = at(0).isoformat()
+    timeline = []
+    for t, connected, fresh in [(0, False, True), (1, False, True), (2, True, False),
+                                (3, True, False), (4, True, True), (5, False, True),
+                                (6, False, True), (30, True, False), (31, True, True)]:
+        updated = at(t).isoformat() if fresh else stamp
+        timeline.append(snap(at(t), account("LEAD", "leader"),
+                             account("F1", positions=[pos("NQH6", 3)], connected=connected,
+                                     updated_at=updated),
+                             account("F2", positions=[pos("NQH6", 2)], updated_at=updated)))
+    reusing, _ = both(policy, timeline)
+    # and under a block (the kill switch), against the reference engine tick by tick
+    fresh = Engine(policy, reuse=False)
+    again = Engine(policy)
+    for i, snapshot in enumerate(timeline):
+        blocked = "kill switch engaged" if i % 3 else None
+        assert [d.to_json_dict() for d in again.evaluate(snapshot, blocked=blocked)] == \
+            [d.to_json_dict() for d in fresh.evaluate(snapshot, blocked=blocked)]
+        assert again.save_state() == fresh.save_state()
+    first = [d for d in Engine(policy).evaluate(timeline[0]) if d.account == "F1"]
+    assert any("ON HOLD" in d.reason for d in first)
+    assert reusing.save_state()["rules"]
+
+
+# --- hedges -----------------------------------------------------------------------------------
+
+def _mark_hedges_one_by_one(infos: dict[str, Any]) -> None:
+    """The marking as first written: each account's list joined again for each account."""
+    sides: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for info in infos.values():
+        firm = info.account.firm
+        if not firm:
+            continue
+        for family, held in info.families.items():
+            side = 1 if held.equiv > 0 else -1
+            sides.setdefault((firm, family), {}).setdefault(side, []).append(info.account.id)
+    for by_side in sides.values():
+        if len(by_side) < 2:
+            continue
+        for side, accounts in by_side.items():
+            for account_id in accounts:
+                view = infos[account_id].view
+                view.hedged = True
+                known = [a for a in view.hedged_with.split(",") if a]
+                view.hedged_with = ",".join(sorted(set(known) | set(by_side.get(-side, []))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(held=st.lists(st.tuples(st.sampled_from(["apex", "topstep", None]),
+                               st.lists(st.tuples(st.sampled_from(["NQH6", "MNQH6", "ESH6"]),
+                                                  st.sampled_from([-2, -1, 1, 3])),
+                                        max_size=3)),
+                     min_size=1, max_size=12))
+def test_hedges_joined_once_are_the_hedges_joined_one_by_one(
+        held: list[tuple[str | None, list[tuple[str, int]]]]) -> None:
+    accounts = [account(f"A{i}" if i % 5 else f"A,{i}", firm=firm,
+                        positions=[pos(symbol, qty) for symbol, qty in positions])
+                for i, (firm, positions) in enumerate(held)]
+    snapshot = snap(at(0), account("LEAD", "leader"), *accounts)
+    engine = Engine(DESYNC)  # any policy: _accounts builds the views that get marked
+    fast, slow = engine._accounts(snapshot, at(0)), engine._accounts(snapshot, at(0))
+    for infos in (fast, slow):
+        for info in infos.values():
+            info.view.hedged, info.view.hedged_with = False, ""
+    _mark_hedges(fast)
+    _mark_hedges_one_by_one(slow)
+    assert [(i, f.view.hedged, f.view.hedged_with) for i, f in fast.items()] == \
+        [(i, s.view.hedged, s.view.hedged_with) for i, s in slow.items()]
