@@ -74,6 +74,7 @@ class LiveRunner:
 
     def __post_init__(self) -> None:
         self.stopped = threading.Event()
+        self.signalled = False  # SIGINT / SIGTERM received (set by the handler, read by run)
         self.scheduler = BackgroundScheduler(job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": 1})
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES |
@@ -143,8 +144,12 @@ class LiveRunner:
         """Block until stopped: Ctrl-C, SIGTERM, `stop()`, or `should_stop`."""
         previous: dict[signal.Signals, Any] = {}
         if install_signals and threading.current_thread() is threading.main_thread():
+            # a signal handler runs on the main thread between two bytecodes, possibly while
+            # that thread holds the Event's lock inside wait(): it only sets a flag (taking
+            # the lock there would deadlock the run, which then never stops); the loop below
+            # reads the flag
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda *_: self.stopped.set())
+                previous[sig] = signal.signal(sig, self._on_signal)
             if hasattr(signal, "SIGUSR1"):
                 previous[signal.SIGUSR1] = signal.signal(
                     signal.SIGUSR1,
@@ -152,13 +157,17 @@ class LiveRunner:
         self.jobs()
         self.scheduler.start()
         try:
-            while not self.stopped.wait(0.1):
+            while not self.signalled and not self.stopped.wait(0.1):
                 pass
+            self.stopped.set()
         finally:
             self.scheduler.shutdown(wait=True)
             self.thaw()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True  # no lock taken here (see run)
 
     def stop(self) -> None:
         self.stopped.set()

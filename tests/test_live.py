@@ -528,3 +528,45 @@ def test_the_pre_session_check_alerts_what_is_not_ready_or_says_ready() -> None:
     assert session.alerts.sent[-1].message.startswith(
         "pre-session: F2: copier is paused; resume it before the session")
     assert session.journal.count("alerts") == 2
+
+
+SIGNAL_WHILE_LOCKED = textwrap.dedent("""
+    import signal, sys
+    from copilink_rules.adapters.sim import SimBroker, SimScenario
+    from copilink_rules.alerts import Alerts
+    from copilink_rules.journal import Journal
+    from copilink_rules.scheduler import LiveRunner
+    from copilink_rules.session import Session
+
+    broker = SimBroker(SimScenario())
+    session = Session(broker, Journal(":memory:"), Alerts(), [sys.argv[1]])
+    session.start()
+    runner = LiveRunner(session, tick_seconds=0.05)
+
+    def on_tick():
+        if runner.ticks_seen == 0:
+            # the SIGTERM handler, run where a signal can land: while the thread it runs on
+            # holds the stop Event's lock (the main thread inside Event.wait())
+            handler = signal.getsignal(signal.SIGTERM)
+            with runner.stopped._cond:
+                handler(signal.SIGTERM, None)
+        runner.ticks_seen += 1
+
+    runner.ticks_seen = 0
+    runner.on_tick = on_tick
+    runner.run(install_signals=True)
+    print("stopped cleanly")
+""")
+
+
+def test_a_sigterm_landing_while_the_run_waits_stops_it_and_never_deadlocks(
+        tmp_path: Path) -> None:
+    # The handler once called Event.set(): landing while the main thread held that Event's
+    # lock inside wait(), it deadlocked, and the run kept ticking (and could send orders)
+    # after the trader stopped it, holding the journal's lock for good.
+    script = tmp_path / "signal_while_locked.py"
+    script.write_text(SIGNAL_WHILE_LOCKED, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(REPO / "rules" / "desync.yaml")],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "stopped cleanly" in done.stdout
