@@ -610,6 +610,11 @@ def cmd_copying(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
                              f"{args.command} works for copier: builtin; {args.command} copying "
                              f"onto {args.follower} {where}")
         followers = [a.id for a in config.accounts if a.role == "follower"]
+        disabled = [a.id for a in config.accounts if a.role == "follower" and not a.enabled]
+        if args.command == "resume" and args.follower in disabled:
+            raise ParamError(f"{args.follower} has enabled: false in {args.config}: it is "
+                             "never copied onto; set enabled: true (the running session "
+                             "reads it at its next start)")
     else:
         raise ParamError(f"{args.command} needs --config copilink.yaml or --journal FILE")
     if followers is not None and args.follower not in followers:

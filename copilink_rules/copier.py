@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from .adapters.base import BrokerAnswer, CopierPort, OrderPort, OrderReport, Side, call_broker
 from .adapters.sim import SimBroker, SimCopier
 from .errors import InstrumentError
+from .facts import Family, account_exposure, reachable
 from .gate import Gate, OrderRequest
 from .instruments import Catalog, Instrument, default_catalog
 from .journal import CommandRow, Journal, iso
@@ -72,6 +73,11 @@ def make_copier(name: str, broker: Any, journal: Journal | None = None,
 COPIER_ACTIONS = ("copy", "copy_stop", "copy_stop_cancel")
 # seconds a fill the broker reported may take to show in the account's positions
 FILL_SHOWS_WITHIN = 1.0
+# seconds between two requests to cancel a copy the broker still works
+CANCEL_AGAIN_AFTER = 1.0
+# an entry into a leader position opened longer ago than this is a late entry, priced by the
+# gate against the leader's entry (`catch_up_max_ticks`)
+LATE_AFTER = 2.0
 
 
 class CopierHost(Protocol):
@@ -79,6 +85,7 @@ class CopierHost(Protocol):
 
     dry_run: bool
     stale_after: float
+    entry_max_data_age: float
     max_contracts: Any
     gate: Gate
 
@@ -121,6 +128,7 @@ class _InFlight:
     status: str = "pending"  # pending | unanswered (the broker could not be reached) | cancelling
     order_id: str | None = None
     filled_at: datetime | None = None  # the broker says filled, positions do not show it yet
+    cancel_at: datetime | None = None  # when it was last asked to cancel it
 
 
 @dataclass
@@ -137,14 +145,18 @@ class _Stop:
     placed_at: datetime
 
 
-@dataclass
-class _Family:
-    """An account's position in one instrument family: exposure in full contracts, the
-    contracts held, the leader's average price."""
+@dataclass(frozen=True)
+class _Flat:
+    """No position in a family (`facts.Family` for one that is held)."""
 
     equiv: float = 0.0
-    symbols: dict[str, int] = field(default_factory=dict)
+    symbols: Mapping[str, int] = field(default_factory=dict)
     avg_price: float | None = None
+    opened_at: datetime | None = None
+
+
+FLAT = _Flat()
+Held = Family | _Flat
 
 
 class BuiltinCopier:
@@ -189,6 +201,7 @@ class BuiltinCopier:
         self.stops: dict[str, _Stop] = {}  # follower|leader order id -> its copy
         self.started = False
         self._gate_ready = False
+        self._dry_stops: set[tuple[str, str, str, int, float]] = set()
         self.snapshot: Snapshot | None = None
         self.sent = 0  # orders sent (for the benchmark and the summary)
         # tag -> when the copier sent it (the latency benchmark reads it)
@@ -246,24 +259,21 @@ class BuiltinCopier:
 
     def place_catch_up(self, account: str, instrument: str, qty: int, tag: str,
                        stop_price: float | None) -> tuple[BrokerAnswer, BrokerAnswer | None]:
-        """A catch-up the rules decided (the enforcer tracks it): sent by the copier, so it
-        counts as the copier's order there and the leader's stop is mirrored onto it."""
+        """A catch-up the rules decided, sent by the copier (its stop mirrored from the
+        leader's when the follower copies stops). The enforcer tracks it to the end, and the
+        copier sends nothing there while it does (`CopierHost.busy`)."""
         family = self.catalog.parse(instrument).family
         key = f"{account}|{family}"
         side: Side = "buy" if qty > 0 else "sell"
         answer = call_broker(lambda: self.broker.place_order(account, instrument, side,
                                                              abs(qty), "market", tag))
-        if answer.ok or answer.status == "unavailable":
-            held = self._held(account, family)
-            self.in_flight[key] = _InFlight(tag, account, family, instrument,
-                                            held + qty * self.catalog.parse(instrument).size,
-                                            self._now(), order_id=answer.order_id)
+        self.sent += 1
         spec = self.followers.get(account)
         if self.snapshot is not None and spec is not None:
             leader = self._leader_of(spec, {a.id: a for a in self.snapshot.accounts},
                                      self.snapshot)
             if leader is not None:
-                self.synced[key] = self._families(leader).get(family, _Family()).equiv
+                self.synced[key] = self._families(leader).get(family, FLAT).equiv
         if not answer.ok or stop_price is None or (spec is not None and spec.copy_stops):
             return answer, None  # its stop: the copier mirrors the leader's next tick
         return answer, call_broker(lambda: self.broker.place_order(
@@ -363,6 +373,8 @@ class BuiltinCopier:
             leader = self._leader_of(spec, accounts, snapshot)
             if follower is None or leader is None:
                 continue
+            if not self._current(leader, now):
+                continue  # its changes are copied once its data is current again (priced)
             lead = self._families(leader)
             held = self._families(follower)
             prefix = f"{spec.id}|"
@@ -370,7 +382,7 @@ class BuiltinCopier:
                                     k.startswith(prefix)}
             for family in sorted(families):
                 key = prefix + family
-                lead_equiv = lead.get(family, _Family()).equiv
+                lead_equiv = lead.get(family, FLAT).equiv
                 if first:
                     self.synced[key] = lead_equiv  # at start: what is open is the rules'
                     continue
@@ -385,12 +397,18 @@ class BuiltinCopier:
                     self._not_copied(spec.id, family, lead_equiv, why_not, now)
                     self.synced[key] = lead_equiv
                     continue
-                self._copy(spec, follower, leader, family, lead.get(family, _Family()),
-                           held.get(family, _Family()), now)
+                self._copy(spec, follower, leader, family, lead.get(family, FLAT),
+                           held.get(family, FLAT), now)
         if blocked is None:
             for spec in self.followers.values():
                 if spec.copy_stops:
                     self._mirror_stops(spec, accounts, snapshot, now)
+
+    def _current(self, account: Account, now: datetime) -> bool:
+        return reachable(account, now, self.host.stale_after if self.host is not None else 5.0)
+
+    def _entry_max_data_age(self) -> float:
+        return self.host.entry_max_data_age if self.host is not None else 1.0
 
     def _why_not(self, spec: FollowerCopy, follower: Account, now: datetime,
                  blocked: str | None) -> str | None:
@@ -398,13 +416,12 @@ class BuiltinCopier:
             return f"copying onto {spec.id} is paused ({self.paused[spec.id]})"
         if blocked:
             return blocked
-        stale_after = self.host.stale_after if self.host is not None else 5.0
-        if not follower.connected or follower.data_age(now) > stale_after:
+        if not self._current(follower, now):
             return f"{spec.id} is disconnected or its data is stale: no orders"
         return None
 
     def _copy(self, spec: FollowerCopy, follower: Account, leader: Account, family: str,
-              lead: _Family, held: _Family, now: datetime) -> None:
+              lead: Held, held: Held, now: datetime) -> None:
         key = f"{spec.id}|{family}"
         if not lead.symbols and not held.symbols:
             self.synced[key] = lead.equiv  # both flat: nothing to copy
@@ -425,17 +442,27 @@ class BuiltinCopier:
             # out first (a reversal: the entry follows once the close shows, never one
             # order through zero)
             self._close(spec.id, family, held, now, lead.equiv)
-            if target == 0:
-                self.synced[key] = lead.equiv
+            if target == 0 or (self.host is not None and self.host.dry_run):
+                self.synced[key] = lead.equiv  # (a dry run never sees the close happen)
             return
         diff = target - round(held_own)
         # an entry into a leader position older than this change (the follower missed its
         # start: resumed, reconnected, a lost copy) is a late entry: priced by the gate
-        late = not held.equiv and self.synced.get(key, 0.0) * lead.equiv > 0
+        late = not held.equiv and (self.synced.get(key, 0.0) * lead.equiv > 0 or (
+            lead.opened_at is not None and (now - lead.opened_at).total_seconds() > LATE_AFTER))
         self.synced[key] = lead.equiv
         if diff == 0:
             return
         adds = abs(target) > abs(round(held_own))
+        age, fresh = follower.data_age(now), self._entry_max_data_age()
+        if adds and age > fresh:
+            # sized, and asked of the gate, from what the follower held `age` s ago: an order
+            # placed since (by a person) would go unseen, past the firm's limit or through
+            # zero. Not chased: the rules catch it up once its data is fresh again
+            self._not_copied(spec.id, family, lead.equiv, f"data of {spec.id} is {age:.1f}s "
+                             f"old; a copy that adds exposure needs data under {fresh:g}s old",
+                             now)
+            return
         side: Side = "buy" if diff > 0 else "sell"
         qty = abs(diff)
         args: dict[str, Any] = {"leader": leader.id, "leader_equiv": lead.equiv,
@@ -453,7 +480,7 @@ class BuiltinCopier:
                 return
             if verdict.verdict == "reduce":
                 args["reduced_from"] = qty
-                reason = "; ".join(verdict.reasons)
+                reason = args["reduced_because"] = "; ".join(verdict.reasons)
                 qty = verdict.qty
             limit = host.max_contracts
             if adds and limit is not None:
@@ -481,7 +508,7 @@ class BuiltinCopier:
         self.sent += 1
         self._answered(tag, spec.id, family, symbol, float(args["expected"]), answer, now)
 
-    def _close(self, account: str, family: str, held: _Family, now: datetime,
+    def _close(self, account: str, family: str, held: Held, now: datetime,
                lead_equiv: float) -> None:
         """Close what `account` holds in `family` with the broker's close-position command
         (it closes what is there when it runs, and cancels the working orders there)."""
@@ -541,8 +568,9 @@ class BuiltinCopier:
             if order.filled_at is not None:
                 if waited < FILL_SHOWS_WITHIN:
                     continue
-            elif waited < (0 if order.status == "unanswered" else self.verify_after):
-                continue
+            elif waited < (0 if order.status in ("unanswered", "cancelling") else
+                           self.verify_after):
+                continue  # (one restored as cancelling waited long enough before the crash)
             report = self._find(order.tag)
             if report is None:
                 self.journal.command_status(order.tag, "lost", now, "the broker never "
@@ -556,9 +584,15 @@ class BuiltinCopier:
                     order.status = "cancelling"
                     self.journal.command_status(order.tag, "cancelling", now, "still working "
                                                 f"{self.verify_after:g}s later: cancelling it")
-                    order_id = report.order_id or order.order_id
-                    if order_id:
-                        self._cancel(order.account, order_id, f"{order.tag}-cancel", now)
+                # asked again while it works (a cancel refused, unanswered, or lost with a
+                # restart): a working copy may still fill, and until it is final nothing
+                # else goes to the follower's family, the rules' flatten included
+                order_id = report.order_id or order.order_id
+                if order_id and account is not None and self._current(account, now) and (
+                        order.cancel_at is None or
+                        (now - order.cancel_at).total_seconds() >= CANCEL_AGAIN_AFTER):
+                    order.cancel_at = now
+                    self._cancel(order.account, order_id, f"{order.tag}-cancel", now)
             elif report.state == "filled" and order.filled_at is None:
                 order.filled_at = now  # the positions should show it soon: wait once more
             else:
@@ -578,6 +612,7 @@ class BuiltinCopier:
             return
         held = self._families(follower)
         wanted: dict[str, tuple[str, str, int, float]] = {}
+        room: dict[str, int] = {}  # family -> contracts not yet protected
         for order in leader.orders:
             if order.type not in ("stop", "stop_limit") or order.stop_price is None or \
                     order.status not in ("working", "pending"):
@@ -595,7 +630,13 @@ class BuiltinCopier:
                 continue  # not protecting the follower's side
             size = round(order.qty * self.catalog.parse(order.instrument).size * spec.ratio /
                          own.size)
-            size = min(max(size, 1), abs(qty))
+            # together the copies never close more than is held: all of them filling
+            # would otherwise carry the follower through zero
+            left = room.setdefault(family, abs(qty))
+            size = min(max(size, 1), left)
+            if size <= 0:
+                continue
+            room[family] = left - size
             wanted[f"{spec.id}|{order.id}"] = (symbol, closes, size, order.stop_price)
         working = {o.id for o in follower.orders if o.status in ("working", "pending")}
         for key, stop in list(self.stops.items()):
@@ -627,6 +668,10 @@ class BuiltinCopier:
                 self._refused(account, family, symbol, {"stop_price": price, "qty": qty}, now,
                               f"pre-trade gate: {'; '.join(verdict.reasons)}", "copy_stop")
                 return
+        if self.host is not None and self.host.dry_run:
+            if (key, symbol, side, qty, price) in self._dry_stops:
+                return  # said once: a dry run never sees the stop at the broker
+            self._dry_stops.add((key, symbol, side, qty, price))
         tag = self._tag()
         self._journal(tag, account, symbol, family, "copy_stop",
                       {"stop_price": price, "qty": qty, "side": side}, "sending", now, None)
@@ -685,28 +730,19 @@ class BuiltinCopier:
             names = {k.split("|", 1)[1] for k in self.trades if k.startswith(f"{account.id}|")}
             for family in names | set(families):
                 key = f"{account.id}|{family}"
-                equiv = families.get(family, _Family()).equiv
+                equiv = families.get(family, FLAT).equiv
                 side = (equiv > 1e-9) - (equiv < -1e-9)
                 number, last = self.trades.get(key, (0, 0))
                 if side and side != last:
                     number += 1
                 self.trades[key] = (number, side)
 
-    def _families(self, account: Account) -> dict[str, _Family]:
-        out: dict[str, _Family] = {}
-        for position in account.positions:
-            if not position.qty:
-                continue
-            inst = self.catalog.parse(position.instrument)
-            family = out.setdefault(inst.family, _Family())
-            family.equiv += position.qty * inst.size
-            # as the broker names it: an order goes back in the same words
-            family.symbols[position.instrument] = family.symbols.get(position.instrument,
-                                                                     0) + position.qty
-            family.avg_price = position.avg_price
-        return out
+    def _families(self, account: Account) -> dict[str, Family]:
+        """The account's exposure per family (facts.py: the one place positions are summed;
+        `symbols` as the broker names them, so an order goes back in the same words)."""
+        return account_exposure(account, self.catalog)
 
-    def _price(self, lead: _Family, side: Side) -> float | None:
+    def _price(self, lead: Held, side: Side) -> float | None:
         """What an order on `side` would pay now, from the quote of the leader's contract
         (the follower's may be a micro with no quote of its own: same family, same price)."""
         if self.snapshot is None or not lead.symbols:
@@ -721,9 +757,9 @@ class BuiltinCopier:
             seen = next((a for a in self.snapshot.accounts if a.id == account), None)
         if seen is None:
             return 0.0
-        return self._families(seen).get(family, _Family()).equiv
+        return self._families(seen).get(family, FLAT).equiv
 
-    def _contract(self, spec: FollowerCopy, lead: _Family, held: _Family,
+    def _contract(self, spec: FollowerCopy, lead: Held, held: Held,
                   family: str) -> tuple[str, Instrument]:
         """The contract the follower trades in `family`, named as the broker names it: its
         own (copilink.yaml) when of the same family (NQ copied as MNQ), else what it holds
@@ -754,9 +790,6 @@ class BuiltinCopier:
             return self.broker.find_tag(tag)
         except Exception:  # noqa: BLE001 - unknown: ask again next tick
             return OrderReport(tag, "working", "")
-
-    def _now(self) -> datetime:
-        return self.snapshot.time if self.snapshot is not None else datetime.now(UTC)
 
     def _tag(self) -> str:
         if self.host is not None:

@@ -44,16 +44,20 @@ from .adapters.base import Broker, BrokerAnswer, CopierPort, OrderReport, call_b
 from .alerts import Alert, Alerts
 from .calendar import Calendar
 from .copier import COPIER_ACTIONS, BuiltinCopier, ExternalCopier
-from .engine import DEFAULT_STALE_AFTER, lock_until
+from .engine import DEFAULT_STALE_AFTER
+from .facts import account_exposure, reachable
 from .gate import Gate, OrderRequest
 from .instruments import Catalog, default_catalog
 from .journal import OPEN_STATUSES, CommandRow, Journal, iso
+from .locks import Lock, Locks, lock_until
 from .model import Account, Decision, Snapshot
 from .rules.loader import DEFAULT_TRADING_DAY, Policy
 
 log = logging.getLogger("copilink_rules.enforcer")
 
 CORRECTIVE = ("flatten", "catch_up", "cancel_orders")
+# seconds between two requests to cancel an attempt the broker still works
+CANCEL_AGAIN = 1.0
 
 
 class KillSwitch:
@@ -100,19 +104,11 @@ class Action:
     sent_at: datetime | None = None
     next_try: datetime | None = None
     reason: str = ""
+    cancel_at: datetime | None = None  # when the broker was last asked to cancel it
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.account, self.family or "*")
-
-
-@dataclass
-class Lock:
-    account: str
-    state: str
-    until: datetime
-    reason: str
-    rule: str | None
 
 
 @dataclass
@@ -132,7 +128,8 @@ class Enforcer:
     # account -> the contract it trades, when not the leader's (MNQH6 to copy NQ as micros)
     contracts: dict[str, str] = field(default_factory=dict)
     outstanding: dict[tuple[str, str], Action] = field(default_factory=dict)
-    locks: dict[str, Lock] = field(default_factory=dict)
+    # the book of locks (locks.py); a session hands the engine's over, so both read one book
+    locks: Locks = field(default_factory=Locks)
     escalated: list[Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -153,6 +150,7 @@ class Enforcer:
         # while a tick's decisions are carried out, the broker's answers to them are told
         # after them, so "flattening F1" reads before "broker rejected flatten"
         self._told_later: list[Alert] | None = None
+        self._journaled: dict[str, datetime] = {}  # account -> until, of the journal's locks
         self.use_policy(self.policy)
 
     def use_policy(self, policy: Policy) -> None:
@@ -202,7 +200,8 @@ class Enforcer:
                 self.outstanding[action.key] = action
         for lock in self.journal.locks():
             until = datetime.fromisoformat(lock["until"].replace("Z", "+00:00"))
-            if until > now:
+            self._journaled[lock["account"]] = until
+            if until > now:  # the journal is never behind the engine's saved state
                 self.locks[lock["account"]] = Lock(lock["account"], lock["state"], until,
                                                    lock["reason"], lock["rule"])
         return notes
@@ -231,7 +230,7 @@ class Enforcer:
         return (account, family) in self.outstanding or (account, "*") in self.outstanding
 
     def gate_locks(self) -> dict[str, tuple[str, datetime, str]]:
-        return {a: (lock.state, lock.until, lock.rule or "") for a, lock in self.locks.items()}
+        return self.locks.as_tuples()
 
     def broker_trouble(self, answer: BrokerAnswer, now: datetime, account: str) -> None:
         """A rate limit or a refused log-in met by another sender: every automatic order
@@ -290,32 +289,34 @@ class Enforcer:
         return started
 
     def _expire_locks(self, now: datetime) -> None:
-        # the engine reports the end of a lock (an info alert decision); this only tidies up
-        for account, lock in list(self.locks.items()):
-            if lock.until <= now:
-                del self.locks[account]
+        # the engine reports the end of a lock (an info alert decision) and, in a session, has
+        # taken it out of the book already; this tidies up the book and the journal's rows
+        self.locks.expire(now)
+        for account, until in list(self._journaled.items()):
+            if until <= now:
+                del self._journaled[account]
                 self.journal.unlock(account)
 
     def _reachable(self, account: Account | None, now: datetime) -> bool:
-        return account is not None and account.connected and \
-            account.data_age(now) <= self.stale_after
+        return reachable(account, now, self.stale_after)
 
     def _done(self, action: Action, account: Account | None) -> bool:
         """Does the broker's world show the action worked?"""
         if account is None:
             return False
-        in_family = [p for p in account.positions if p.qty != 0 and (
-            action.family is None or self.catalog.parse(p.instrument).family == action.family)]
+        families = account_exposure(account, self.catalog)
+        held = families.get(action.family) if action.family is not None else None
         if action.kind == "flatten":
-            return not in_family
+            return not families if action.family is None else held is None
         if action.kind == "cancel_orders":
             return not [o for o in account.orders if o.status in ("working", "pending") and (
                 action.family is None or
                 self.catalog.parse(o.instrument).family == action.family)]
         if action.kind == "catch_up":
             wanted = int(action.args.get("qty", 0))
-            held = sum(p.qty * self.catalog.parse(p.instrument).size for p in in_family)
-            return wanted != 0 and held * wanted > 0
+            equiv = held.equiv if held is not None else 0.0 if action.family is not None \
+                else sum(f.equiv for f in families.values())
+            return wanted != 0 and equiv * wanted > 0
         return True
 
     def _follow_up(self, snapshot: Snapshot, accounts: dict[str, Account],
@@ -359,8 +360,12 @@ class Enforcer:
                 self.journal.command_status(action.tag, "cancelling", now,
                                             f"still working {self.verify_after:g}s after the "
                                             "broker accepted it: cancelling it first")
-                if report.order_id:
-                    self._cancel_at_broker(action, report.order_id, now)
+            # asked again while it works (a cancel refused or unanswered): until it is final
+            # nothing else goes to that account and family
+            if report.order_id and (action.cancel_at is None or
+                                    (now - action.cancel_at).total_seconds() >= CANCEL_AGAIN):
+                action.cancel_at = now
+                self._cancel_at_broker(action, report.order_id, now)
             return
         self._failed_attempt(action, now, f"not done {self.verify_after:g}s after the broker "
                              f"accepted it ({report.state if report else 'unknown to it'})")
@@ -497,13 +502,15 @@ class Enforcer:
 
     def _refusal(self, action: Action, account: Account | None, now: datetime) -> str | None:
         copier = self.copier
-        copying = copier.in_flight.get(f"{action.account}|{action.family}") \
+        copying = next((order for key, order in copier.in_flight.items()
+                        if key.split("|", 1)[0] == action.account and
+                        action.family in (None, order.family)), None) \
             if isinstance(copier, BuiltinCopier) else None
         if copying is not None:
             self._again = True
             return f"the copier's order {copying.tag} is still open for this account and " \
                 "instrument"
-        existing = self.outstanding.get(action.key)
+        existing = self._overlapping(action)
         if existing is not None and action.kind == "flatten" and existing.kind != "flatten" \
                 and self._superseded(existing, now):
             existing = None
@@ -530,13 +537,25 @@ class Enforcer:
         qty = int(action.args.get("qty", 0))
         if qty == 0:
             return "catch-up of 0 contracts"
-        held = sum(p.qty for p in account.positions
-                   if self.catalog.parse(p.instrument).family == action.family)
+        family = account_exposure(account, self.catalog).get(action.family or "")
+        held = family.qty if family is not None else 0
         if held * qty < 0:
             return "the follower holds the other side: a catch-up would not fix that"
         if held != 0:
             return "the follower is no longer flat"
         return self._gate_refusal(action, account, qty, now)
+
+    def _overlapping(self, action: Action) -> Action | None:
+        """An outstanding action on the same account whose orders could meet this one's:
+        the same family, or either of them over every instrument (a flatten of all beside a
+        flatten of NQ would close NQ twice)."""
+        exact = self.outstanding.get(action.key)
+        if exact is not None:
+            return exact
+        if action.family is None:
+            return next((a for a in self.outstanding.values() if a.account == action.account),
+                        None)
+        return self.outstanding.get((action.account, "*"))
 
     def _superseded(self, existing: Action, now: datetime) -> bool:
         """A flatten outranks an outstanding catch-up or cancel: once the broker is done
@@ -557,8 +576,7 @@ class Enforcer:
         assert action.instrument is not None
         snapshot = self._last_snapshot
         if snapshot is not None:
-            locks = {a: (lock.state, lock.until, lock.rule or "") for a, lock in self.locks.items()}
-            self.gate.update(_with_account(snapshot, account), locks)
+            self.gate.update(_with_account(snapshot, account), self.locks)
             verdict = self.gate.check(OrderRequest(
                 account=action.account, instrument=action.instrument,
                 side="buy" if qty > 0 else "sell", qty=abs(qty)))
@@ -727,12 +745,12 @@ class Enforcer:
         else:  # a decision made elsewhere: the CME trading day
             until = lock_until(str(decision.args.get("until", "next_trading_day")), now,
                                ZoneInfo("America/New_York"), DEFAULT_TRADING_DAY)
-        current = self.locks.get(decision.account)
-        if current is not None and current.state == "halted" and state == "reducing":
-            return  # a halted lock is stricter than a reducing one
-        self.locks[decision.account] = Lock(decision.account, state, until, decision.reason,
-                                            decision.rule)
+        # in a session the engine placed this lock already: placing it again changes nothing
+        lock = self.locks.place(decision.account, state, until, decision.reason, decision.rule)
+        if lock.state != state:
+            return  # a halted lock in force is stricter than a reducing one (locks.py)
         self.journal.lock(decision.account, state, until, decision.reason, decision.rule, now)
+        self._journaled[decision.account] = until
         zone = self._zones.get(decision.rule, ZoneInfo("UTC"))
         self._alert(now, "critical", f"{decision.account} locked ({state}) until "
                     f"{until.astimezone(zone):%Y-%m-%d %H:%M %Z}", decision.account,

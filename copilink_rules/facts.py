@@ -11,16 +11,21 @@ tick, from these facts.
 
 Equal means equal as the rules could tell: the same values of the same types, and a zero of the
 same sign (`-0.0 == 0.0`, yet a message shows them differently).
+
+The one derivation of an account's exposure per instrument family (`family_exposure`) and of
+whether an account can take orders (`reachable`) lives here: the engine, the pre-trade gate, the
+enforcer and the built-in copier all read them, so none sums positions its own way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from .instruments import Catalog, Instrument
-from .model import Order, Position, signed_zeros_differ
+from .model import Account, Order, Position, signed_zeros_differ
 from .namespace import FLAT_FIELDS, PositionView
 
 _WORKING = ("working", "pending")
@@ -30,20 +35,30 @@ FLAT_VIEWS = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag 
 
 @dataclass(slots=True)
 class Family:
-    """One account's exposure in one instrument family."""
+    """One account's exposure in one instrument family (`family_exposure`)."""
 
-    qty: int
-    equiv: float
-    instrument: Instrument
-    symbol: str
-    avg_price: float
-    opened_at: datetime | None
+    qty: int  # signed contracts, of whatever sizes
+    equiv: float  # signed size in full-size contracts
+    instrument: Instrument  # the main contract: the largest exposure (the first among equals)
+    symbol: str  # the main contract as the broker names it
+    avg_price: float  # the main contract's
+    opened_at: datetime | None  # the main contract's
+    # signed contracts per contract, as the broker names them (an order goes back in its words)
+    symbols: dict[str, int] = field(default_factory=dict)
+    minis: int = 0  # full-size contracts held, long or short
+    micros: int = 0  # micro contracts held, long or short
     # derived on first use and kept while the family is reused (see `position_view`)
     trade: str | None = None  # the leader trade label: "<side>@<opened_at>"
     view: Any = None  # its PositionView (not declared overnight), and when its age was set
     aged: datetime | None = None
     night_view: Any = None  # the same, declared overnight
     night_aged: datetime | None = None
+
+    @property
+    def side(self) -> int:
+        """1 long, -1 short (a family whose contracts net to nothing counts as short, as
+        hedges and trade counts always took it)."""
+        return 1 if self.equiv > 0 else -1
 
     def trade_label(self) -> str:
         """What identifies a leader's trade: its side and when it opened ("" if unknown)."""
@@ -140,16 +155,18 @@ class PositionFacts:
         return found
 
 
-def derive_positions(account_id: str, firm: str | None, positions: tuple[Position, ...],
-                     overnight_symbols: tuple[str, ...], catalog: Catalog,
-                     first_seen: dict[str, tuple[int, datetime]],
-                     now: datetime) -> PositionFacts:
-    """An account's position facts. A family whose opening time the broker did not give is
-    dated by when the engine first saw it (side included), recorded in `first_seen`."""
+FamilyExposure = Family  # the name the issue gives it: one account's exposure in one family
+
+
+def family_exposure(positions: Iterable[Position], catalog: Catalog) -> dict[str, Family]:
+    """An account's exposure per instrument family: the one place positions are summed.
+
+    Contracts of one family (NQ and MNQ, two expiries) add up in full-size contracts
+    (`equiv`) and in contracts (`qty`); the main contract is the one with the largest
+    exposure. Positions of 0 contracts are left out; a family whose contracts net to nothing
+    is kept (it still holds contracts)."""
     parse = catalog.parse
     families: dict[str, Family] = {}
-    contracts = minis = micros = undeclared = 0
-    overnight = {parse(s).symbol for s in overnight_symbols} if overnight_symbols else ()
     for position in positions:
         p = position.__dict__  # several times faster than attributes of a pydantic model
         qty = p["qty"]
@@ -157,25 +174,67 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
             continue
         symbol = p["instrument"]
         instrument = parse(symbol)
-        contracts += abs(qty)
-        if instrument.micro:
-            micros += abs(qty)
-        else:
-            minis += abs(qty)
-        if instrument.symbol not in overnight:
-            undeclared += 1
-        family = families.get(instrument.family)
         equiv = qty * instrument.size
+        family = families.get(instrument.family)
         if family is None:
-            families[instrument.family] = Family(
-                qty, equiv, instrument, symbol, p["avg_price"], p["opened_at"])
+            family = families[instrument.family] = Family(
+                qty, equiv, instrument, symbol, p["avg_price"], p["opened_at"], {symbol: qty})
         else:
             main_is_new = abs(equiv) > abs(family.equiv)
             family.qty += qty
             family.equiv += equiv
+            family.symbols[symbol] = family.symbols.get(symbol, 0) + qty
             if main_is_new:
                 family.instrument, family.symbol = instrument, symbol
                 family.avg_price, family.opened_at = p["avg_price"], p["opened_at"]
+        if instrument.micro:
+            family.micros += abs(qty)
+        else:
+            family.minis += abs(qty)
+    return families
+
+
+def account_exposure(account: Account, catalog: Catalog) -> dict[str, Family]:
+    """`family_exposure` of an account's positions."""
+    return family_exposure(account.__dict__["positions"], catalog)
+
+
+def staleness(connected: bool, updated_at: datetime | None, now: datetime,
+              stale_after: float) -> tuple[float, bool, bool]:
+    """(data age in seconds, stale, reachable) of an account at `now`: the one rule for when
+    an account may be sent orders — connected, and its data at most `stale_after` old."""
+    age = (now - updated_at).total_seconds() if updated_at else 0.0  # Account.data_age
+    stale = age > stale_after
+    return age, stale, connected and not stale
+
+
+def reachable(account: Account | None, now: datetime, stale_after: float) -> bool:
+    """May `account` be sent orders at `now` (`staleness`)? An unknown account may not."""
+    if account is None:
+        return False
+    a = account.__dict__
+    return staleness(a["connected"], a["updated_at"], now, stale_after)[2]
+
+
+def derive_positions(account_id: str, firm: str | None, positions: tuple[Position, ...],
+                     overnight_symbols: tuple[str, ...], catalog: Catalog,
+                     first_seen: dict[str, tuple[int, datetime]],
+                     now: datetime) -> PositionFacts:
+    """An account's position facts. A family whose opening time the broker did not give is
+    dated by when the engine first saw it (side included), recorded in `first_seen`."""
+    families = family_exposure(positions, catalog)
+    minis = micros = 0
+    for family in families.values():
+        minis += family.minis
+        micros += family.micros
+    held = [p for p in positions if p.__dict__["qty"] != 0]
+    if overnight_symbols:
+        parse = catalog.parse
+        overnight = {parse(s).symbol for s in overnight_symbols}
+        undeclared = sum(1 for p in held
+                         if parse(p.__dict__["instrument"]).symbol not in overnight)
+    else:
+        undeclared = len(held)
     seen = []
     for name, family in families.items():
         if family.opened_at is not None:
@@ -188,8 +247,8 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
         if first is None or first[0] != side:
             first = first_seen[key] = (side, now)
         family.opened_at = first[1]
-    return PositionFacts(firm, positions, overnight_symbols, families, contracts, minis, micros,
-                         undeclared, tuple(seen))
+    return PositionFacts(firm, positions, overnight_symbols, families, minis + micros, minis,
+                         micros, undeclared, tuple(seen))
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """The pre-trade gate: "may the copier send this order?" answered in microseconds.
 
     gate = Gate(policy, calendar=calendar)
-    gate.update(snapshot, locks=engine.locks)       # once per snapshot
+    gate.update(snapshot, locks=engine.lock_book)   # once per snapshot
     answer = gate.check(OrderRequest(account="F1", instrument="NQH6", side="buy", qty=3))
     answer.verdict, answer.qty, answer.reasons      # "allow" | "block" | "reduce", 3, (...)
 
@@ -21,6 +21,7 @@ entry threshold is desync's `catch_up_max_ticks`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Literal
@@ -29,7 +30,9 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field
 
 from .calendar import Calendar
+from .facts import account_exposure
 from .instruments import Catalog, default_catalog
+from .locks import Locks
 from .model import MAX_QTY, Amount, Snapshot
 from .rules.loader import Policy
 from .snapshots import clip
@@ -126,32 +129,28 @@ class Gate:
     # --- once per snapshot ----------------------------------------------------------------
 
     def update(self, snapshot: Snapshot,
-               locks: dict[str, tuple[str, datetime, str]] | None = None) -> None:
-        """Take in the world: positions, quotes, locks (from `Engine.locks`), the clock."""
+               locks: Locks | Mapping[str, tuple[str, datetime, str]] | None = None) -> None:
+        """Take in the world: positions, quotes, locks (the engine's `lock_book`, or
+        `Engine.locks`), the clock."""
         self.now = snapshot.time
-        self._locks = {a: lock[0] for a, lock in (locks or {}).items()}
+        self._locks = locks.states() if isinstance(locks, Locks) else \
+            {a: lock[0] for a, lock in (locks or {}).items()}
         self._accounts = {}
         self._sides = {}
         for account in snapshot.accounts:
             firm = self.firms.get(account.firm or "")
             weight = firm.micro_weight if firm else 1.0
-            equiv: dict[str, float] = {}
-            qty: dict[str, int] = {}
-            weighted = 0.0
-            for position in account.positions:
-                if position.qty == 0:
-                    continue
-                inst = self.catalog.parse(position.instrument)
-                equiv[inst.family] = equiv.get(inst.family, 0.0) + position.qty * inst.size
-                qty[inst.family] = qty.get(inst.family, 0) + position.qty
-                weighted += abs(position.qty) * (weight if inst.micro else 1.0)
+            exposure = account_exposure(account, self.catalog)
+            equiv = {name: held.equiv for name, held in exposure.items()}
+            qty = {name: held.qty for name, held in exposure.items()}
+            weighted = float(sum(held.minis for held in exposure.values())) + \
+                sum(held.micros for held in exposure.values()) * weight
             size = account.size or (account.balance - account.realized_pnl)
             self._accounts[account.id] = _Account(account.id, account.role, account.firm,
                                                   account.leader, size, equiv, qty, weighted)
             if account.firm:
-                for family, value in equiv.items():
-                    self._sides.setdefault((account.firm, family), {})[account.id] = \
-                        1 if value > 0 else -1
+                for family, held in exposure.items():
+                    self._sides.setdefault((account.firm, family), {})[account.id] = held.side
         leaders = [a.id for a in snapshot.accounts if a.role == "leader"]
         for known in self._accounts.values():
             if known.role == "follower" and known.leader is None and len(leaders) == 1:

@@ -70,7 +70,8 @@ class Session:
                                  copier=self.copier, dry_run=self.dry_run,
                                  kill_switch=self.kill_switch, catalog=self.catalog,
                                  calendar=self.calendar, on_command=self.on_command,
-                                 contracts={**self._broker_contracts(), **self.contracts})
+                                 contracts={**self._broker_contracts(), **self.contracts},
+                                 locks=self.engine.lock_book)  # one book: the engine's
         self.enforcer.still_wanted = lambda action: self.engine.episode_live(
             action.rule, action.account, action.instrument)
         # copilink-rules' own copier: it copies after the rules' commands each tick
@@ -164,7 +165,8 @@ class Session:
             self.journal.decisions(decisions)
         self.enforcer.process(snapshot, decisions)
         for decision in self.enforcer.again:
-            self.engine.rearm(decision.rule, decision.account, decision.instrument)
+            self.engine.rearm(decision.rule, decision.account, decision.instrument,
+                              decision.action, decision.args.get("episodes"))
         if self.builtin is not None:
             self._copy(snapshot)
         if self.after_commands is not None:
@@ -270,6 +272,7 @@ class Session:
                 return message
             self.policy = policy
             self.engine = engine
+            self.enforcer.locks = engine.lock_book  # restored from the old engine's
             self.enforcer.use_policy(policy)
         message = f"rules reloaded: {policy.name} version {policy.version}"
         self._send(now, "info", message, None)

@@ -24,7 +24,7 @@ def render(session: Session, title: str = "copilink-rules") -> Group:
             age = account.data_age(snapshot.time)
             link = Text("up", "green") if account.connected else Text("DOWN", "bold red")
             positions = ", ".join(f"{p.qty:+d} {p.instrument}" for p in account.positions) or "flat"
-            lock = session.enforcer.locks.get(account.id)
+            lock = session.engine.lock_book.get(account.id)
             accounts.add_row(
                 account.id, account.role, link, f"{age:.1f}s",
                 (Text(account.copier, "bold red") if account.copier == "paused" else

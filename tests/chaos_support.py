@@ -7,11 +7,25 @@ and crashes at random points inside a tick, each followed by a restart on the sa
 journal and the same broker (or the broker reloaded from its saved state, when the crash came
 after the tick saved it, as `run --sim-state` does).
 
+In copier mode (`copier="builtin"`) the sim's own copier is off and copilink-rules' built-in
+copier (copier.py `BuiltinCopier`) copies the leader onto three followers (1:1, micros, ratio
+0.5), through the broker's faults (lost, stuck, rejected and delayed orders, manual orders,
+reversals, disconnects, stale data); the rules may lock a follower (halted) and pause and
+resume copying onto it; crashes also come inside the copier's send (before and after the broker
+has the order) and after it sent but before its state was saved. Each restart is a new Session
+and a new BuiltinCopier on the same journal. After the last fault the session runs on for
+END_GRACE seconds, and the copier invariants (COPIER_INVARIANTS) are checked besides the
+others.
+
 The checks read `broker.log` (every command the broker received, with how the account stood
 when it arrived and what became of it) and the positions sampled after every tick; the journal
-is used only to know what the engine itself escalated to a person.
+is used only to know what the engine itself escalated to a person and, in copier mode, which
+orders were the copier's and what each meant (a close, or what the follower would hold); the
+pauses, locks and the leader's position are sampled from the session after every tick and at
+every crash.
 
-Used by tests/test_chaos.py, tests/test_invariants.py and benchmarks/soak.py.
+Used by tests/test_chaos.py, tests/test_copier_chaos.py, tests/test_invariants.py and
+benchmarks/soak.py.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from unittest import mock
 from copilink_rules.adapters.base import BrokerAnswer
 from copilink_rules.adapters.sim import FaultKind, SimBroker, SimFollower, SimScenario, SimTrade
 from copilink_rules.alerts import Alerts
+from copilink_rules.copier import BuiltinCopier, FollowerCopy
 from copilink_rules.enforcer import KillSwitch
 from copilink_rules.instruments import default_catalog
 from copilink_rules.journal import Journal
@@ -69,13 +84,61 @@ ORDER_KINDS = ("flatten", "place_market", "place_stop", "cancel_orders")  # orde
 CORRECTIVE_KINDS = ("flatten", "place_market", "cancel_orders")  # one at a time per family
 ALL_FAULTS: list[FaultKind] = list(get_args(FaultKind))
 CRASH_POINTS = ("tick_start", "on_command", "after_send", "before_save", "after_save")
+# ... and with the built-in copier: `on_command` is also inside the copier's send (journaled,
+# not yet at the broker), `after_send` after the broker has it; `after_copy` once the copier
+# sent this tick's copies, before its bookkeeping is saved
+COPIER_CRASH_POINTS = (*CRASH_POINTS, "on_command", "after_send", "after_copy")
 INVARIANTS = ("unreachable", "kill_switch", "one_working", "contract_limit", "opposite",
               "catch_up_after_flatten", "stuck_bound", "sent_twice", "unjournaled", "restart")
+COPIER_INVARIANTS = (*INVARIANTS, "paused_copy", "locked_copy", "copied_twice", "end_in_line")
+COPIERS = ("sim", "builtin")
+
+# the built-in copier's followers: one 1:1, one copying NQ as micros, one at half the size
+COPIER_FOLLOWERS = (FollowerCopy("F1", "LEAD"), FollowerCopy("F2", "LEAD", instrument="MNQH6"),
+                    FollowerCopy("F3", "LEAD", ratio=0.5))
+# seconds the session runs on after the last fault and kill switch, for the rules' graces
+END_GRACE = 12.0
+# the copier mode's firm: a follower over the contract limit is flattened and halted for a
+# while, one caught on the other side of its leader is halted too (beside desync's flatten and
+# pause), and a paused follower that is reachable and flat again copies again
+COPIER_RULES = RULES.replace("rules: []\n", textwrap.dedent(f"""
+    rules:
+      - id: chaos-over-limit
+        description: over the firm's contract limit - flatten, halted for a while
+        scope: account
+        applies_to: {{roles: [follower]}}
+        when: >
+          account.minis + account.micros * params.{FIRM}_micro_weight
+          > params.{FIRM}_max_contracts
+        then:
+          - flatten: {{}}
+          - lock_account: {{state: halted, until: 8s}}
+          - alert: {{severity: critical, message: "{{account.id}} over the limit: halted"}}
+        priority: 920
+      - id: chaos-opposite-halt
+        description: a follower on the other side of its leader is halted for a while
+        scope: pair
+        when: not leader.flat and not follower.flat and leader.side != follower.side
+        for: 1s
+        then:
+          - lock_account: {{state: halted, until: 6s}}
+        priority: 890
+      - id: chaos-resume
+        description: a paused follower, reachable and flat for a while, copies again
+        scope: account
+        applies_to: {{roles: [follower]}}
+        when: account.copier == "paused" and account.reachable and account.flat
+        for: 4s
+        then:
+          - resume_copier: {{}}
+          - alert: {{severity: info, message: "{{account.id}}: copying resumes"}}
+    """).lstrip())
 
 
-def write_rules(folder: Path) -> Path:
-    path = folder / f"{FIRM}.yaml"
-    path.write_text(RULES, encoding="utf-8")
+def write_rules(folder: Path, copier: str = "sim") -> Path:
+    """The chaos firm's rule file for the `copier` mode (`sim` or `builtin`)."""
+    path = folder / (f"{FIRM}.yaml" if copier == "sim" else f"{FIRM}-{copier}.yaml")
+    path.write_text(RULES if copier == "sim" else COPIER_RULES, encoding="utf-8")
     return path
 
 
@@ -106,8 +169,10 @@ def policies_loaded_once() -> Iterator[None]:
 # --- one chaos session --------------------------------------------------------------------------
 
 
-def chaos_scenario(seed: int, trades: int = 2, faults: int = 5) -> SimScenario:
-    """Short trades (a short session), three followers of one firm, one trading micros."""
+def chaos_scenario(seed: int, trades: int = 2, faults: int = 5,
+                   copier: str = "sim") -> SimScenario:
+    """Short trades (a short session), three followers of one firm, one trading micros; with
+    `copier="builtin"` the sim's own copier is off and the third follower copies at 0.5."""
     rng = random.Random(seed * 7919 + 1)
     drawn, at = [], 3.0
     for _ in range(trades):
@@ -115,6 +180,12 @@ def chaos_scenario(seed: int, trades: int = 2, faults: int = 5) -> SimScenario:
         drawn.append(SimTrade(at=round(at, 2), side=rng.choice(["long", "short"]),
                               qty=rng.randint(1, 3), hold=hold))
         at += hold + rng.uniform(4.0, 7.0)
+    if copier == "builtin":
+        return SimScenario(seed=seed, trades=drawn, random_faults=faults,
+                           random_fault_kinds=ALL_FAULTS, leader_firm=FIRM, own_copier=False,
+                           followers=[SimFollower(id="F1", firm=FIRM),
+                                      SimFollower(id="F2", firm=FIRM, instrument="MNQH6"),
+                                      SimFollower(id="F3", firm=FIRM, ratio=0.5)])
     return SimScenario(seed=seed, trades=drawn, random_faults=faults,
                        random_fault_kinds=ALL_FAULTS, leader_firm=FIRM,
                        followers=[SimFollower(id="F1", firm=FIRM),
@@ -133,6 +204,12 @@ class ChaosRun:
     journal_tags: set[str]
     commands: int
     restart_problems: list[str] = field(default_factory=list)
+    copier: str = "sim"
+    # copier mode: after every tick and at every crash, what the session held then: the
+    # leader's exposure, the followers copying is paused onto, the locks, the kill switch
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    # the journal's commands: tag -> (action, instrument, args)
+    actions: dict[str, tuple[str, str | None, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def faults(self) -> int:
@@ -149,26 +226,36 @@ class _Plan:
     kill_for: float
 
     @classmethod
-    def draw(cls, seed: int, ticks: int, crashes: int | None = None) -> _Plan:
+    def draw(cls, seed: int, ticks: int, crashes: int | None = None,
+             where: tuple[str, ...] = CRASH_POINTS) -> _Plan:
         rng = random.Random(seed * 104729 + 3)
         count = rng.choice((1, 1, 2, 2, 3)) if crashes is None else crashes
         at = sorted(rng.sample(range(4, max(ticks, count + 5)), count))
-        points = [rng.choice(CRASH_POINTS) for _ in at]
+        points = [rng.choice(where) for _ in at]
         kill_at = rng.uniform(2.0, ticks * TICK) if rng.random() < 0.6 else None
         return cls(at, points, kill_at, rng.uniform(1.0, 6.0))
 
 
 def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: int = 5,
-              crashes: int | None = None) -> ChaosRun:
-    """A chaos session to its end; the journal is `folder/chaos-<seed>.db`."""
-    broker = SimBroker(chaos_scenario(seed, trades, faults))
-    plan = _Plan.draw(seed, int(broker.end / TICK), crashes)
+              crashes: int | None = None, copier: str = "sim") -> ChaosRun:
+    """A chaos session to its end; the journal is `folder/chaos-<seed>.db`. `copier`: `sim`
+    (the sim's own copier) or `builtin` (copilink-rules' copier, the sim's off; `rules` from
+    `write_rules(folder, "builtin")`)."""
+    if copier not in COPIERS:
+        raise ValueError(f"copier {copier!r}: one of {', '.join(COPIERS)}")
+    builtin = copier == "builtin"
+    broker = SimBroker(chaos_scenario(seed, trades, faults, copier))
+    # the copier mode runs on past the last fault: the rules' graces, then the final check
+    finish = broker.end + END_GRACE if builtin else broker.end
+    plan = _Plan.draw(seed, int(broker.end / TICK), crashes,
+                      COPIER_CRASH_POINTS if builtin else CRASH_POINTS)
     journal_path = folder / f"chaos-{seed}.db"
     sim_path = folder / f"chaos-{seed}.sim.json"
     kill = KillSwitch()
     armed: list[str | None] = [None]  # the crash point armed now
     reload = [False]
     states: list[dict[str, Any]] = []
+    controls: list[dict[str, Any]] = []
     kill_windows: list[tuple[float, float]] = []
     crashed: list[tuple[float, str]] = []
     problems: list[str] = []
@@ -181,11 +268,15 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
 
     def before_tick() -> None:
         broker.advance(TICK)
+        # the copier mode gives the rules their grace after the kill switch too
+        release = kill_windows[-1][0] + plan.kill_for if kill_windows else math.inf
+        if builtin:
+            release = min(release, broker.end)
         if plan.kill_at is not None and not kill.engaged and broker.elapsed >= plan.kill_at \
-                and not kill_windows:
+                and not kill_windows and broker.elapsed < (broker.end if builtin else math.inf):
             kill.engage("chaos test")
             kill_windows.append((broker.elapsed, math.inf))
-        elif kill.engaged and broker.elapsed >= kill_windows[-1][0] + plan.kill_for:
+        elif kill.engaged and broker.elapsed >= release:
             kill.release()
             kill_windows[-1] = (kill_windows[-1][0], broker.elapsed)
         fire("tick_start")
@@ -213,11 +304,25 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
 
             setattr(target, name, after_send)
 
+    def new_copier(journal: Journal) -> BuiltinCopier:
+        """A new process's copier: `on_command` inside its send, `after_copy` once it sent."""
+        own = BuiltinCopier(broker, journal, COPIER_FOLLOWERS)
+        own.on_send = on_command
+        sync = own.sync
+
+        def sync_then_crash(snapshot: Any) -> None:
+            sync(snapshot)
+            fire("after_copy")  # its copies sent, its bookkeeping not saved
+
+        own.sync = sync_then_crash  # type: ignore[method-assign]
+        return own
+
     def open_session() -> tuple[Journal, Session]:
         journal = Journal(journal_path)
         session = Session(broker, journal, Alerts(), [rules], rules_path=[REPO / "rules"],
                           kill_switch=kill, before_tick=before_tick,
-                          after_commands=after_commands, on_command=on_command)
+                          after_commands=after_commands, on_command=on_command,
+                          copier=new_copier(journal) if builtin else None)
         try:
             session.start()
         except Exception as exc:  # noqa: BLE001 - a restart that fails is a violation
@@ -226,11 +331,16 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
             session.stopped = "could not restart"
         return journal, session
 
+    def control(session: Session) -> None:
+        """What the session holds now (after a tick, or as it dies)."""
+        if builtin:
+            controls.append(session_controls(broker, session, kill.engaged))
+
     patch(broker)
     with policies_loaded_once():
         journal, session = open_session()
         tick = 0
-        while broker.elapsed < broker.end and session.stopped is None:
+        while broker.elapsed < finish and session.stopped is None:
             tick += 1
             if plan.crash_ticks and tick >= plan.crash_ticks[0] and armed[0] is None:
                 plan.crash_ticks.pop(0)
@@ -238,6 +348,7 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
             try:
                 session.tick()
             except Crash:
+                control(session)
                 journal.close()  # the process is gone: what it had not committed is lost
                 if reload[0]:
                     broker = SimBroker.load(sim_path)
@@ -245,6 +356,7 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
                     patch(broker)
                 journal, session = open_session()
                 continue
+            control(session)
             states.append(follower_states(broker))
             states[-1]["killed"] = kill.engaged
     if kill.engaged:
@@ -259,9 +371,20 @@ def run_chaos(seed: int, folder: Path, rules: Path, *, trades: int = 2, faults: 
             seconds = (moment - start).total_seconds()
             escalated[row.account] = min(escalated.get(row.account, math.inf), seconds)
     run = ChaosRun(seed, broker, states, kill_windows, crashed, escalated,
-                   {r.tag for r in rows}, len(rows), problems)
+                   {r.tag for r in rows}, len(rows), problems, copier, controls,
+                   {r.tag: (r.action, r.instrument, r.args) for r in rows})
     journal.close()
     return run
+
+
+def session_controls(broker: SimBroker, session: Session, killed: bool) -> dict[str, Any]:
+    """The leader's exposure now, and whom the session would let a copy add exposure to: the
+    followers the copier has paused, the enforcer's locks, the kill switch."""
+    leader = broker.accounts[broker.scenario.leader]
+    paused = set(session.builtin.paused) if session.builtin is not None else set()
+    return {"time": broker.elapsed, "lead": broker.exposure(leader, "NQ"), "paused": paused,
+            "locks": {a: lock[0] for a, lock in session.enforcer.gate_locks().items()},
+            "killed": killed}
 
 
 # --- what the broker saw --------------------------------------------------------------------
@@ -360,17 +483,43 @@ def _past_limit(log: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _opposite(log: list[dict[str, Any]]) -> list[str]:
+def _opposite(run: ChaosRun) -> list[str]:
     return [f"{_where(e)} took {e['account']} from {e['before']:g} to {e['after']:g} "
             f"(through zero, filled at {e['filled_at']:.2f}s)"
-            for e in _fills(log) if e["before"] * e["after"] < 0]
+            for e in _fills(run.broker.log) if e["before"] * e["after"] < 0 and
+            not (run.copier == "builtin" and _changed_by_others(run, e))]
 
 
-def _catch_up_after_flatten(log: list[dict[str, Any]]) -> list[str]:
+def _changed_by_others(run: ChaosRun, entry: dict[str, Any]) -> bool:
+    """Whether a person's order or a reversal (faults of the sim) changed the account's
+    position after the data the order was sized from, before it filled. A market order sized
+    from what the account held crosses zero when someone else reversed the account in the
+    meantime; no sender can know that (seed 1117, 3 trades and 12 faults, copier mode: a
+    reversal 0.01 s before a copy sized from data 0.84 s old). Checked in copier mode, where
+    the broker's faults hit the followers' orders."""
+    account = entry["account"]
+    seen = entry["time"] - entry.get("data_age", 0.0) - 1e-9
+    filled = entry.get("filled_at", entry["time"]) + 1e-9
+    manual = any(e.get("kind") == "manual" and e["account"] == account and
+                 seen <= e["time"] <= filled for e in run.broker.log)
+    return manual or any(f.kind == "reversal" and f.account == account and
+                         seen <= f.at <= filled for f in run.broker.faults)
+
+
+def _catch_up_after_flatten(run: ChaosRun) -> list[str]:
     problems = []
     ended: dict[tuple[str, int], dict[str, Any]] = {}  # (account, leader trade) -> by what
-    for entry in log:
+    for entry in run.broker.log:
         if not str(entry["tag"]).startswith("CLR-") or entry.get("trade") is None:
+            continue
+        action = _action(run, entry)
+        if run.copier == "builtin" and action not in ("flatten", "catch_up") and not (
+                action == "copy" and entry.get("kind") == "place_market" and
+                _adds(run, entry)):
+            # with the built-in copier a copied close (a reversal's first half, the leader's
+            # exit) is no flatten of the rules and ends no episode, and a copy that reduces
+            # is no entry: what counts is the rules' flatten, then a catch-up or a copy that
+            # adds in the same leader trade
             continue
         key = (entry["account"], entry["trade"])
         if entry.get("kind") in ("flatten", "skip_entry") and entry["status"] != "rejected":
@@ -396,6 +545,8 @@ def _sent_twice(run: ChaosRun) -> list[str]:
     for entry in engine_entries(log, ("place_market",)):
         if entry.get("trade") is None or entry["status"] == "rejected":
             continue
+        if run.copier == "builtin" and _action(run, entry) != "catch_up":
+            continue  # the copier's own copies: `copied_twice`
         key = (entry["account"], entry["trade"])
         first = catch_ups.setdefault(key, entry)
         if first["tag"].split("~")[0] != entry["tag"].split("~")[0]:
@@ -403,6 +554,11 @@ def _sent_twice(run: ChaosRun) -> list[str]:
                             f"{entry['trade']} after {_where(first)}")
     flattened: dict[str, dict[str, Any]] = {}  # account -> its last flatten that filled
     for entry in engine_entries(log, ("flatten",)):
+        if run.copier == "builtin" and _action(run, entry) != "flatten":
+            # the copier's close of the leader's exit is another sender's order: the rules
+            # may still see the position on data up to stale_after old and flatten it once
+            # more, a close-position that finds nothing to close (delta 0) and does nothing
+            continue
         previous = flattened.get(entry["account"])
         if entry.get("delta") == 0 and entry["status"] == "filled" and previous is not None \
                 and previous["tag"].split("~")[0] != entry["tag"].split("~")[0] and \
@@ -457,6 +613,102 @@ def _stuck_too_long(run: ChaosRun) -> list[str]:
     return problems
 
 
+# --- the built-in copier's own orders ---------------------------------------------------------
+
+COPIER_SENDS = ("copy", "catch_up")  # market orders the copier sends: its own, the rules' catch-ups
+
+
+def _action(run: ChaosRun, entry: dict[str, Any]) -> str | None:
+    row = run.actions.get(str(entry["tag"]))
+    return row[0] if row is not None else None
+
+
+def _copier_orders(run: ChaosRun, lost: bool = False) -> list[dict[str, Any]]:
+    """The copier's market orders and closes at the broker (`lost`: with those the broker
+    lost, which were sent all the same)."""
+    kinds = ("flatten", "place_market", *(("lost_order",) if lost else ()))
+    return [e for e in engine_entries(run.broker.log, kinds)
+            if _action(run, e) in COPIER_SENDS]
+
+
+def _adds(run: ChaosRun, entry: dict[str, Any]) -> bool:
+    """Whether the copier meant the order to add exposure (from its journal row: a close never
+    does, a catch-up always does, a copy when it takes the follower further from flat)."""
+    action, instrument, args = run.actions[str(entry["tag"])]
+    if action == "catch_up":
+        return True
+    if args.get("close") or "expected" not in args or instrument is None:
+        return False
+    size = CATALOG.parse(instrument).size
+    expected = float(args["expected"])
+    return abs(expected) > abs(expected - float(args["qty"]) * size) + 1e-9
+
+
+def _control_at(run: ChaosRun, moment: float) -> dict[str, Any] | None:
+    """The session's controls of the tick at `moment` (sampled after it, or as it died: the
+    copier sends after the rules paused, locked or resumed in that tick)."""
+    return next((c for c in run.controls if abs(c["time"] - moment) < 1e-9), None)
+
+
+def _paused_or_locked(run: ChaosRun, what: str) -> list[str]:
+    """Copies and catch-ups that add exposure, sent to a follower copying is paused onto
+    (`what` = "paused") or that a lock holds to reducing or halted ("locks")."""
+    problems = []
+    for entry in _copier_orders(run, lost=True):
+        if not _adds(run, entry):
+            continue
+        control = _control_at(run, entry["time"])
+        if control is None:
+            problems.append(f"{_where(entry)}: no record of the session at that tick")
+        elif entry["account"] in control[what]:
+            state = "paused" if what == "paused" else control[what][entry["account"]]
+            problems.append(f"{_where(entry)} adds exposure to {entry['account']} while "
+                            f"{state}")
+    return problems
+
+
+def _copied_twice(run: ChaosRun) -> list[str]:
+    """Two copies of one leader change: per follower, between two changes of the leader's
+    position, at most one copied close and one copied entry or adjustment that the broker
+    carried out (a reversal is a close, then an entry). A copy the broker lost, refused or
+    cancelled unfilled did nothing; sending it again is not a duplicate."""
+    segments: dict[float, int] = {}
+    segment, last = 0, None
+    for control in sorted(run.controls, key=lambda c: c["time"]):
+        if last is not None and abs(control["lead"] - last) > 1e-9:
+            segment += 1
+        segments[round(control["time"], 6)] = segment
+        last = control["lead"]
+    done: dict[tuple[str, str | None, int, str], dict[str, Any]] = {}
+    problems = []
+    for entry in _copier_orders(run):
+        if _action(run, entry) != "copy" or entry["status"] not in ("filled", "accepted") or \
+                (entry["status"] == "filled" and entry.get("before") == entry.get("after")):
+            continue
+        key = (entry["account"], _family(entry), segments.get(round(entry["time"], 6), -1),
+               entry["kind"])
+        first = done.setdefault(key, entry)
+        if first is not entry:
+            problems.append(f"{_where(entry)}: a second copy of one leader change after "
+                            f"{_where(first)}")
+    return problems
+
+
+def _end_in_line(run: ChaosRun) -> list[str]:
+    """Once the leader is flat, the faults over and the rules given their grace, no follower
+    holds a position its leader does not (unless the engine handed it to a person)."""
+    if not run.states:
+        return ["the session never ticked"]
+    last = run.states[-1]
+    problems = []
+    for account in (a for a in run.broker.accounts.values() if a.role == "follower"):
+        lead, held, _, _ = last[account.id]
+        if ((lead == 0 and held != 0) or lead * held < 0) and account.id not in run.escalated:
+            problems.append(f"{account.id} holds {held:g} against leader {lead:g} at the end "
+                            f"({last['time']:.2f}s)")
+    return problems
+
+
 def check_chaos(run: ChaosRun) -> dict[str, list[str]]:
     """Every broken invariant of a chaos session, by invariant (empty when all hold)."""
     log = run.broker.log
@@ -465,19 +717,24 @@ def check_chaos(run: ChaosRun) -> dict[str, list[str]]:
         "kill_switch": _killed_orders(run),
         "one_working": _overlapping(log),
         "contract_limit": _past_limit(log),
-        "opposite": _opposite(log),
-        "catch_up_after_flatten": _catch_up_after_flatten(log),
+        "opposite": _opposite(run),
+        "catch_up_after_flatten": _catch_up_after_flatten(run),
         "stuck_bound": _stuck_too_long(run),
         "sent_twice": _sent_twice(run),
         "unjournaled": _unjournaled(run),
         "restart": run.restart_problems,
     }
+    if run.copier == "builtin":
+        found |= {"paused_copy": _paused_or_locked(run, "paused"),
+                  "locked_copy": _paused_or_locked(run, "locks"),
+                  "copied_twice": _copied_twice(run), "end_in_line": _end_in_line(run)}
     return {name: problems for name, problems in found.items() if problems}
 
 
 def describe(run: ChaosRun, found: dict[str, list[str]]) -> str:
     """A violation message: the seed, the crashes, and each broken invariant's entries."""
-    lines = [f"seed {run.seed}: crashes {run.crashes}, kill switch {run.kill_windows}"]
+    mode = "" if run.copier == "sim" else f" (copier {run.copier})"
+    lines = [f"seed {run.seed}{mode}: crashes {run.crashes}, kill switch {run.kill_windows}"]
     for name, problems in found.items():
         lines += [f"  [{name}] {p}" for p in problems]
     return "\n".join(lines)

@@ -120,7 +120,7 @@ def test_a_copy_is_cut_to_the_followers_firm_contract_limit(tmp_path: Path) -> N
     assert market(desk.sent("F1")) == [("NQH6", "buy", 10)]
     row = desk.rows(account="F1")[0]
     assert row.args["reduced_from"] == 12
-    assert "reduced from 12 to 10" in (row.reason or "")
+    assert "reduced from 12 to 10" in row.args["reduced_because"]
 
 
 def test_max_qty_caps_the_follower_in_its_own_contracts(tmp_path: Path) -> None:
@@ -167,12 +167,18 @@ def test_a_copy_working_too_long_is_cancelled_and_not_doubled(tmp_path: Path) ->
     desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
     desk.fake.fills = "held"
     desk.lead(1)
-    desk.tick(24)  # 6 s: past the copier's 5 s
-    cancels = [c for c in desk.fake.calls if c.method == "cancel_order" and c.account == "F1"]
-    assert len(cancels) == 1
-    desk.tick(4)
-    assert market(desk.sent("F1")) == [("NQH6", "buy", 1)]
+    desk.tick(19)  # under the copier's 5 s: it waits
+    assert [c.method for c in desk.fake.calls if c.account == "F1"] == ["place_order"]
+    desk.fake.fills = "now"
+    desk.tick(12)
+    # asked about by tag, still working: cancelled first; only once it is final do the
+    # rules catch the follower up (through the copier) — one contract, never two
+    assert [c.method for c in desk.fake.calls if c.account == "F1"] == \
+        ["place_order", "cancel_order", "place_order"]
     assert desk.rows(account="F1")[0].status == "cancelled"
+    # (the rule's first catch-up was held back while the copy worked: journaled as blocked)
+    assert [r.status for r in desk.rows("catch_up", "F1")] == ["blocked", "confirmed"]
+    assert desk.held("F1") == {"NQH6": 1}
 
 
 # --- what it does not copy -----------------------------------------------------------------
@@ -415,6 +421,11 @@ def test_resume_names_the_follower_and_the_journal_it_needs(tmp_path: Path) -> N
     err = io.StringIO()
     assert cli(["resume", "F1", "--config", str(external)], io.StringIO(), err) != 0
     assert "works for copier: builtin" in err.getvalue()
+    disabled = write(tmp_path, "copier: builtin\naccounts:\n  - {id: LEAD, role: leader}\n"
+                     "  - {id: F1, role: follower, enabled: false}\n")
+    err = io.StringIO()
+    assert cli(["resume", "F1", "--config", str(disabled)], io.StringIO(), err) != 0
+    assert "F1 has enabled: false" in err.getvalue()
     assert "Traceback" not in err.getvalue()
 
 
@@ -447,3 +458,56 @@ def test_the_live_view_shows_a_paused_follower_and_how_to_resume_it(tmp_path: Pa
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "paused" in text
     assert f"copilink-rules resume <follower> --journal {tmp_path / 'journal.db'}" in text
+
+
+def test_nothing_is_copied_from_a_leader_whose_data_is_not_current(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.fake.connected["LEAD"] = False  # its data freezes
+    desk.lead(1)
+    desk.tick(4)
+    assert desk.sent("F1") == []
+    assert desk.rows() == []  # not even a decision not to copy: it waits for the leader
+
+
+def test_an_entry_for_a_follower_that_missed_the_start_is_priced_by_the_gate(
+        tmp_path: Path) -> None:
+    # the rules are slow here, so only the copier acts
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")],
+                overrides={"missed_entry_grace": "60s", "disconnect_grace": "60s"})
+    desk.fake.connected["F1"] = False
+    desk.fake.set_position("LEAD", "NQH6", 1, 17990.0)  # 40 ticks below the market
+    desk.tick(2)
+    desk.fake.connected["F1"] = True
+    desk.tick(2)
+    desk.fake.set_position("LEAD", "NQH6", 2, 17990.0)  # the leader adds
+    desk.tick()
+    assert desk.sent("F1") == []  # 2 contracts now would be a late entry 40 ticks away
+    row = desk.rows(account="F1")[-1]
+    assert row.status == "blocked"
+    assert "late entry" in (row.reason or "")
+
+
+def test_a_dry_run_reversal_is_journaled_once_not_every_tick(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], dry_run=True)
+    desk.fake.set_position("F1", "NQH6", 2)  # as if copied
+    desk.lead(2)
+    desk.tick()
+    desk.lead(-2)
+    desk.tick(6)
+    dry = [r for r in desk.rows(account="F1") if r.status == "dry_run"]
+    assert [r.args.get("close") for r in dry] == [True]
+    assert [c for c in desk.fake.calls if c.tag.startswith("CLR-")] == []
+
+
+def test_copied_stops_together_never_close_more_than_is_held(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F3", "LEAD", ratio=0.5)])
+    fake = desk.fake
+    desk.lead(3)
+    desk.tick()
+    assert desk.held("F3") == {"NQH6": 2}  # 1.5 rounds to 2
+    for index in range(3):  # three 1-lot stops of the leader, each "at least 1" on F3
+        fake.place_order("LEAD", "NQH6", "sell", 1, "stop", f"L-{index}", 17980.0 - index)
+    desk.tick(2)
+    stops = [o.qty for o in fake.orders.values() if o.account == "F3" and o.type == "stop"
+             and o.state == "working"]
+    assert sum(stops) == 2

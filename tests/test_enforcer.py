@@ -178,7 +178,16 @@ def test_catch_up_is_refused_on_a_locked_account(tmp_path: Path) -> None:
                            trades=[SimTrade(at=2, side="long", qty=2, hold=10)])
     session.enforcer.locks["F2"] = Lock("F2", "reducing", datetime(2030, 1, 1, tzinfo=UTC),
                                         "test", None)
-    run_until(session, broker, 8)
+    decided = []
+    while broker.elapsed < 8:
+        decided += session.tick()
+    # one book of locks (locks.py): the engine sees the lock and never asks for the catch-up
+    catch_ups = [d for d in decided if d.action == "catch_up"]
+    assert catch_ups
+    assert all("locked (reducing)" in str(d.suppressed) for d in catch_ups)
+    # a catch-up decided elsewhere (journaled before a restart) meets the enforcer's refusal
+    session.enforcer.process(broker.snapshot(), [catch_ups[0].model_copy(
+        update={"suppressed": False})])
     (row,) = session.journal.commands()
     assert (row.action, row.status) == ("catch_up", "blocked")
     assert "locked (reducing)" in (row.reason or "")
@@ -464,3 +473,47 @@ def test_a_crash_at_any_point_of_a_tick_never_leaves_the_sim_behind_the_journal(
         restarted.start()  # the journal is never ahead of the sim's clock
         run_until(restarted, restored, 14)
         assert restored.accounts["F2"].positions == {}
+
+
+def test_a_refused_cancel_of_a_working_attempt_is_asked_again_until_it_is_final() -> None:
+    # a catch-up sticks at the broker; the first cancel is refused (a broker fault): the
+    # enforcer asks again, so the attempt ends and the follower is not blocked for good
+    scenario = SimScenario(
+        own_copier=False, followers=[SimFollower(id="F1")],
+        trades=[SimTrade(at=1, side="long", qty=1, hold=25)],
+        faults=[SimFault(kind="stuck_order", account="F1", at=2),
+                SimFault(kind="reject", account="F1", at=10, count=1)])
+    broker = SimBroker(scenario)
+    session = Session(broker, Journal(":memory:"), Alerts(), [DESYNC],
+                      before_tick=lambda: broker.advance(0.25))
+    session.start()
+    run_until(session, broker, 20)
+    cancels = [e for e in broker.log if e.get("kind") == "cancel_order"]
+    assert [e["status"] for e in cancels] == ["rejected", "filled"]
+    catch_up = [c for c in session.journal.commands() if c.action == "catch_up"]
+    assert catch_up[0].status != "cancelling"
+    assert broker.find_tag(catch_up[0].tag).state == "cancelled"  # type: ignore[union-attr]
+
+
+def test_a_flatten_of_every_instrument_waits_for_a_flatten_of_one_on_the_same_account(
+        tmp_path: Path) -> None:
+    from copilink_rules.adapters.base import AccountSpec
+    from copilink_rules.adapters.fake import FakeBroker
+    from copilink_rules.enforcer import Enforcer
+    from copilink_rules.rules.loader import load_policy
+
+    fake = FakeBroker([AccountSpec("LEAD", "leader"), AccountSpec("F1", "follower", "LEAD")])
+    fake.set_position("F1", "NQH6", 2)
+    fake.fills = "held"  # the first close works at the broker and is not done yet
+    journal = Journal(tmp_path / "j.db")
+    enforcer = Enforcer(fake, journal, Alerts(), load_policy([DESYNC]))
+    snapshot = fake.snapshot()
+
+    def flatten(instrument: str | None) -> Decision:
+        return Decision(time=snapshot.time, ruleset="desync", rule="r", action="flatten",
+                        account="F1", instrument=instrument, severity="critical", reason="x")
+
+    enforcer.process(snapshot, [flatten("NQH6"), flatten(None)])
+    closes = [c for c in fake.calls if c.method == "close_position"]
+    assert [c.instrument for c in closes] == ["NQH6"]  # never both: NQ would close twice
+    assert any("still outstanding" in (c.reason or "") for c in journal.commands())

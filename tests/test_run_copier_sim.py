@@ -91,7 +91,7 @@ def test_a_session_is_copied_onto_three_followers_and_every_fault_is_fixed(
     cut = copies[("F3", -6.0)]
     assert cut.args["qty"] == -5
     assert cut.args["reduced_from"] == 6
-    assert "topstep allows 5 contracts" in (cut.reason or "")
+    assert "topstep allows 5 contracts" in cut.args["reduced_because"]
     # the lost entry copy (F1, trade 0) is caught up by the rules, through the copier
     assert [r.status for r in rows if r.action == "catch_up" and r.account == "F1"] == \
         ["confirmed"]

@@ -148,6 +148,27 @@ class ProjectXStandIn:
             event = self._position_model(key)
         self.push_user("GatewayUserPosition", event, key[0])
 
+    def place_manual_order(self, account: str, contract: str, side: str, size: int,
+                           stop_price: float) -> int:
+        """A stop order the trader places by hand in the firm's platform (no tag of ours),
+        pushed to the user hub as any order is; returns its id."""
+        with self._lock:
+            order = self._new_order(self.account_id(account), contract,
+                                    {"type": 4, "side": 0 if side == "buy" else 1,
+                                     "size": size, "stopPrice": stop_price}, None)
+            order["status"] = 1
+            event = self._event("GatewayUserOrder", order)
+        self._send_user([event])
+        return int(order["id"])
+
+    def cancel_manual_order(self, order_id: int) -> None:
+        """The trader cancels an order by hand."""
+        with self._lock:
+            order = self.orders[order_id]
+            order.update(status=3, updateTimestamp=_now())
+            event = self._event("GatewayUserOrder", order)
+        self._send_user([event])
+
     def reject_next(self, reason: str, code: int = 2) -> None:
         self._reject.append((code, reason))
 

@@ -180,6 +180,18 @@ class TradovateStandIn:
 
         self._call(change)
 
+    def place_manual_order(self, account: str, symbol: str, action: str, qty: int,
+                           stop: float) -> int:
+        """A stop order the trader places by hand in Tradovate's own platform (no tag of
+        ours), pushed as any order is; returns its id."""
+        aid, cid = self.accounts[account], self.contract_id(symbol)
+        return int(self._call(
+            lambda: self._new_order(aid, cid, action, qty, "Stop", None, stop)["id"]))
+
+    def cancel_manual_order(self, order_id: int) -> None:
+        """The trader cancels an order by hand."""
+        self._call(lambda: self._finish(self.orders[order_id], "Canceled"))
+
     def reject_next(self, reason: str) -> None:
         self._call(lambda: self.rejects.append(reason))
 

@@ -1,39 +1,25 @@
-"""Pure evaluation: snapshot (+ the engine's own small state) -> decisions.
+"""The Engine: evaluates a Policy against snapshots, one after another, keeping its state.
 
-The engine has no clock: time is the snapshot's `time`. Its state — how long each condition has
-held, which episodes already fired, cooldowns, what was done about each leader trade, when each
-position was first seen — serialises to versioned JSON (`Engine.save_state` / `restore_state`),
-so a restarted session continues where it stopped.
-
-Semantics (SPEC section 3):
-* a rule fires when `when` has held continuously for `for`, once per episode; it fires again only
-  after `when` was false at least once and `cooldown` has passed;
-* conflicts on one account: the most restrictive action wins, the higher priority among equals;
-  every suppressed decision is still reported with its reason;
-* an order (flatten, cancel, catch-up) is never decided for a disconnected or stale account: it is
-  held, reported once, and the rule fires again once the account is reachable;
-* an evaluation error is reported once per rule and target (until it changes or clears), and the
-  condition's timer is left as it was: never a crash, never a silent false.
-"""
+How a tick goes: the accounts' facts (facts.py) and views, the targets of each scope
+(targets.py), each group's conditions evaluated and episodes advanced (episodes.py), then
+conflicts resolved and decisions recorded (resolve.py); what it remembers is state.py, its
+locks the lock book (locks.py)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
-from zoneinfo import ZoneInfo
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from .calendar import Calendar
-from .errors import EvaluationError, StateError
-from .facts import (
-    FLAT_VIEWS,
+import copilink_rules.engine as engine_package
+from copilink_rules.calendar import Calendar
+from copilink_rules.errors import EvaluationError, StateError
+from copilink_rules.facts import (
     NO_ORDERS,
-    Family,
     OrderFacts,
     PositionFacts,
     derive_orders,
@@ -41,10 +27,12 @@ from .facts import (
     position_view,
     same_orders,
     same_positions,
+    staleness,
 )
-from .instruments import Catalog, Instrument, default_catalog
-from .model import ORDER_ACTIONS, Account, Decision, Snapshot, UtcDatetime
-from .namespace import (
+from copilink_rules.instruments import Catalog, Instrument, default_catalog
+from copilink_rules.locks import Lock, Locks, lock_until
+from copilink_rules.model import ORDER_ACTIONS, Account, Decision, Snapshot
+from copilink_rules.namespace import (
     AccountsView,
     AccountView,
     Env,
@@ -53,246 +41,14 @@ from .namespace import (
     PairView,
     QuoteView,
 )
-from .rules.expressions import compile_batch
-from .rules.loader import CompiledRule, Policy, TradingDay
+from copilink_rules.rules.loader import CompiledRule, Policy
 
-STATE_VERSION = 1
+from .episodes import _Group, _groups, _Subset
+from .resolve import DEFAULT_SEVERITY, ENTRY_PRECEDENCE, _Proposal, _rank, _stronger
+from .state import STATE_VERSION, _count_trades, _Metrics, _RuleState, _SavedState
+from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
 
-
-class _Saved(BaseModel):
-    # a NaN peak restored from damaged state would switch drawdown limits off
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class _SavedRuleState(_Saved):
-    since: UtcDatetime
-    fired: bool
-    held: bool = False
-
-
-class _SavedMetrics(_Saved):
-    day: str
-    day_start: float
-    peak: float
-    peak_eod: float
-    best_day: float
-    last_equity: float
-    size: float
-    trades: int = 0
-    streak: int = 0
-    opens: dict[str, tuple[int, float]] = Field(default_factory=dict)
-
-
-class _SavedLock(_Saved):
-    state: Literal["halted", "reducing"]
-    until: UtcDatetime
-    rule: str
-    reason: str
-
-
-class _SavedState(_Saved):
-    """What `Engine.save_state` writes, checked field by field before the engine trusts it."""
-
-    version: int
-    policy_version: str | None = None
-    time: UtcDatetime | None = None
-    rules: dict[str, dict[str, _SavedRuleState]] = Field(default_factory=dict)
-    last_fired: dict[str, dict[str, UtcDatetime]] = Field(default_factory=dict)
-    entries: dict[str, tuple[str, Literal["flatten", "skip_entry", "catch_up"]]] = Field(
-        default_factory=dict)
-    first_seen: dict[str, tuple[int, UtcDatetime]] = Field(default_factory=dict)
-    metrics: dict[str, _SavedMetrics] = Field(default_factory=dict)
-    locks: dict[str, _SavedLock] = Field(default_factory=dict)
 DEFAULT_STALE_AFTER = 5.0
-
-DEFAULT_SEVERITY = {
-    "flatten": "critical", "lock_account": "critical", "cancel_orders": "warning",
-    "pause_copier": "warning", "skip_entry": "warning", "block_order": "warning",
-    "reduce_order": "warning", "catch_up": "info", "resume_copier": "info",
-}
-# How restrictive an action is (SPEC section 3); alerts never conflict.
-RANK = {
-    "flatten": 50, "lock_account:halted": 40, "lock_account:reducing": 30, "pause_copier": 30,
-    "skip_entry": 30, "cancel_orders": 30, "block_order": 30, "reduce_order": 20,
-    "catch_up": 10, "resume_copier": 10, "alert": 0,
-}
-ENTRY_PRECEDENCE = {"flatten": 3, "skip_entry": 2, "catch_up": 1}
-_WORKING = ("working", "pending")
-
-
-@dataclass(slots=True)
-class _RuleState:
-    since: datetime
-    fired: bool = False
-    held: bool = False
-
-
-@dataclass(slots=True)
-class _Metrics:
-    """What the engine remembers about an account's money, across ticks and restarts."""
-
-    day: str  # trading day label, YYYY-MM-DD
-    day_start: float  # equity when the trading day began
-    peak: float  # highest equity seen
-    peak_eod: float  # highest end-of-day balance
-    best_day: float  # best completed day's P&L
-    last_equity: float
-    size: float
-    trades: int = 0  # trades closed this trading day
-    streak: int = 0  # losing trades in a row this trading day
-    # family -> (side, realized P&L when that position opened): how a closed trade did
-    opens: dict[str, tuple[int, float]] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Lock:
-    state: str  # halted | reducing
-    until: datetime
-    rule: str
-    reason: str
-
-
-_Family = Family  # one account's exposure in one instrument family
-
-
-@dataclass(slots=True)
-class _Target:
-    key: str
-    account: Account | None
-    env: Env
-    family: str | None = None
-    instrument: str | None = None
-    trade: str | None = None  # pair targets: the leader's current trade ("" when flat)
-    catch_up_qty: int = 0
-    stop_price: float | None = None
-
-
-@dataclass(slots=True)
-class _PairSet:
-    """A follower's pair targets, and the facts they were built from."""
-
-    follower: PositionFacts
-    leader: PositionFacts
-    leader_id: str
-    ratio: float
-    items: list[tuple[_Target, Family | None, Family | None, bool]]  # target, lead, foll, overnight
-
-
-@dataclass(slots=True)
-class _Proposal:
-    rule: CompiledRule
-    order: int
-    target: _Target
-    action: str
-    args: dict[str, Any]
-    reason: str
-    held_for: float
-    suppressed: str | None = None
-    target_index: int = 0
-
-
-@dataclass(slots=True)
-class _Subset:
-    """The rules of a group that apply to one kind of account, and how to evaluate them."""
-
-    batch: Callable[[Env], int]
-    mask: int  # the batch's bits to keep
-    allowed: int  # the group's rules that apply (bit i: the group's rule i)
-    bits: list[int] | None  # the group's bit of each batch bit (None: the same)
-
-
-@dataclass
-class _Group:
-    """Rules of one scope, stage and timezone, evaluated together by one compiled batch."""
-
-    scope: str
-    zone: ZoneInfo
-    rules: list[tuple[int, CompiledRule]]  # (position among the stage's rules, rule)
-    batch: Callable[[Env], int] = field(default=lambda env: 0)
-    filtered: bool = False
-    _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
-    _subsets: dict[tuple[str, str, str | None], _Subset | None] = field(default_factory=dict)
-    _by_mask: dict[int, _Subset] = field(default_factory=dict)
-
-    def allowed(self, account: Account) -> int:
-        """Bit i set when rule i applies to this account (applies_to)."""
-        key = (account.id, account.role, account.firm)
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = sum(1 << i for i, (_, rule) in enumerate(self.rules)
-                       if rule.applies(account.id, account.role, account.firm))
-            self._masks[key] = mask
-        return mask
-
-    def whole(self) -> _Subset:
-        """Every rule of the group."""
-        full = (1 << len(self.rules)) - 1
-        found = self._by_mask.get(full)
-        if found is None:
-            found = self._by_mask[full] = _Subset(self.batch, full, full, None)
-        return found
-
-    def subset(self, key: tuple[str, str, str | None], account: Account) -> _Subset | None:
-        """The rules that apply to an account of this id, role and firm (None: no rule), as
-        a batch of their own: the conditions of rules that do not apply (another firm's) are
-        not evaluated at all."""
-        try:
-            return self._subsets[key]
-        except KeyError:
-            pass
-        allowed = self.allowed(account)
-        found = self._by_mask.get(allowed) if allowed else None
-        if found is None and allowed:
-            chosen = [i for i in range(len(self.rules)) if (allowed >> i) & 1]
-            if len(self._by_mask) < MAX_SUBSETS:
-                batch = compile_batch([self.rules[i][1].when for i in chosen],
-                                      f"{self.scope} rules")
-                found = _Subset(batch, (1 << len(chosen)) - 1, allowed,
-                                [1 << i for i in chosen])
-            else:  # many kinds of accounts: one batch for all, as if not filtered
-                found = _Subset(self.batch, allowed, allowed, None)
-            self._by_mask[allowed] = found
-        if len(self._subsets) < 100_000:
-            self._subsets[key] = found
-        return found
-
-
-# distinct rule subsets compiled per group (beyond: the group's batch, masked)
-MAX_SUBSETS = 64
-
-
-def _groups(rules: list[CompiledRule]) -> list[_Group]:
-    groups: dict[tuple[str, str], _Group] = {}
-    for order, rule in enumerate(rules):
-        key = (rule.scope, rule.timezone.key)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _Group(rule.scope, rule.timezone, [])
-        group.rules.append((order, rule))
-    for group in groups.values():
-        group.batch = compile_batch([rule.when for _, rule in group.rules],
-                                    f"{group.scope} rules")
-        group.filtered = any(r.roles is not None or r.firms is not None or r.accounts is not None
-                             for _, r in group.rules)
-    return list(groups.values())
-
-
-@dataclass(slots=True)
-class _AccountInfo:
-    account: Account
-    view: AccountView
-    families: dict[str, _Family]
-    facts: PositionFacts
-    orders: OrderFacts
-
-    @property
-    def why_unreachable(self) -> str:
-        view = self.view
-        if view.reachable:
-            return ""
-        if not view.connected:
-            return f"account {view.id} is disconnected"
-        return f"account {view.id} data is stale ({view.data_age:.1f}s old)"
 
 
 class Engine:
@@ -315,10 +71,12 @@ class Engine:
         self.last_time: datetime | None = None
         self._instrument_views: dict[str, Any] = {}
         self._metrics: dict[str, _Metrics] = {}
-        self._locks: dict[str, _Lock] = {}
+        self.lock_book = Locks()  # the one book of locks (locks.py): the enforcer's too
         self._days: dict[str | None, tuple[str, datetime]] = {}  # firm -> (label, next start)
         self._notes: list[Decision] = []  # lock expiries, reported with the next decisions
-        self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage])
+        max_subsets = engine_package.MAX_SUBSETS  # the package's knob (tests lower it)
+        self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage],
+                                       max_subsets)
                         for stage in ("session", "pre_session")}
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = policy.mentions("hedged")
@@ -388,19 +146,19 @@ class Engine:
         return decisions
 
     def _expire_locks(self, now: datetime) -> None:
-        for account, lock in list(self._locks.items()):
-            if lock.until <= now:
-                del self._locks[account]
-                self._notes.append(Decision(
-                    time=now, ruleset="(engine)", rule=lock.rule, action="alert",
-                    account=account, instrument=None, severity="info",
-                    reason=f"{account}: the {lock.state} lock from {lock.rule} ended",
-                    args={"lock_expired": lock.state}, version=self.policy.version))
+        for lock in self.lock_book.expire(now):
+            rule = lock.rule or "(journal)"
+            self._notes.append(Decision(
+                time=now, ruleset="(engine)", rule=rule, action="alert",
+                account=lock.account, instrument=None, severity="info",
+                reason=f"{lock.account}: the {lock.state} lock from {rule} ended",
+                args={"lock_expired": lock.state}, version=self.policy.version))
 
     @property
     def locks(self) -> dict[str, tuple[str, datetime, str]]:
-        """Account -> (state, until, rule) of every lock in force."""
-        return {a: (lock.state, lock.until, lock.rule) for a, lock in self._locks.items()}
+        """Account -> (state, until, rule) of every lock in force (`lock_book` has them
+        whole)."""
+        return self.lock_book.as_tuples()
 
     def save_state(self) -> dict[str, Any]:
         """The engine's state as versioned, JSON-ready data."""
@@ -426,8 +184,9 @@ class Engine:
                             "trades": m.trades, "streak": m.streak,
                             "opens": {f: list(o) for f, o in m.opens.items()}}
                         for a, m in self._metrics.items()},
-            "locks": {a: {"state": lock.state, "until": iso(lock.until), "rule": lock.rule,
-                          "reason": lock.reason} for a, lock in self._locks.items()},
+            "locks": {lock.account: {"state": lock.state, "until": iso(lock.until),
+                                     "rule": lock.rule, "reason": lock.reason}
+                      for lock in self.lock_book.values()},
         }
 
     def save_state_json(self) -> str:
@@ -468,8 +227,8 @@ class Engine:
         self._hedge_marks = None
         self._pair_sets = {}
         self._metrics = {a: _Metrics(**m.model_dump()) for a, m in saved.metrics.items()}
-        self._locks = {a: _Lock(lock.state, lock.until, lock.rule, lock.reason)
-                       for a, lock in saved.locks.items()}
+        self.lock_book.restore([Lock(a, lock.state, lock.until, lock.reason, lock.rule)
+                                for a, lock in saved.locks.items()])
         return notes
 
     # --- building what expressions see ------------------------------------------------------
@@ -478,7 +237,8 @@ class Engine:
         infos: dict[str, _AccountInfo] = {}
         seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
-        stale_after, locks, metrics_of = self.stale_after, self._locks, self._metrics
+        stale_after, lock_state, metrics_of = self.stale_after, self.lock_book.state, \
+            self._metrics
         first_seen, catalog = self._first_seen, self.catalog
         at_firm = Counter(a.firm for a in snapshot.accounts) if self._firm_counts else Counter()
         # facts of the previous tick, reused for an account whose positions (orders) are the
@@ -517,10 +277,7 @@ class Engine:
             if orders:
                 new_orders[account_id] = order_facts
             families = facts.families
-            updated = a["updated_at"]
-            age = (now - updated).total_seconds() if updated else 0.0  # Account.data_age
-            stale = age > stale_after
-            reachable = connected and not stale
+            age, stale, reachable = staleness(connected, a["updated_at"], now, stale_after)
             equity = balance + unrealized
             day = days.get(firm)
             if day is None:
@@ -537,7 +294,7 @@ class Engine:
                 _count_trades(metrics, families, realized)
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
-            lock = locks.get(account_id)
+            lock = lock_state(account_id)
             role = a["role"]
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
                 account_id, role, firm or "", a["leader"] or "",
@@ -548,7 +305,7 @@ class Engine:
                 facts.undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
                 total, max(metrics.best_day, day_pnl),
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, facts.minis,
-                facts.micros, False, "", lock.state if lock else "", lock is not None,
+                facts.micros, False, "", lock, lock != "",
                 at_firm[firm] if firm else 0, metrics.trades, metrics.streak,
             )
             infos[account_id] = _AccountInfo(account, view, families, facts, order_facts)
@@ -964,8 +721,9 @@ class Engine:
                     continue
                 winners[same] = p
             stronger = _stronger(p, kept.get(account, []), self._entries)
-            if stronger is None and p.action == "catch_up" and account in self._locks:
-                lock = self._locks[account]
+            lock = self.lock_book.get(account) if stronger is None and \
+                p.action == "catch_up" and account is not None else None
+            if lock is not None:
                 stronger = (f"account is locked ({lock.state}) by rule {lock.rule} until "
                             f"{lock.until.isoformat()}: no new exposure")
             if stronger:
@@ -1068,12 +826,20 @@ class Engine:
             return True  # not a rule's order (restored from an older journal): as before
         return bool(self._keys(rule, account, instrument))
 
-    def rearm(self, rule: str | None, account: str | None, instrument: str | None) -> None:
+    def rearm(self, rule: str | None, account: str | None, instrument: str | None,
+              action: str | None = None, episodes: object = None) -> None:
         """The decision could not be carried out now (another order still working, the
         account unreachable at the last moment): propose it again while its condition
-        holds, instead of treating it as done."""
+        holds, instead of treating it as done. A catch-up that was not sent does not end
+        the follower's part in the leader trade (`episodes`, as the decision carries them):
+        otherwise `pair.entry_action` would keep the rule from ever proposing it again."""
         if rule is None or rule not in self._states:
             return
+        if action == "catch_up" and isinstance(episodes, list):
+            for episode in episodes:
+                if isinstance(episode, list | tuple) and len(episode) == 2 and \
+                        self._entries.get(str(episode[0])) == (str(episode[1]), action):
+                    del self._entries[str(episode[0])]
         for key in self._keys(rule, account, instrument):
             self._states[rule][key].fired = False
         self._last_fired[rule] = {k: m for k, m in self._last_fired[rule].items()
@@ -1103,13 +869,9 @@ class Engine:
         state = str(p.args.get("state", "halted"))
         until = lock_until(str(p.args.get("until", "next_trading_day")), now,
                            p.rule.timezone, self.policy.trading_day(account.firm))
-        current = self._locks.get(account.id)
-        if current is not None and current.state == "halted" and state == "reducing" and \
-                current.until >= until:
-            p.args["until_time"] = current.until.isoformat()
-            return  # the halted lock in force is stricter
-        self._locks[account.id] = _Lock(state, until, p.rule.id, p.reason)
-        p.args["until_time"] = until.isoformat()
+        # the lock in force after it: this one, or a halted one it cannot replace
+        lock = self.lock_book.place(account.id, state, until, p.reason, p.rule.id)
+        p.args["until_time"] = lock.until.isoformat()
 
     def _decision(self, p: _Proposal, now: datetime) -> Decision:
         severity = (p.args.get("severity") if p.action == "alert" else None) or \
@@ -1125,104 +887,6 @@ class Engine:
         )
 
 
-
-
-def _rank(p: _Proposal) -> int:
-    if p.action == "lock_account":
-        return RANK[f"lock_account:{p.args.get('state', 'halted')}"]
-    return RANK.get(p.action, 0)
-
-
-def _stronger(p: _Proposal, kept: list[_Proposal],
-              entries: dict[str, tuple[str, str]]) -> str | None:
-    """Why a more restrictive decision on the same account overrides `p`, if one does."""
-    if p.action == "flatten" and p.target.family is not None:
-        for other in kept:
-            if other.action == "flatten" and other.target.family is None:
-                return (f"covered by the flatten of every instrument from rule "
-                        f"{other.rule.id}")
-    if p.action == "catch_up":
-        entry = entries.get(p.target.key)
-        if entry is not None and entry[0] == p.target.trade and entry[1] != "catch_up":
-            return (f"no catch-up after {entry[1]} in the same leader trade "
-                    f"(follower {p.target.account.id if p.target.account else '?'})")
-        for other in kept:
-            same_family = other.target.family in (None, p.target.family)
-            if other.action in ("flatten", "skip_entry") and same_family:
-                return f"{other.action} from rule {other.rule.id} is more restrictive"
-            if other.action == "lock_account":
-                return (f"account is locked ({other.args.get('state')}) by rule "
-                        f"{other.rule.id}: no new exposure")
-            if other.action == "pause_copier":
-                return f"copier paused by rule {other.rule.id}"
-    if p.action == "resume_copier":
-        for other in kept:
-            if other.action == "pause_copier":
-                return f"pause_copier from rule {other.rule.id} is more restrictive"
-    return None
-
-
-_FLAT = FLAT_VIEWS
-
-
-def lock_until(text: str, now: datetime, zone: Any, trading_day: TradingDay) -> datetime:
-    """When a lock given as next_trading_day / next_session / HH:MM / a duration ends."""
-    if text in ("next_trading_day", "next_session"):
-        return trading_day.next_start(now)
-    if text[-1] in "smh" and ":" not in text:
-        unit = {"s": 1, "m": 60, "h": 3600}[text[-1]]
-        return now + timedelta(seconds=float(text[:-1]) * unit)
-    return TradingDay(zone, text).next_start(now)
-
-
-def _count_trades(metrics: _Metrics, families: dict[str, _Family], realized: float) -> None:
-    """Count the trades an account closed since the last tick: a family's position gone flat
-    or reversed is a trade, and its realized P&L says whether it lost."""
-    opens = metrics.opens
-    for name, family in families.items():
-        side = 1 if family.equiv > 0 else -1
-        opened = opens.get(name)
-        if opened is not None and opened[0] == side:
-            continue
-        if opened is not None:  # reversed: one trade closed, another opened
-            _closed(metrics, realized - opened[1])
-        opens[name] = (side, realized)
-    for name in [f for f in opens if f not in families]:
-        _closed(metrics, realized - opens.pop(name)[1])
-
-
-def _closed(metrics: _Metrics, pnl: float) -> None:
-    metrics.trades += 1
-    metrics.streak = metrics.streak + 1 if pnl < 0 else 0
-
-
-def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
-    """Flag accounts holding the other side of a family than another account at their firm."""
-    sides: dict[tuple[str, str], dict[int, list[str]]] = {}
-    for info in infos.values():
-        firm = info.account.firm
-        if not firm:
-            continue
-        for family, held in info.families.items():
-            side = 1 if held.equiv > 0 else -1
-            sides.setdefault((firm, family), {}).setdefault(side, []).append(info.account.id)
-    for (firm, family), by_side in sides.items():
-        if len(by_side) < 2:
-            continue
-        del firm, family
-        for side, accounts in by_side.items():
-            others = by_side.get(-side, [])
-            joined: str | None = None  # the other side, once: hundreds of accounts at a firm
-            for account in accounts:
-                view = infos[account].view
-                view.hedged = True
-                if not view.hedged_with:  # hedged nowhere else (yet): just the other side
-                    if joined is None:
-                        joined = ",".join(sorted(set(others)))
-                    view.hedged_with = joined
-                    continue
-                known = [a for a in view.hedged_with.split(",") if a]
-                view.hedged_with = ",".join(sorted(set(known) | set(others)))
 
 
 def run_timeline(engine: Engine, snapshots: Iterable[Snapshot]) -> Iterable[Decision]:

@@ -1,0 +1,98 @@
+"""Episodes: which rules of a group apply to an account, and how their conditions are
+evaluated together. A rule's episode (its `for` timer, fired once, cooldown) is kept per target
+in `state._RuleState` and advanced by `Engine._on_true` / `Engine._evaluate_group`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from copilink_rules.model import Account
+from copilink_rules.namespace import Env
+from copilink_rules.rules.expressions import compile_batch
+from copilink_rules.rules.loader import CompiledRule
+
+
+@dataclass(slots=True)
+class _Subset:
+    """The rules of a group that apply to one kind of account, and how to evaluate them."""
+
+    batch: Callable[[Env], int]
+    mask: int  # the batch's bits to keep
+    allowed: int  # the group's rules that apply (bit i: the group's rule i)
+    bits: list[int] | None  # the group's bit of each batch bit (None: the same)
+
+
+@dataclass
+class _Group:
+    """Rules of one scope, stage and timezone, evaluated together by one compiled batch."""
+
+    scope: str
+    zone: ZoneInfo
+    rules: list[tuple[int, CompiledRule]]  # (position among the stage's rules, rule)
+    batch: Callable[[Env], int] = field(default=lambda env: 0)
+    filtered: bool = False
+    max_subsets: int = 64  # distinct rule subsets compiled (beyond: the batch, masked)
+    _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
+    _subsets: dict[tuple[str, str, str | None], _Subset | None] = field(default_factory=dict)
+    _by_mask: dict[int, _Subset] = field(default_factory=dict)
+
+    def allowed(self, account: Account) -> int:
+        """Bit i set when rule i applies to this account (applies_to)."""
+        key = (account.id, account.role, account.firm)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = sum(1 << i for i, (_, rule) in enumerate(self.rules)
+                       if rule.applies(account.id, account.role, account.firm))
+            self._masks[key] = mask
+        return mask
+
+    def whole(self) -> _Subset:
+        """Every rule of the group."""
+        full = (1 << len(self.rules)) - 1
+        found = self._by_mask.get(full)
+        if found is None:
+            found = self._by_mask[full] = _Subset(self.batch, full, full, None)
+        return found
+
+    def subset(self, key: tuple[str, str, str | None], account: Account) -> _Subset | None:
+        """The rules that apply to an account of this id, role and firm (None: no rule), as
+        a batch of their own: the conditions of rules that do not apply (another firm's) are
+        not evaluated at all."""
+        try:
+            return self._subsets[key]
+        except KeyError:
+            pass
+        allowed = self.allowed(account)
+        found = self._by_mask.get(allowed) if allowed else None
+        if found is None and allowed:
+            chosen = [i for i in range(len(self.rules)) if (allowed >> i) & 1]
+            if len(self._by_mask) < self.max_subsets:
+                batch = compile_batch([self.rules[i][1].when for i in chosen],
+                                      f"{self.scope} rules")
+                found = _Subset(batch, (1 << len(chosen)) - 1, allowed,
+                                [1 << i for i in chosen])
+            else:  # many kinds of accounts: one batch for all, as if not filtered
+                found = _Subset(self.batch, allowed, allowed, None)
+            self._by_mask[allowed] = found
+        if len(self._subsets) < 100_000:
+            self._subsets[key] = found
+        return found
+
+
+def _groups(rules: list[CompiledRule], max_subsets: int) -> list[_Group]:
+    groups: dict[tuple[str, str], _Group] = {}
+    for order, rule in enumerate(rules):
+        key = (rule.scope, rule.timezone.key)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _Group(rule.scope, rule.timezone, [],
+                                         max_subsets=max_subsets)
+        group.rules.append((order, rule))
+    for group in groups.values():
+        group.batch = compile_batch([rule.when for _, rule in group.rules],
+                                    f"{group.scope} rules")
+        group.filtered = any(r.roles is not None or r.firms is not None or r.accounts is not None
+                             for _, r in group.rules)
+    return list(groups.values())

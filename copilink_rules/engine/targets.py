@@ -1,0 +1,82 @@
+"""Targets: what each rule is evaluated against — an account, a follower/leader pair in one
+instrument family, or the whole snapshot — with the facts (facts.py) and views they read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from copilink_rules.facts import Family, OrderFacts, PositionFacts
+from copilink_rules.model import Account
+from copilink_rules.namespace import AccountView, Env
+
+_Family = Family  # one account's exposure in one instrument family
+
+
+@dataclass(slots=True)
+class _Target:
+    key: str
+    account: Account | None
+    env: Env
+    family: str | None = None
+    instrument: str | None = None
+    trade: str | None = None  # pair targets: the leader's current trade ("" when flat)
+    catch_up_qty: int = 0
+    stop_price: float | None = None
+
+
+@dataclass(slots=True)
+class _PairSet:
+    """A follower's pair targets, and the facts they were built from."""
+
+    follower: PositionFacts
+    leader: PositionFacts
+    leader_id: str
+    ratio: float
+    items: list[tuple[_Target, Family | None, Family | None, bool]]  # target, lead, foll, overnight
+
+
+@dataclass(slots=True)
+class _AccountInfo:
+    account: Account
+    view: AccountView
+    families: dict[str, _Family]
+    facts: PositionFacts
+    orders: OrderFacts
+
+    @property
+    def why_unreachable(self) -> str:
+        view = self.view
+        if view.reachable:
+            return ""
+        if not view.connected:
+            return f"account {view.id} is disconnected"
+        return f"account {view.id} data is stale ({view.data_age:.1f}s old)"
+
+
+def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
+    """Flag accounts holding the other side of a family than another account at their firm."""
+    sides: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for info in infos.values():
+        firm = info.account.firm
+        if not firm:
+            continue
+        for family, held in info.families.items():
+            side = held.side
+            sides.setdefault((firm, family), {}).setdefault(side, []).append(info.account.id)
+    for (firm, family), by_side in sides.items():
+        if len(by_side) < 2:
+            continue
+        del firm, family
+        for side, accounts in by_side.items():
+            others = by_side.get(-side, [])
+            joined: str | None = None  # the other side, once: hundreds of accounts at a firm
+            for account in accounts:
+                view = infos[account].view
+                view.hedged = True
+                if not view.hedged_with:  # hedged nowhere else (yet): just the other side
+                    if joined is None:
+                        joined = ",".join(sorted(set(others)))
+                    view.hedged_with = joined
+                    continue
+                known = [a for a in view.hedged_with.split(",") if a]
+                view.hedged_with = ",".join(sorted(set(known) | set(others)))
