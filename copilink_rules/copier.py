@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from .adapters.base import BrokerAnswer, CopierPort, OrderPort, OrderReport, Side, call_broker
 from .adapters.sim import SimBroker, SimCopier
 from .errors import InstrumentError
-from .facts import Family, account_exposure, reachable
+from .facts import Family, account_exposure, contracts_for, reachable
 from .gate import Gate, OrderRequest
 from .instruments import Catalog, Instrument, default_catalog
 from .journal import CommandRow, Journal, iso
@@ -128,6 +128,7 @@ class _InFlight:
     status: str = "pending"  # pending | unanswered (the broker could not be reached) | cancelling
     order_id: str | None = None
     filled_at: datetime | None = None  # the broker says filled, positions do not show it yet
+    others: tuple[str, ...] = ()  # the other closes of a family held in several contracts
     cancel_at: datetime | None = None  # when it was last asked to cancel it
 
 
@@ -201,7 +202,12 @@ class BuiltinCopier:
         self.stops: dict[str, _Stop] = {}  # follower|leader order id -> its copy
         self.started = False
         self._gate_ready = False
+        # leaders whose data was not current ("*": all, after a restart): the entries they
+        # made meanwhile are copied as late ones, priced by the gate
+        self._gap: set[str] = set()
         self._dry_stops: set[tuple[str, str, str, int, float]] = set()
+        # follower|leader order id -> the copy the broker refused (not asked again as it is)
+        self._refused_stops: dict[str, tuple[str, str, int, float]] = {}
         self.snapshot: Snapshot | None = None
         self.sent = 0  # orders sent (for the benchmark and the summary)
         # tag -> when the copier sent it (the latency benchmark reads it)
@@ -257,6 +263,16 @@ class BuiltinCopier:
             self.skips[f"{follower}|{family}"] = trade[0]
         return BrokerAnswer("filled", "", tag)
 
+    def cap(self, account: str, args: dict[str, Any]) -> None:
+        """Cut a catch-up's `qty` (in `args`) to the follower's `max_qty`, saying why."""
+        spec = self.followers.get(account)
+        qty = int(args.get("qty", 0))
+        if spec is None or spec.max_qty is None or abs(qty) <= spec.max_qty:
+            return
+        args.setdefault("reduced_from", qty)
+        args["qty"] = int(math.copysign(spec.max_qty, qty))
+        args["reduced_because"] = f"max_qty {spec.max_qty} for {account} in copilink.yaml"
+
     def place_catch_up(self, account: str, instrument: str, qty: int, tag: str,
                        stop_price: float | None) -> tuple[BrokerAnswer, BrokerAnswer | None]:
         """A catch-up the rules decided, sent by the copier (its stop mirrored from the
@@ -294,7 +310,11 @@ class BuiltinCopier:
             self.stops = {k: _Stop(**{**v, "placed_at": datetime.fromisoformat(v["placed_at"])})
                           for k, v in state.get("stops", {}).items()}
             self.started = True
+            self._gap = {"*"}  # what the leaders did while we were down is late now
         for row in self.journal.commands(("sending", "pending", "cancelling")):
+            if row.action in ("copy_stop", "copy_stop_cancel"):
+                notes += self._settle(row, now)
+                continue
             if row.action != "copy":
                 continue
             family = row.family or self.catalog.parse(row.instrument or "").family
@@ -316,6 +336,23 @@ class BuiltinCopier:
                 f"{f} ({why})" for f, why in sorted(self.paused.items())) +
                 "; resume with: copilink-rules resume <follower> --config <copilink.yaml>")
         return notes
+
+    def _settle(self, row: CommandRow, now: datetime) -> list[str]:
+        """A stop (or a stop's cancel) whose answer a crash lost: a copied stop that works at
+        the broker but is not in the saved bookkeeping is cancelled (the next tick places the
+        stop the leader's asks for), so two never stand side by side."""
+        report = self._find(row.tag)
+        if row.action == "copy_stop" and report is not None and not report.final and \
+                report.order_id and not any(s.tag == row.tag for s in self.stops.values()):
+            answer = self._cancel(row.account, report.order_id, f"{row.tag}-cancel", now)
+            self.journal.command_status(row.tag, "cancelled" if answer.ok else "lost", now,
+                                        "open at a restart: cancelled, placed again if due")
+            return [f"{row.tag}: a copied stop on {row.account} open at the restart was "
+                    "cancelled; the leader's stop is copied again"]
+        status = "lost" if report is None else ("confirmed" if report.final or
+                                                 row.action == "copy_stop" else "lost")
+        self.journal.command_status(row.tag, status, now, "settled at a restart")
+        return []
 
     def state(self) -> dict[str, Any]:
         """The bookkeeping a restart needs (saved with the engine's state every tick)."""
@@ -374,7 +411,11 @@ class BuiltinCopier:
             if follower is None or leader is None:
                 continue
             if not self._current(leader, now):
-                continue  # its changes are copied once its data is current again (priced)
+                # its changes are copied once its data is current again, an entry then
+                # priced by the gate as a late one (it may have happened long ago)
+                self._gap.add(leader.id)
+                continue
+            gap = "*" in self._gap or leader.id in self._gap
             lead = self._families(leader)
             held = self._families(follower)
             prefix = f"{spec.id}|"
@@ -392,13 +433,20 @@ class BuiltinCopier:
                     continue
                 if key in self.in_flight or (host is not None and host.busy(spec.id, family)):
                     continue  # waits for the order there to finish: copied after it
+                if host is not None and blocked is None:
+                    blocked = host.blocked(now)  # a rate limit met by the previous copy
                 why_not = self._why_not(spec, follower, now, blocked)
                 if why_not:
                     self._not_copied(spec.id, family, lead_equiv, why_not, now)
                     self.synced[key] = lead_equiv
                     continue
                 self._copy(spec, follower, leader, family, lead.get(family, FLAT),
-                           held.get(family, FLAT), now)
+                           held.get(family, FLAT), now, gap)
+        for spec in self.followers.values():  # every leader current now has been copied from
+            leader = self._leader_of(spec, accounts, snapshot)
+            if leader is not None and self._current(leader, now):
+                self._gap.discard(leader.id)
+        self._gap.discard("*")
         if blocked is None:
             for spec in self.followers.values():
                 if spec.copy_stops:
@@ -421,13 +469,13 @@ class BuiltinCopier:
         return None
 
     def _copy(self, spec: FollowerCopy, follower: Account, leader: Account, family: str,
-              lead: Held, held: Held, now: datetime) -> None:
+              lead: Held, held: Held, now: datetime, gap: bool = False) -> None:
         key = f"{spec.id}|{family}"
         if not lead.symbols and not held.symbols:
             self.synced[key] = lead.equiv  # both flat: nothing to copy
             return
         symbol, own = self._contract(spec, lead, held, family)
-        target = round(lead.equiv * spec.ratio / own.size)
+        target = contracts_for(lead.equiv * spec.ratio, own.size)
         if spec.max_qty is not None:
             target = max(-spec.max_qty, min(spec.max_qty, target))
         held_own = held.equiv / own.size
@@ -442,19 +490,27 @@ class BuiltinCopier:
             # out first (a reversal: the entry follows once the close shows, never one
             # order through zero)
             self._close(spec.id, family, held, now, lead.equiv)
-            if target == 0 or (self.host is not None and self.host.dry_run):
-                self.synced[key] = lead.equiv  # (a dry run never sees the close happen)
+            if target == 0 or key not in self.in_flight:
+                # done with this change: flat is the target, or the close was refused (the
+                # rules watch the follower: not chased every tick) or a dry run's
+                self.synced[key] = lead.equiv
             return
         diff = target - round(held_own)
         # an entry into a leader position older than this change (the follower missed its
         # start: resumed, reconnected, a lost copy) is a late entry: priced by the gate
-        late = not held.equiv and (self.synced.get(key, 0.0) * lead.equiv > 0 or (
+        late = not held.equiv and (gap or self.synced.get(key, 0.0) * lead.equiv > 0 or (
             lead.opened_at is not None and (now - lead.opened_at).total_seconds() > LATE_AFTER))
-        self.synced[key] = lead.equiv
         if diff == 0:
+            self.synced[key] = lead.equiv
             return
         adds = abs(target) > abs(round(held_own))
         age, fresh = follower.data_age(now), self._entry_max_data_age()
+        if not adds and age > fresh:
+            # a reduction sized from old data could carry the follower through zero (it may
+            # be flat by now): waits for fresh data (the broker refreshes it within a second
+            # or two; the rules flatten a follower left holding)
+            return
+        self.synced[key] = lead.equiv
         if adds and age > fresh:
             # sized, and asked of the gate, from what the follower held `age` s ago: an order
             # placed since (by a person) would go unseen, past the firm's limit or through
@@ -507,11 +563,14 @@ class BuiltinCopier:
                                                              "market", tag))
         self.sent += 1
         self._answered(tag, spec.id, family, symbol, float(args["expected"]), answer, now)
+        if host is not None and (answer.ok or answer.status == "unavailable"):
+            self._gate(host).commit(spec.id, symbol, signed)
 
     def _close(self, account: str, family: str, held: Held, now: datetime,
                lead_equiv: float) -> None:
         """Close what `account` holds in `family` with the broker's close-position command
         (it closes what is there when it runs, and cancels the working orders there)."""
+        tags: list[str] = []
         for symbol in sorted(held.symbols):
             tag = self._tag()
             args = {"close": True, "held": held.symbols[symbol], "leader_equiv": lead_equiv,
@@ -527,6 +586,10 @@ class BuiltinCopier:
             self._answered(tag, account, family, symbol, 0.0, answer, now)
             if not answer.ok:
                 break  # one open order per account and family
+            tags.append(tag)
+        order = self.in_flight.get(f"{account}|{family}")
+        if order is not None and len(tags) > 1:
+            order.others = tuple(t for t in tags if t != order.tag)
         self._forget_stops(account, family)
 
     def _call_close(self, account: str, symbol: str, tag: str) -> BrokerAnswer:
@@ -561,7 +624,8 @@ class BuiltinCopier:
             account = accounts.get(order.account)
             if account is not None and abs(self._held(order.account, order.family, account) -
                                            order.expected) < 1e-9:
-                self.journal.command_status(order.tag, "confirmed", now, "verified in snapshot")
+                for tag in (order.tag, *order.others):
+                    self.journal.command_status(tag, "confirmed", now, "verified in snapshot")
                 del self.in_flight[key]
                 continue
             waited = (now - (order.filled_at or order.sent_at)).total_seconds()
@@ -617,7 +681,10 @@ class BuiltinCopier:
             if order.type not in ("stop", "stop_limit") or order.stop_price is None or \
                     order.status not in ("working", "pending"):
                 continue
-            family = self.catalog.parse(order.instrument).family
+            try:
+                family = self.catalog.parse(order.instrument).family
+            except InstrumentError:
+                continue  # a contract the catalog does not know: not copied, never a crash
             position = held.get(family)
             if position is None or not position.equiv or f"{spec.id}|{family}" in \
                     self.in_flight or (self.host is not None and
@@ -628,8 +695,8 @@ class BuiltinCopier:
             closes = "sell" if qty > 0 else "buy"
             if order.side != closes:
                 continue  # not protecting the follower's side
-            size = round(order.qty * self.catalog.parse(order.instrument).size * spec.ratio /
-                         own.size)
+            size = abs(contracts_for(order.qty * self.catalog.parse(order.instrument).size *
+                                     spec.ratio, own.size))
             # together the copies never close more than is held: all of them filling
             # would otherwise carry the follower through zero
             left = room.setdefault(family, abs(qty))
@@ -652,9 +719,24 @@ class BuiltinCopier:
                 continue
             if self._cancel_stop(stop, now):
                 del self.stops[key]
-        for key, (symbol, side, qty, price) in wanted.items():
+        covered: dict[str, int] = {}  # family -> contracts of the copies still working
+        for stop in self.stops.values():
+            if stop.account == spec.id:
+                family = self.catalog.parse(stop.instrument).family
+                covered[family] = covered.get(family, 0) + stop.qty
+        for key, (symbol, side, size, price) in wanted.items():
             if key in self.stops:
                 continue
+            family = self.catalog.parse(symbol).family
+            held_qty = abs(held[family].symbols.get(symbol, 0)) if family in held else 0
+            # a stop whose cancel is not yet confirmed still works: the new one only covers
+            # what is left, so both filling never carries the follower through zero
+            qty = min(size, held_qty - covered.get(family, 0))
+            if qty <= 0:
+                continue
+            if self._refused_stops.get(key) == (symbol, side, qty, price):
+                continue  # refused as it is: said once, not asked again every tick
+            covered[family] = covered.get(family, 0) + qty
             self._place_stop(key, spec.id, symbol, side, qty, price, now)
 
     def _place_stop(self, key: str, account: str, symbol: str, side: str, qty: int,
@@ -687,10 +769,22 @@ class BuiltinCopier:
         if answer.ok:
             self.stops[key] = _Stop(tag, answer.order_id or tag, account, symbol, side, qty,
                                     price, now)
-        else:
-            self._alert(now, "critical", f"{account}: the copy of the leader's stop at "
-                        f"{price:g} was refused ({answer.reason}): {account} has no stop, "
-                        "place one by hand", account)
+            self._refused_stops.pop(key, None)
+            return
+        if answer.status == "unavailable":
+            # it may have arrived: asked about by tag and cancelled if it works, so a second
+            # copy never stands beside it
+            report = self._find(tag)
+            if report is not None and not report.final and report.order_id:
+                self._cancel(account, report.order_id, f"{tag}-cancel", now)
+            return
+        self._refused_stops[key] = (symbol, side, qty, price)
+        if answer.status in ("rate_limited", "auth_failed") and self.host is not None:
+            self.host.broker_trouble(answer, now, account)
+            return
+        self._alert(now, "critical", f"{account}: the copy of the leader's stop at "
+                    f"{price:g} was refused ({answer.reason}): {account} has no stop, "
+                    "place one by hand", account)
 
     def _cancel_stop(self, stop: _Stop, now: datetime) -> bool:
         tag = self._tag()
@@ -704,7 +798,10 @@ class BuiltinCopier:
         answer = self._cancel(stop.account, stop.order_id, tag, now)
         self.journal.command_status(tag, "confirmed" if answer.ok else answer.status, now,
                                     answer.reason or None)
-        return answer.ok
+        if answer.ok:
+            return True
+        report = self._find(stop.tag)  # refused: is the stop gone already (filled, cancelled)?
+        return report is None or report.final
 
     def _forget_stops(self, account: str, family: str) -> None:
         """A close cancels the working orders there, the copied stops with them."""
@@ -715,10 +812,18 @@ class BuiltinCopier:
     # --- helpers ----------------------------------------------------------------------------
 
     def _gate(self, host: CopierHost) -> Gate:
-        """The enforcer's gate, given this tick's world once."""
+        """The enforcer's gate, given this tick's world once, with the copier's orders that
+        still work counted as held (two families copied in two ticks must not each fit the
+        firm's contract limit and break it together)."""
         if not self._gate_ready and self.snapshot is not None:
             host.gate.update(self.snapshot, host.gate_locks())
             self._gate_ready = True
+            accounts = {a.id: a for a in self.snapshot.accounts}
+            for order in self.in_flight.values():
+                size = self.catalog.parse(order.instrument).size
+                left = contracts_for(order.expected - self._held(
+                    order.account, order.family, accounts.get(order.account)), size)
+                host.gate.commit(order.account, order.instrument, left)
         return host.gate
 
     def _count_trades(self, snapshot: Snapshot) -> None:

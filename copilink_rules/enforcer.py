@@ -45,7 +45,7 @@ from .alerts import Alert, Alerts
 from .calendar import Calendar
 from .copier import COPIER_ACTIONS, BuiltinCopier, ExternalCopier
 from .engine import DEFAULT_STALE_AFTER
-from .facts import account_exposure, reachable
+from .facts import account_exposure, contracts_for, reachable
 from .gate import Gate, OrderRequest
 from .instruments import Catalog, default_catalog
 from .journal import OPEN_STATUSES, CommandRow, Journal, iso
@@ -456,6 +456,8 @@ class Enforcer:
         account = accounts.get(decision.account)
         if kind == "catch_up":
             self._in_own_contract(action)
+            if isinstance(self.copier, BuiltinCopier):  # the follower's max_qty holds too
+                self.copier.cap(action.account, action.args)
             # an order that adds exposure is checked against the freshest data there is
             account, now_fresh = self._fresh_account(decision.account, account, now)
         self._again = False
@@ -489,7 +491,7 @@ class Enforcer:
             return  # it trades another family: the leader's contract it is
         action.args["contract_of_leader"] = f"{action.args.get('qty')} {action.instrument}"
         action.instrument = symbol
-        action.args["qty"] = round(float(action.args["equiv"]) / own.size)
+        action.args["qty"] = contracts_for(float(action.args["equiv"]), own.size)
 
     def _fresh_account(self, account_id: str, seen: Account | None,
                        now: datetime) -> tuple[Account | None, datetime]:

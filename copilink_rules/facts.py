@@ -19,6 +19,7 @@ enforcer and the built-in copier all read them, so none sums positions its own w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -192,6 +193,16 @@ def family_exposure(positions: Iterable[Position], catalog: Catalog) -> dict[str
         else:
             family.minis += abs(qty)
     return families
+
+
+def contracts_for(equiv: float, size: float) -> int:
+    """Whole contracts of `size` for an exposure of `equiv` full-size contracts: the nearest,
+    a half away from zero (2.5 -> 3, -0.5 -> -1). The one rounding of a follower's share, used
+    by the engine's catch-up, the enforcer and the copiers alike, so they never disagree on
+    what a follower should hold."""
+    units = abs(equiv) / size
+    whole = math.floor(units + 0.5 + 1e-9)  # 1e-9: 0.15 / 0.1 is 1.4999999999999998
+    return whole if equiv >= 0 else -whole
 
 
 def account_exposure(account: Account, catalog: Catalog) -> dict[str, Family]:

@@ -174,6 +174,22 @@ class Gate:
                     if event is not None:
                         self._blackout[name][family] = event.name
 
+    def commit(self, account: str, instrument: str, signed_qty: int) -> None:
+        """Count an order that went out (or is still working) as held by `account` until the
+        next `update`: two orders in one tick, in two families, must not each fit the firm's
+        contract limit on their own and break it together."""
+        known = self._accounts.get(account)
+        if known is None or not signed_qty:
+            return
+        inst = self.catalog.parse(instrument)
+        family = inst.family
+        firm = self.firms.get(known.firm or "")
+        weight = (firm.micro_weight if firm else 1.0) if inst.micro else 1.0
+        before = known.qty.get(family, 0)
+        known.qty[family] = before + signed_qty
+        known.equiv[family] = known.equiv.get(family, 0.0) + signed_qty * inst.size
+        known.weighted += (abs(before + signed_qty) - abs(before)) * weight
+
     # --- per order: the hot path ------------------------------------------------------------
 
     def check(self, order: OrderRequest) -> GateAnswer:

@@ -82,6 +82,7 @@ class Session:
         # unjournaled
         self.stopped: str | None = None
         self._last_problem: str | None = None
+        self._copier_problem: str | None = None
         self._health: str | None = None
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
@@ -184,12 +185,16 @@ class Session:
         assert self.builtin is not None
         try:
             self.builtin.sync(snapshot)
+            self._copier_problem = None
         except sqlite3.Error:
             raise
         except Exception as exc:  # a copier failure must not stop the rules
-            log.exception("the copier failed")
-            self._problem(f"copier: {type(exc).__name__}: {exc} — copying may have stopped; "
-                          "the rules keep watching the followers")
+            message = (f"copier: {type(exc).__name__}: {exc} — copying may have stopped; the "
+                       "rules keep watching the followers")
+            if message != self._copier_problem:  # once, not every tick
+                self._copier_problem = message
+                log.exception("the copier failed")
+                self._send(snapshot.time, "critical", message, None)
         self.journal.save_copier_state(self.builtin.state())
 
     def _watch_health(self, now: datetime) -> None:

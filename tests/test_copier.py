@@ -254,7 +254,7 @@ def test_a_dry_run_journals_the_copies_and_sends_nothing(tmp_path: Path) -> None
     desk.lead(1)
     desk.tick(2)
     assert [c for c in desk.fake.calls if c.tag.startswith("CLR-")] == []
-    assert {r.account for r in desk.rows() if r.status == "dry_run"} == {"F1", "F2"}
+    assert {r.account for r in desk.rows() if r.status == "dry_run"} == {"F1", "F2", "F3"}
 
 
 def test_skip_entry_holds_for_the_rest_of_the_leader_trade(tmp_path: Path) -> None:
@@ -511,3 +511,126 @@ def test_copied_stops_together_never_close_more_than_is_held(tmp_path: Path) -> 
     stops = [o.qty for o in fake.orders.values() if o.account == "F3" and o.type == "stop"
              and o.state == "working"]
     assert sum(stops) == 2
+
+
+# --- found by the red-team pass ---------------------------------------------------------------
+
+
+def test_two_families_copied_in_one_tick_stay_within_the_firms_limit_together(
+        tmp_path: Path) -> None:
+    fake = FakeBroker([AccountSpec("LEAD", "leader", firm="apex", size=50000),
+                       AccountSpec("F1", "follower", "LEAD", firm="apex", size=25000)])
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], rules=[APEX], fake=fake)
+    desk.lead(3, "NQH6")
+    desk.lead(3, "ESH6")  # an Apex 25K allows 4 contracts in all
+    desk.tick()
+    assert sum(abs(q) for q in desk.held("F1").values()) == 4
+
+
+def test_a_copied_stop_placed_just_before_a_crash_is_not_doubled(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.lead(2)
+    desk.tick()
+    desk.fake.place_order("LEAD", "NQH6", "sell", 2, "stop", "L-1", 17980.0)
+    real = desk.fake.place_order
+
+    def place_then_die(*args: Any, **kwargs: Any) -> BrokerAnswer:
+        if args[0] == "F1" and args[4] == "stop":
+            real(*args, **kwargs)
+            raise Crash
+        return real(*args, **kwargs)
+
+    desk.fake.place_order = place_then_die  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        desk.tick()
+    desk.fake.place_order = real  # type: ignore[method-assign]
+    desk.journal.close()
+    again = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], fake=desk.fake)
+    again.tick(3)
+    working = [o.qty for o in again.fake.orders.values() if o.account == "F1" and
+               o.type == "stop" and o.state == "working"]
+    assert working == [2]
+
+
+def test_a_moved_stop_is_not_placed_while_the_old_ones_cancel_goes_unanswered(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    fake = desk.fake
+    desk.lead(2)
+    desk.tick()
+    fake.place_order("LEAD", "NQH6", "sell", 2, "stop", "L-1", 17980.0)
+    desk.tick(2)
+    next(o for o in fake.orders.values() if o.tag == "L-1").state = "cancelled"
+    fake.place_order("LEAD", "NQH6", "sell", 2, "stop", "L-2", 17990.0)
+    fake.script("F1", BrokerAnswer("unavailable", "timeout"))  # the cancel of the old stop
+    desk.tick()
+
+    def working() -> list[float | None]:
+        return [o.stop_price for o in fake.orders.values() if o.account == "F1" and
+                o.type == "stop" and o.state == "working"]
+
+    assert working() == [17980.0]  # never two stops against 2 contracts
+    desk.tick(2)  # the cancel goes through next time: the stop moves
+    assert working() == [17990.0]
+
+
+def test_an_entry_made_while_the_leaders_data_was_stale_is_priced_as_late(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")],
+                overrides={"missed_entry_grace": "60s", "disconnect_grace": "60s"})
+    desk.fake.connected["LEAD"] = False
+    desk.tick(24)  # 6 s: its data goes stale
+    desk.fake.set_position("LEAD", "NQH6", 2, 17990.0)  # it entered 40 ticks from the market
+    desk.fake.connected["LEAD"] = True
+    desk.tick(2)
+    assert desk.sent("F1") == []
+    assert "late entry" in (desk.rows(account="F1")[-1].reason or "")
+
+
+def test_a_catch_up_keeps_to_the_followers_max_qty(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD", max_qty=2)])
+    desk.fake.script("F1", BrokerAnswer("rejected", "busy"))  # the copy of 2 is refused
+    desk.lead(5)
+    desk.tick(16)  # the rules catch up: at most 2
+    catch_up = desk.rows("catch_up", "F1")
+    assert [r.args["qty"] for r in catch_up] == [2]
+    assert catch_up[0].args["reduced_from"] == 5
+    assert desk.held("F1") == {"NQH6": 2}
+
+
+def test_a_reduction_waits_for_fresh_data_rather_than_cross_zero(tmp_path: Path) -> None:
+    import datetime as dt
+
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")],
+                overrides={"stuck_grace": "60s"})
+    desk.lead(2)
+    desk.tick(2)
+    frozen = next(a for a in desk.fake.snapshot().accounts if a.id == "F1")  # long 2
+    real = desk.fake.snapshot
+
+    def lagging() -> Any:  # F1's feed lags 3 s: it still shows long 2
+        now = real()
+        late = frozen.model_copy(update={"updated_at": now.time - dt.timedelta(seconds=3)})
+        return now.model_copy(update={"accounts": tuple(
+            late if a.id == "F1" else a for a in now.accounts)})
+
+    desk.fake.snapshot = lagging  # type: ignore[method-assign]
+    desk.fake.set_position("F1", "NQH6", 0)  # in truth F1 is flat already
+    desk.lead(1)
+    desk.tick(2)
+    assert market(desk.sent("F1")) == [("NQH6", "buy", 2)]  # no "sell 1" into a short
+    desk.fake.snapshot = real  # type: ignore[method-assign]
+    desk.fake.set_position("F1", "NQH6", 2)
+    desk.tick()
+    assert market(desk.sent("F1"))[1:] == [("NQH6", "sell", 1)]  # fresh data: it reduces
+
+
+def test_a_copier_failure_is_one_alert_not_one_a_tick(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+
+    def broken(snapshot: Any) -> None:
+        raise RuntimeError("boom")
+
+    desk.copier.sync = broken  # type: ignore[method-assign]
+    desk.tick(12)
+    assert len([a for a in desk.alerts if "copier: RuntimeError: boom" in a.message]) == 1

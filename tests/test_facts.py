@@ -273,3 +273,14 @@ def _snapshot(moment: datetime, start: datetime, accounts: list[dict[str, Any]],
     return Snapshot.model_validate({"time": moment.isoformat(), "quotes": quotes,
                                     "accounts": [concrete(a) for a in accounts]})
 
+
+
+@pytest.mark.parametrize(("equiv", "size", "expected"), [
+    (0.5, 1.0, 1), (1.5, 1.0, 2), (2.5, 1.0, 3), (3.5, 1.0, 4),  # a half goes up, always
+    (-0.5, 1.0, -1), (-2.5, 1.0, -3), (0.3, 1.0, 0), (-0.3, 1.0, 0), (0.0, 1.0, 0),
+    (2.0, 0.1, 20), (0.15, 0.1, 2), (0.05, 0.1, 1), (1.04, 0.1, 10)])
+def test_a_followers_share_rounds_to_the_nearest_contract_a_half_away_from_zero(
+        equiv: float, size: float, expected: int) -> None:
+    from copilink_rules.facts import contracts_for
+
+    assert contracts_for(equiv, size) == expected

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from copilink_rules.facts import contracts_for
 from copilink_rules.instruments import Catalog, default_catalog
 from copilink_rules.model import Snapshot, finite_or_none
 from copilink_rules.snapshots import read_input
@@ -396,7 +397,7 @@ class SimBroker:
                 self.skipping.get(account) == trade:
             return  # lost: the copier could not reach it, was paused, or sits this trade out
         size = self.catalog.parse(follower.symbol).size
-        self._fill(follower, follower.symbol, round(delta_equiv * follower.ratio / size))
+        self._fill(follower, follower.symbol, contracts_for(delta_equiv * follower.ratio, size))
 
     def _on_fault(self, fault: int) -> None:
         spec = self.faults[fault]

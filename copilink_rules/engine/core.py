@@ -22,6 +22,7 @@ from copilink_rules.facts import (
     NO_ORDERS,
     OrderFacts,
     PositionFacts,
+    contracts_for,
     derive_orders,
     derive_positions,
     position_view,
@@ -498,7 +499,7 @@ class Engine:
                     self._instrument_view(instrument)
                 env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
-                catch_up_qty = round(expected / instrument.size) if lead else 0
+                catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
                 target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
                                  orders.stop(family, catalog))
                 targets.append(target)
