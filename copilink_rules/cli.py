@@ -627,6 +627,14 @@ def cmd_copying(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
                          "journal of a session started with run")
     journal = Journal(journal_path)
     try:
+        if followers is None:  # --journal only: the accounts this journal has met
+            known = sorted({c.account for c in journal.commands()} | set(journal.copying()))
+            if known and args.follower not in known:
+                near = difflib.get_close_matches(args.follower, known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise InputError(f"{args.follower!r}: the journal {journal_path} has never "
+                                 f"met an account by that name{hint}; it knows: "
+                                 f"{', '.join(known)}")
         before = journal.copying().get(args.follower)
         state = "active" if args.command == "resume" else "paused"
         journal.set_copying(args.follower, state, f"{args.command}d by hand "

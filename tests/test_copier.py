@@ -205,6 +205,10 @@ def test_a_paused_follower_gets_nothing_and_resume_copies_from_the_next_change(
                io.StringIO()) == 0
     assert "resumes" in out.getvalue()
     assert "it was paused" in out.getvalue()
+    err = io.StringIO()  # a typo is named, not "resumed"
+    assert cli(["resume", "F9", "--journal", str(tmp_path / "journal.db")], io.StringIO(),
+               err) != 0
+    assert "has never met an account by that name; it knows: F1" in err.getvalue()
     desk.tick(2)
     assert desk.sent("F1") == []  # not a late entry by the copier: that is the rules' call
     desk.lead(2)  # the next change: the follower is brought to the leader's position
