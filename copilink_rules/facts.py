@@ -109,9 +109,12 @@ def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
         if p is q:
             continue
         pd, qd = p.__dict__, q.__dict__
-        if pd["qty"] != qd["qty"] or pd["instrument"] != qd["instrument"] or \
-                pd["opened_at"] != qd["opened_at"] or \
-                not _same_float(pd["avg_price"], qd["avg_price"]):
+        # one comparison in C of the whole record (a position is these four fields:
+        # instrument, qty, avg_price, opened_at), then what == cannot tell of the price
+        if pd != qd:
+            return False
+        price, other = pd["avg_price"], qd["avg_price"]
+        if type(price) is not type(other) or (price == 0 and signed_zeros_differ(price, other)):
             return False
     return True
 
@@ -126,9 +129,11 @@ def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
         if p is q:
             continue
         pd, qd = p.__dict__, q.__dict__
-        if pd != qd or any(
-                not _same_float(pd[k], qd[k]) for k in ("limit_price", "stop_price")
-                if pd[k] is not None):
+        if pd != qd:
+            return False
+        limit, stop = pd["limit_price"], pd["stop_price"]
+        if (limit is not None and not _same_float(limit, qd["limit_price"])) or \
+                (stop is not None and not _same_float(stop, qd["stop_price"])):
             return False
     return True
 

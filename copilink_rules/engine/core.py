@@ -162,33 +162,19 @@ class Engine:
         return self.lock_book.as_tuples()
 
     def save_state(self) -> dict[str, Any]:
-        """The engine's state as versioned, JSON-ready data."""
-        def iso(moment: datetime) -> str:
-            return moment.isoformat()
-
-        return {
+        """The engine's state as versioned, JSON-ready data: `_SavedState` (state.py), read
+        from the live state by attribute name."""
+        return _SavedState.model_validate({
             "version": STATE_VERSION,
             "policy_version": self.policy.version,
-            "time": iso(self.last_time) if self.last_time else None,
-            "rules": {
-                rule: {t: {"since": iso(s.since), "fired": s.fired, "held": s.held}
-                       for t, s in states.items()}
-                for rule, states in self._states.items() if states
-            },
-            "last_fired": {rule: {t: iso(m) for t, m in fired.items()}
-                           for rule, fired in self._last_fired.items() if fired},
-            "entries": {pair: list(entry) for pair, entry in self._entries.items()},
-            "first_seen": {key: [side, iso(m)] for key, (side, m) in self._first_seen.items()},
-            "metrics": {a: {"day": m.day, "day_start": m.day_start, "peak": m.peak,
-                            "peak_eod": m.peak_eod, "best_day": m.best_day,
-                            "last_equity": m.last_equity, "size": m.size,
-                            "trades": m.trades, "streak": m.streak,
-                            "opens": {f: list(o) for f, o in m.opens.items()}}
-                        for a, m in self._metrics.items()},
-            "locks": {lock.account: {"state": lock.state, "until": iso(lock.until),
-                                     "rule": lock.rule, "reason": lock.reason}
-                      for lock in self.lock_book.values()},
-        }
+            "time": self.last_time,
+            "rules": {rule: states for rule, states in self._states.items() if states},
+            "last_fired": {rule: fired for rule, fired in self._last_fired.items() if fired},
+            "entries": self._entries,
+            "first_seen": self._first_seen,
+            "metrics": self._metrics,
+            "locks": {lock.account: lock for lock in self.lock_book.values()},
+        }).model_dump(mode="json")
 
     def save_state_json(self) -> str:
         return json.dumps(self.save_state(), indent=1, sort_keys=True)
@@ -217,8 +203,7 @@ class Engine:
             if rule not in self._states:
                 notes.append(f"dropped the timers of rule {rule!r}, which no longer exists")
                 continue
-            self._states[rule] = {t: _RuleState(s.since, s.fired, s.held)
-                                  for t, s in states.items()}
+            self._states[rule] = {t: s.live(_RuleState) for t, s in states.items()}
         for rule, fired in saved.last_fired.items():
             if rule in self._last_fired:
                 self._last_fired[rule] = dict(fired)
@@ -227,9 +212,8 @@ class Engine:
         self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
         self._hedge_marks = None
         self._pair_sets = {}
-        self._metrics = {a: _Metrics(**m.model_dump()) for a, m in saved.metrics.items()}
-        self.lock_book.restore([Lock(a, lock.state, lock.until, lock.reason, lock.rule)
-                                for a, lock in saved.locks.items()])
+        self._metrics = {a: m.live(_Metrics) for a, m in saved.metrics.items()}
+        self.lock_book.restore([lock.live(Lock, account=a) for a, lock in saved.locks.items()])
         return notes
 
     # --- building what expressions see ------------------------------------------------------
@@ -245,7 +229,7 @@ class Engine:
         # facts of the previous tick, reused for an account whose positions (orders) are the
         # same; only accounts of this snapshot are kept, so one that is gone for a tick is
         # derived again (its first-seen times were dropped meanwhile)
-        reuse = self.reuse
+        reuse, trade_counts, trading_day = self.reuse, self._trade_counts, self._trading_day
         old_positions, old_orders = self._position_facts, self._order_facts
         new_positions: dict[str, PositionFacts] = {}
         new_orders: dict[str, OrderFacts] = {}
@@ -282,19 +266,22 @@ class Engine:
             equity = balance + unrealized
             day = days.get(firm)
             if day is None:
-                day = days[firm] = self._trading_day(firm, now)
+                day = days[firm] = trading_day(firm, now)
             metrics = metrics_of.get(account_id)
             size = a["size"]
             if metrics is None or metrics.day != day:
                 metrics = self._roll_metrics(account, equity, day)
             elif size is not None:  # _roll_metrics' only change to the metrics of today
                 metrics.size = size
-            metrics.peak = max(metrics.peak, equity)
+            peak = metrics.peak
+            if equity > peak:  # max(), without the call
+                peak = metrics.peak = equity
             metrics.last_equity = equity
-            if self._trade_counts:
+            if trade_counts:
                 _count_trades(metrics, families, realized)
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
+            best_day = metrics.best_day
             lock = lock_state(account_id)
             role = a["role"]
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
@@ -303,8 +290,8 @@ class Engine:
                 stale, reachable, age, a["copier"], balance, realized,
                 unrealized, realized + unrealized,
                 not families, facts.contracts, len(families), order_facts.working,
-                facts.undeclared, metrics.size, equity, day_pnl, metrics.peak, metrics.peak_eod,
-                total, max(metrics.best_day, day_pnl),
+                facts.undeclared, metrics.size, equity, day_pnl, peak, metrics.peak_eod,
+                total, day_pnl if day_pnl > best_day else best_day,
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, facts.minis,
                 facts.micros, False, "", lock, lock != "",
                 at_firm[firm] if firm else 0, metrics.trades, metrics.streak,
@@ -540,6 +527,7 @@ class Engine:
         whole = group.whole()
         filtered = group.filtered
         subset = group.subset if self.reuse else None
+        known = group.known_subsets  # what `subset` found already, looked up without a call
         # the outcome per target, kept only when some rule has state to clear afterwards
         results: dict[str, tuple[int, int]] | None = {} if tracked else None
         for index, target in enumerate(targets):
@@ -547,7 +535,8 @@ class Engine:
             if filtered and account is not None:
                 if subset is not None:
                     a = account.__dict__
-                    sub = subset((a["id"], a["role"], a["firm"]), account)
+                    kind = (a["id"], a["role"], a["firm"])
+                    sub = known[kind] if kind in known else subset(kind, account)
                     if sub is None:
                         continue
                 else:  # the reference path: every condition, masked

@@ -56,6 +56,11 @@ class _Group:
             found = self._by_mask[full] = _Subset(self.batch, full, full, None)
         return found
 
+    @property
+    def known_subsets(self) -> dict[tuple[str, str, str | None], _Subset | None]:
+        """What `subset` found so far, by key (the engine's hot loop reads it directly)."""
+        return self._subsets
+
     def subset(self, key: tuple[str, str, str | None], account: Account) -> _Subset | None:
         """The rules that apply to an account of this id, role and firm (None: no rule), as
         a batch of their own: the conditions of rules that do not apply (another firm's) are

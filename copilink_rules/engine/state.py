@@ -1,28 +1,52 @@
 """The engine's state: what it remembers across ticks (`_RuleState`, `_Metrics`; locks are in
-locks.py) and the models a saved state is checked against before the engine trusts it
-(`Engine.save_state` writes them, `Engine.restore_state` reads them back)."""
+locks.py) and the one description of its saved form, `_SavedState`.
+
+The saved form is described once, by the `_Saved*` models: `Engine.save_state` reads the live
+dataclasses into them by attribute name (`from_attributes`) and dumps them as JSON
+(`model_dump(mode="json")`); `Engine.restore_state` checks data against the same models and
+builds the live state back from their fields (`_Saved.live`). No field is listed anywhere else.
+The models, not the dataclasses, are the description because the saved form is a format on disk
+with rules of its own: journals already written must keep reading (`held`, `trades`, `streak`,
+`opens` may be missing, `fired` may not), and damaged data is refused before the engine trusts
+it (no NaN, aware times in range, known lock states); the live dataclasses stay plain and fast
+for evaluation. tests/test_engine_state.py checks that models and dataclasses keep the same
+fields, and that a state saved before this description existed restores and saves unchanged."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from copilink_rules.facts import Family
 from copilink_rules.model import UtcDatetime
 
 STATE_VERSION = 1
 
+_T = TypeVar("_T")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()  # `+00:00`, as saved states always had it (pydantic says `Z`)
+
+
+_Moment = Annotated[UtcDatetime, PlainSerializer(_iso, when_used="json")]
+
 
 class _Saved(BaseModel):
     # a NaN peak restored from damaged state would switch drawdown limits off
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, from_attributes=True)
+
+    def live(self, kind: Callable[..., _T], **more: Any) -> _T:
+        """The live object (a dataclass of the same fields) this saved part describes."""
+        return kind(**self.__dict__, **more)  # its fields (`dict(self)` is slower)
 
 
 class _SavedRuleState(_Saved):
-    since: UtcDatetime
+    since: _Moment
     fired: bool
     held: bool = False
 
@@ -41,8 +65,10 @@ class _SavedMetrics(_Saved):
 
 
 class _SavedLock(_Saved):
+    """A `locks.Lock` without its account (the key it is saved under)."""
+
     state: Literal["halted", "reducing"]
-    until: UtcDatetime
+    until: _Moment
     rule: str | None  # None: a lock not from a rule (read back from the journal)
     reason: str
 
@@ -52,12 +78,12 @@ class _SavedState(_Saved):
 
     version: int
     policy_version: str | None = None
-    time: UtcDatetime | None = None
+    time: _Moment | None = None
     rules: dict[str, dict[str, _SavedRuleState]] = Field(default_factory=dict)
-    last_fired: dict[str, dict[str, UtcDatetime]] = Field(default_factory=dict)
+    last_fired: dict[str, dict[str, _Moment]] = Field(default_factory=dict)
     entries: dict[str, tuple[str, Literal["flatten", "skip_entry", "catch_up"]]] = Field(
         default_factory=dict)
-    first_seen: dict[str, tuple[int, UtcDatetime]] = Field(default_factory=dict)
+    first_seen: dict[str, tuple[int, _Moment]] = Field(default_factory=dict)
     metrics: dict[str, _SavedMetrics] = Field(default_factory=dict)
     locks: dict[str, _SavedLock] = Field(default_factory=dict)
 

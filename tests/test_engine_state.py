@@ -1,0 +1,102 @@
+"""The engine's saved state, described once (engine/state.py): a state saved by the code
+before that description restores unchanged, and the models keep the live state's fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from copilink_rules.engine import STATE_VERSION, Engine
+from copilink_rules.engine.state import (
+    _Metrics,
+    _RuleState,
+    _SavedLock,
+    _SavedMetrics,
+    _SavedRuleState,
+)
+from copilink_rules.errors import StateError
+from copilink_rules.locks import Lock
+
+# Saved by `Engine.save_state` before the saved state was described once: 30 s of a seeded sim
+# session (chaos_support's copier firm over desync, plus a rule reading trade counts; F3's
+# positions undated, so first-seen times are kept) with locks, timers, cooldowns, entries,
+# first-seen times, metrics and trade counts all non-empty.
+V1_STATE = Path(__file__).parent / "fixtures" / "engine_state_v1.json"
+
+# the rules the saved state names (their conditions do not matter to a restore)
+V1_RULES = """
+    ruleset: saved-v1
+    timezone: America/New_York
+    rules:
+""" + "".join(f"""
+      - id: {rule}
+        when: account.flat
+        then: [{{alert: {{message: "{rule}"}}}}]
+""" for rule in ("chaos-over-limit", "chaos-resume", "chaos-trade-count",
+                 "account-unreachable"))
+
+
+def test_a_state_saved_by_the_previous_code_restores_and_saves_unchanged(
+        engine_of: Callable[..., Engine]) -> None:
+    saved = json.loads(V1_STATE.read_text(encoding="utf-8"))
+    assert all(saved[part] for part in ("rules", "last_fired", "entries", "first_seen",
+                                        "metrics", "locks"))
+    engine = engine_of(V1_RULES)
+
+    notes = engine.restore_state(saved)
+
+    assert notes == [f"the rules changed since the state was saved (was "
+                     f"{saved['policy_version']}, now {engine.policy.version}); timers of "
+                     "rules that still exist are kept"]
+    assert engine.save_state() == {**saved, "policy_version": engine.policy.version}
+    assert json.loads(engine.save_state_json()) == engine.save_state()
+
+
+def test_a_state_without_fields_added_later_takes_their_defaults(desync: Engine) -> None:
+    desync.restore_state({
+        "version": 1,
+        "rules": {"stuck-follower": {"F1|LEAD|NQ": {"since": "2026-03-02T14:30:00-05:00",
+                                                    "fired": True}}},
+        "metrics": {"F1": {"day": "2026-03-02", "day_start": 1.0, "peak": 2.0, "peak_eod": 1.0,
+                           "best_day": 0.0, "last_equity": 2.0, "size": 50000.0}},
+    })
+
+    saved = desync.save_state()
+
+    assert saved["rules"] == {"stuck-follower": {"F1|LEAD|NQ": {
+        "since": "2026-03-02T19:30:00+00:00", "fired": True, "held": False}}}
+    assert saved["metrics"]["F1"] | {"trades": 0, "streak": 0, "opens": {}} \
+        == saved["metrics"]["F1"]
+    assert saved["version"] == STATE_VERSION
+
+
+@pytest.mark.parametrize(("model", "live", "key"), [
+    (_SavedRuleState, _RuleState, set()),
+    (_SavedMetrics, _Metrics, set()),
+    (_SavedLock, Lock, {"account"}),  # the key a lock is saved under
+])
+def test_the_saved_models_keep_the_live_state_s_fields(
+        model: type, live: type, key: set[str]) -> None:
+    fields = {f.name for f in dataclasses.fields(live)}
+    assert set(model.model_fields) == fields - key
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ({"rules": {"r": {"x": {"since": "2026-03-02T14:30:00+00:00"}}}},
+     r"damaged: rules\.r\.x\.fired: Field required"),
+    ({"metrics": {"F1": {"day": "d", "day_start": "NaN", "peak": 1.0, "peak_eod": 1.0,
+                         "best_day": 0.0, "last_equity": 1.0, "size": 1.0}}},
+     r"damaged: metrics\.F1\.day_start: Input should be a finite number"),
+    ({"locks": {"F1": {"state": "frozen", "until": "2026-03-02T14:30:00+00:00", "rule": None,
+                       "reason": "r"}}},
+     r"damaged: locks\.F1\.state: Input should be 'halted' or 'reducing'"),
+    ({"entries": {"F1|LEAD|NQ": ["1@t", "buy"]}}, r"damaged: entries\.F1\|LEAD\|NQ\.1: "),
+])
+def test_damaged_parts_are_refused_with_their_path(
+        desync: Engine, damage: dict[str, object], message: str) -> None:
+    with pytest.raises(StateError, match=message):
+        desync.restore_state({"version": 1, **damage})
