@@ -1,6 +1,6 @@
 """The built-in copier's latency: from the leader's fill to the follower's order being sent.
 
-    python benchmarks/bench_copy.py [--sim-changes 300] [--changes 60] [--ticks 250,50]
+    python benchmarks/bench_copy.py [--sim-changes 300] [--changes 60] [--ticks 250,250/50,50]
 
 (a) The sim broker in this process, `own_copier: false` (the sim's own copier off, so the
     built-in one copies), ticks run as the scheduler runs them (`LiveRunner.tick_once`), the
@@ -11,7 +11,8 @@
     interval and first waits for the next tick: 0 to one interval more, half of it on average.
 
 (b) The Tradovate stand-in (REST + WebSocket on 127.0.0.1) and `copilink-rules run --config`
-    in its own process: the real adapter, Session and scheduler, at each tick interval given.
+    in its own process: the real adapter, Session and scheduler, at each tick interval given,
+    copying at the rule ticks only or also between them (`copy_every`, `TICK/COPY`).
     Measured from just before the stand-in applies the leader's fill and pushes it on the user
     socket to the stand-in receiving the follower's order (`order/placeorder`, or
     `order/liquidateposition` for an exit), both on the stand-in's monotonic clock. The
@@ -136,7 +137,7 @@ def bench_sim(changes: int, tick: float, root: Path) -> tuple[dict[str, list[flo
 
 # --- (b) the Tradovate stand-in, copilink-rules run in its own process ------------------------
 
-def bench_standin(tick_ms: int, changes: int, root: Path, rng: random.Random
+def bench_standin(tick_ms: int, copy_ms: int, changes: int, root: Path, rng: random.Random
                   ) -> tuple[dict[str, list[float]], str]:
     sys.path.insert(0, str(REPO))  # the stand-ins live in tests/, a package of the checkout
     from tests.standins.tradovate import (  # noqa: PLC0415 - importable only after the line above
@@ -155,8 +156,8 @@ def bench_standin(tick_ms: int, changes: int, root: Path, rng: random.Random
             standin.set_cash(account, float(size))
         for symbol in ("NQH6", "MNQH6"):
             standin.push_quote(symbol, 18000.0, 18000.25, 18000.0)
-        config = root / f"copilink-{tick_ms}.yaml"
-        journal = root / f"standin-{tick_ms}.db"
+        config = root / f"copilink-{tick_ms}-{copy_ms}.yaml"
+        journal = root / f"standin-{tick_ms}-{copy_ms}.db"
         config.write_text(textwrap.dedent(f"""\
             broker:
               name: tradovate
@@ -174,8 +175,9 @@ def bench_standin(tick_ms: int, changes: int, root: Path, rng: random.Random
             params: {{apex_flat_by: "18:00"}}
             kill_file: null
             tick: {tick_ms}ms
+            copy_every: {copy_ms}ms
             """))
-        log = (root / f"run-{tick_ms}.log").open("w")
+        log = (root / f"run-{tick_ms}-{copy_ms}.log").open("w")
         process = subprocess.Popen(
             [sys.executable, "-m", "copilink_rules", "run", "--config", str(config),
              "--journal", str(journal), "--duration", "600", "--no-view"],
@@ -266,13 +268,18 @@ def main() -> None:
                         help="leader changes (entries and exits) in (a); default 300")
     parser.add_argument("--changes", type=int, default=60,
                         help="leader changes per tick interval in (b); default 60")
-    parser.add_argument("--ticks", default="250,50",
-                        help="tick intervals in ms for (b), comma-separated; default 250,50")
+    parser.add_argument("--ticks", default="250,250/50,50",
+                        help="(b)'s runs, comma-separated: TICK (copying at ticks only) or "
+                        "TICK/COPY (the copier also every COPY ms between ticks, copy_every), in "
+                        "ms; default 250,250/50,50")
     parser.add_argument("--skip-sim", action="store_true", help="leave out (a)")
     parser.add_argument("--skip-standin", action="store_true", help="leave out (b)")
     parser.add_argument("--seed", type=int, default=7, help="for (b)'s pauses between changes")
     args = parser.parse_args()
-    ticks = [int(t) for t in args.ticks.split(",") if t.strip()]
+    ticks: list[tuple[int, int]] = []
+    for run in (t.strip() for t in args.ticks.split(",") if t.strip()):
+        tick_text, _, copy_text = run.partition("/")
+        ticks.append((int(tick_text), int(copy_text or tick_text)))
     commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
     print("bench_copy: leader fill -> follower order sent, built-in copier (copier: builtin)")
@@ -303,13 +310,14 @@ def main() -> None:
                   "process; from the stand-in applying and pushing the leader's fill to it "
                   "receiving the follower's order")
             print(HEADER)
-            for tick_ms in ticks:
+            for tick_ms, copy_ms in ticks:
                 started = time.monotonic()
-                result, note = bench_standin(tick_ms, args.changes, root, rng)
-                print(row(f"tick {tick_ms} ms: every follower order", result["every"]))
-                print(row(f"tick {tick_ms} ms: first follower order of a change",
-                          result["first"]))
-                print(row(f"tick {tick_ms} ms: last (3rd) follower order", result["last"]))
+                result, note = bench_standin(tick_ms, copy_ms, args.changes, root, rng)
+                name = f"tick {tick_ms} ms" + (f", copy {copy_ms} ms" if copy_ms < tick_ms
+                                               else "")
+                print(row(f"{name}: every follower order", result["every"]))
+                print(row(f"{name}: first of a change", result["first"]))
+                print(row(f"{name}: last (3rd) of a change", result["last"]))
                 print(f"    {note}; {time.monotonic() - started:.1f} s")
 
 

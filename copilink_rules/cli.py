@@ -569,7 +569,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                           until=args.duration, out=stdout, view=view,
                           pre_session=config.pre_session, timezone=config.timezone,
                           sim_state=Path(args.sim_state) if args.sim_state else None,
-                          record=record)
+                          record=record, copy_every=config.copy_seconds)
         stdout.write(f"stopped after {session.ticks} ticks; {runner.missed} tick(s) skipped "
                      "while the previous one ran\n")
         if session.stopped:

@@ -18,6 +18,7 @@ rules: [rules/desync.yaml]    # files or folders, relative to this file
 params: {stuck_grace: 2s}     # like --set
 journal: copilink.db
 tick: 250ms
+copy_every: 50ms              # copier: builtin copies this often between two rule ticks
 pre_session: "09:25"          # local time of the pre-session check (optional)
 timezone: America/New_York
 kill_file: copilink.kill      # while this file exists, no automatic order is sent
@@ -98,6 +99,8 @@ class RunConfig(_Strict):
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     journal: str = "copilink.db"
     tick: str = "250ms"
+    copy_every: str = Field(default="50ms", description="copier: builtin copies what the "
+                            "broker pushed this often between two rule ticks")
     pre_session: str | None = Field(default=None, pattern=r"^\d{1,2}:\d{2}$")
     timezone: str = "America/New_York"
     kill_file: str | None = "copilink.kill"
@@ -131,6 +134,18 @@ class RunConfig(_Strict):
         if not 0.05 <= seconds <= 60:
             raise ValueError("tick must be between 50ms and 60s")
         return value
+
+    @field_validator("copy_every")
+    @classmethod
+    def _copy_every(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if not 0.02 <= seconds <= 60:
+            raise ValueError("copy_every must be between 20ms and 60s")
+        return value
+
+    @property
+    def copy_seconds(self) -> float:
+        return parse_duration(self.copy_every)
 
     @property
     def tick_seconds(self) -> float:

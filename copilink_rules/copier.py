@@ -205,6 +205,7 @@ class BuiltinCopier:
         # leaders whose data was not current ("*": all, after a restart): the entries they
         # made meanwhile are copied as late ones, priced by the gate
         self._gap: set[str] = set()
+        self._late: set[str] = set()  # follower|family whose pending entry is a late one
         self._dry_stops: set[tuple[str, str, str, int, float]] = set()
         # follower|leader order id -> the copy the broker refused (not asked again as it is)
         self._refused_stops: dict[str, tuple[str, str, int, float]] = {}
@@ -430,7 +431,10 @@ class BuiltinCopier:
                 if abs(self.synced.get(key, 0.0) - lead_equiv) < 1e-9:
                     if not lead_equiv:
                         self.synced.pop(key, None)
+                    self._late.discard(key)
                     continue
+                if gap:  # a change made while its leader was not current, or we were down
+                    self._late.add(key)
                 if key in self.in_flight or (host is not None and host.busy(spec.id, family)):
                     continue  # waits for the order there to finish: copied after it
                 if host is not None and blocked is None:
@@ -441,7 +445,9 @@ class BuiltinCopier:
                     self.synced[key] = lead_equiv
                     continue
                 self._copy(spec, follower, leader, family, lead.get(family, FLAT),
-                           held.get(family, FLAT), now, gap)
+                           held.get(family, FLAT), now)
+                if abs(self.synced.get(key, 0.0) - lead_equiv) < 1e-9:
+                    self._late.discard(key)
         for spec in self.followers.values():  # every leader current now has been copied from
             leader = self._leader_of(spec, accounts, snapshot)
             if leader is not None and self._current(leader, now):
@@ -469,7 +475,7 @@ class BuiltinCopier:
         return None
 
     def _copy(self, spec: FollowerCopy, follower: Account, leader: Account, family: str,
-              lead: Held, held: Held, now: datetime, gap: bool = False) -> None:
+              lead: Held, held: Held, now: datetime) -> None:
         key = f"{spec.id}|{family}"
         if not lead.symbols and not held.symbols:
             self.synced[key] = lead.equiv  # both flat: nothing to copy
@@ -498,8 +504,11 @@ class BuiltinCopier:
         diff = target - round(held_own)
         # an entry into a leader position older than this change (the follower missed its
         # start: resumed, reconnected, a lost copy) is a late entry: priced by the gate
-        late = not held.equiv and (gap or self.synced.get(key, 0.0) * lead.equiv > 0 or (
-            lead.opened_at is not None and (now - lead.opened_at).total_seconds() > LATE_AFTER))
+        late = not held.equiv and (key in self._late or self.synced.get(key, 0.0) *
+                                   lead.equiv > 0 or (lead.opened_at is not None and (
+                                       now - lead.opened_at).total_seconds() > LATE_AFTER))
+        if late and diff and self._price(lead, "buy" if diff > 0 else "sell") is None:
+            return  # priced once a quote is in (just after a restart there may be none yet)
         if diff == 0:
             self.synced[key] = lead.equiv
             return

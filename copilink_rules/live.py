@@ -61,7 +61,8 @@ def build_alerts(config: RunConfig, base: Path, terminal: Callable[[Alert], None
 def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
              until: float | None, out: TextIO, view: bool, pre_session: str | None = None,
              timezone: str = "America/New_York", sim_state: Path | None = None,
-             title: str = "copilink-rules", record: TextIO | None = None) -> LiveRunner:
+             title: str = "copilink-rules", record: TextIO | None = None,
+             copy_every: float | None = None) -> LiveRunner:
     """Run until Ctrl-C / SIGTERM, until `until` seconds have passed (simulated seconds on
     the sim, real ones on a broker), or until the session stops enforcing (its journal
     cannot be written). `record` receives every snapshot evaluated, as a timeline line."""
@@ -111,8 +112,13 @@ def run_live(session: Session, broker: Broker, *, tick: float, speed: float,
             return broker.elapsed >= until
         return deadline is not None and time.monotonic() >= deadline
 
+    # between ticks the built-in copier copies what a real broker pushed (the sim moves only
+    # at a tick: nothing to copy between two)
+    copy_seconds = copy_every if copy_every and copy_every < tick and \
+        not isinstance(broker, SimBroker) else None
     runner = LiveRunner(session, tick_seconds=interval, pre_session_at=pre_session,
-                        timezone=timezone, should_stop=finished, on_tick=after_tick)
+                        timezone=timezone, should_stop=finished, on_tick=after_tick,
+                        copy_seconds=copy_seconds)
     with live:
         runner.run(install_signals=True)
     return runner

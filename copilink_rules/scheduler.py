@@ -67,6 +67,8 @@ class LiveRunner:
     day_start: str = "18:00"
     timezone: str = "America/New_York"
     reload_every: float = 2.0
+    # the built-in copier between rule ticks, every this many seconds (None: with ticks only)
+    copy_seconds: float | None = None
     should_stop: Callable[[], bool] | None = None
     on_tick: Callable[[], None] | None = None
     missed: int = 0
@@ -96,6 +98,10 @@ class LiveRunner:
             self.scheduler.add_job(self._daily_reset, daily_trigger(start, zone),
                                    id=f"daily_reset_{index}",
                                    name=f"trading-day reset {start} {zone}")
+        if self.copy_seconds and self.session.builtin is not None:
+            self.scheduler.add_job(self.session.copy_tick,
+                                   IntervalTrigger(seconds=self.copy_seconds), id="copy",
+                                   name="built-in copier")
         if self.reload_every > 0:
             self.scheduler.add_job(self.session.reload_if_changed,
                                    IntervalTrigger(seconds=self.reload_every), id="reload",

@@ -83,6 +83,7 @@ class Session:
         self.stopped: str | None = None
         self._last_problem: str | None = None
         self._copier_problem: str | None = None
+        self._copier_saved: dict[str, Any] | None = None
         self._health: str | None = None
         self.recent: deque[Decision] = deque(maxlen=12)
         self.last_snapshot: Snapshot | None = None
@@ -179,6 +180,24 @@ class Session:
         self.ticks += 1
         return decisions
 
+    def copy_tick(self) -> None:
+        """The built-in copier between two rule ticks (`copy_every`): a leader's fill is
+        copied within tens of milliseconds instead of waiting for the next evaluation. It
+        shares the tick's lock, so it never runs beside a tick (nor beside the enforcer)."""
+        if self.builtin is None or self.stopped is not None:
+            return
+        if not self._tick_lock.acquire(blocking=False):
+            return  # a tick (which copies too) is running
+        try:
+            snapshot = self.builtin.overlay(self.broker.snapshot())
+            self._copy(snapshot)
+        except sqlite3.Error as exc:
+            self._journal_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - a broker failure: the next tick says it
+            log.warning("copy between ticks skipped: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._tick_lock.release()
+
     def _copy(self, snapshot: Snapshot) -> None:
         """The built-in copier's turn. A journal error stops the session (as anywhere); any
         other failure is one critical alert, and the rules keep watching the followers."""
@@ -195,7 +214,10 @@ class Session:
                 self._copier_problem = message
                 log.exception("the copier failed")
                 self._send(snapshot.time, "critical", message, None)
-        self.journal.save_copier_state(self.builtin.state())
+        state = self.builtin.state()
+        if state != self._copier_saved:  # between ticks mostly nothing changed: no write
+            self._copier_saved = state
+            self.journal.save_copier_state(state)
 
     def _watch_health(self, now: datetime) -> None:
         """Tell the trader when the broker connection changes state (a ProjectX logout, a

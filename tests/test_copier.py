@@ -638,3 +638,59 @@ def test_a_copier_failure_is_one_alert_not_one_a_tick(tmp_path: Path) -> None:
     desk.copier.sync = broken  # type: ignore[method-assign]
     desk.tick(12)
     assert len([a for a in desk.alerts if "copier: RuntimeError: boom" in a.message]) == 1
+
+
+def test_between_rule_ticks_the_copier_copies_what_the_broker_pushed(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from copilink_rules.scheduler import LiveRunner
+
+    fake = FakeBroker(ACCOUNTS[:2])
+    fake.live = True  # its clock is the wall clock, as a real broker's
+    journal = Journal(tmp_path / "journal.db")
+    copier = BuiltinCopier(fake, journal, [FollowerCopy("F1", "LEAD")])
+    session = Session(fake, journal, Alerts(), [DESYNC], copier=copier)
+    session.start()
+    copied = threading.Event()
+    runner = LiveRunner(session, tick_seconds=30.0, copy_seconds=0.05, reload_every=0,
+                        should_stop=copied.is_set)
+
+    def trade() -> None:
+        time.sleep(0.3)  # the copier has had its first look: the leader was flat
+        fake.set_position("LEAD", "NQH6", 2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not fake.positions["F1"]:
+            time.sleep(0.01)
+        copied.set()
+        runner.stop()
+
+    thread = threading.Thread(target=trade)
+    thread.start()
+    runner.run(install_signals=False)
+    thread.join()
+    assert session.ticks == 0  # no rule tick yet (30 s): the copy came from the copier's job
+    assert fake.positions["F1"] == {"NQH6": (2, fake.price)}
+    assert [r.status for r in journal.commands() if r.action == "copy"] in (
+        ["pending"], ["confirmed"])
+
+
+def test_copy_every_is_checked_at_load(tmp_path: Path) -> None:
+    config = write(tmp_path, "copier: builtin\ncopy_every: 5ms\n")
+    err = io.StringIO()
+    assert cli(["validate", "--config", str(config)], io.StringIO(), err) != 0
+    assert f"{config}:2: copy_every: copy_every must be between 20ms and 60s" in err.getvalue()
+
+
+def test_an_entry_the_leader_made_while_we_were_down_is_priced_as_late(
+        tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")],
+                overrides={"missed_entry_grace": "60s"})
+    desk.tick(2)
+    desk.journal.close()  # copilink-rules stops; meanwhile the leader enters, 40 ticks away
+    desk.fake.set_position("LEAD", "NQH6", 2, 17990.0)
+    again = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")], fake=desk.fake,
+                 overrides={"missed_entry_grace": "60s"})
+    again.tick(2)
+    assert again.sent("F1") == []
+    assert "late entry" in (again.rows(account="F1")[-1].reason or "")
