@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.errors import ParamError, RuleFileError
@@ -383,6 +383,8 @@ yaml_pieces = st.sampled_from([
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(yaml_pieces | st.text(max_size=5), max_size=25).map("".join))
+@example("&a :")  # a null key: once a TypeError ("unknown key" took len() of None)
+@example("1: x\n")
 def test_hostile_rule_files_only_ever_raise_our_own_errors(text: str) -> None:
     import tempfile
 

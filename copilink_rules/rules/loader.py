@@ -326,8 +326,11 @@ def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any
     return f"{prefix}{error.message}"
 
 
-def _unknown_key(key: str, known: list[str]) -> str:
-    """"unknown key 'priorty' (did you mean 'priority'?)", or the known keys."""
+def _unknown_key(key: object, known: list[str]) -> str:
+    """"unknown key 'priorty' (did you mean 'priority'?)", or the known keys. A key YAML read
+    as another type (`: x` is a null key, `1: x` a number) is named as written there."""
+    if not isinstance(key, str):
+        key = "null" if key is None else str(key)
     hint = did_you_mean(key, known) if len(key) <= 100 else ""
     return f"unknown key {echo(key)}{hint or ' (known: ' + ', '.join(known) + ')'}"
 
