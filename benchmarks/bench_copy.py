@@ -211,7 +211,7 @@ def bench_standin(tick_ms: int, copy_ms: int, changes: int, root: Path, rng: ran
                 process.kill()
                 process.wait(10)
             log.close()
-        ticks, skipped = tick_counts(journal, root / f"run-{tick_ms}.log")
+        ticks, skipped = tick_counts(journal, root / f"run-{tick_ms}-{copy_ms}.log")
     finally:
         standin.stop()
     note = (f"{changes} leader changes; {missing} follower order(s) not received within 10 s; "
