@@ -18,7 +18,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .adapters.base import BrokerAnswer, CopierPort, OrderPort, OrderReport, Side, call_broker
+from .adapters.base import (
+    CANCEL_AGAIN,
+    BrokerAnswer,
+    CopierPort,
+    OrderPort,
+    OrderReport,
+    Side,
+    call_broker,
+    find_tag,
+)
 from .adapters.sim import SimBroker, SimCopier
 from .errors import InstrumentError
 from .facts import Family, account_exposure, contracts_for, reachable
@@ -73,8 +82,6 @@ def make_copier(name: str, broker: Any, journal: Journal | None = None,
 COPIER_ACTIONS = ("copy", "copy_stop", "copy_stop_cancel")
 # seconds a fill the broker reported may take to show in the account's positions
 FILL_SHOWS_WITHIN = 1.0
-# seconds between two requests to cancel a copy the broker still works
-CANCEL_AGAIN_AFTER = 1.0
 # an entry into a leader position opened longer ago than this is a late entry, priced by the
 # gate against the leader's entry (`catch_up_max_ticks`)
 LATE_AFTER = 2.0
@@ -563,7 +570,7 @@ class BuiltinCopier:
         args["expected"] = held.equiv + signed * own.size
         tag = self._tag()
         self._journal(tag, spec.id, symbol, family, "copy", args, "sending", now, reason)
-        if host is not None and host.dry_run:
+        if self._dry_run:
             self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
             return
         if self.on_send is not None:
@@ -585,7 +592,7 @@ class BuiltinCopier:
             args = {"close": True, "held": held.symbols[symbol], "leader_equiv": lead_equiv,
                     "expected": 0.0}
             self._journal(tag, account, symbol, family, "copy", args, "sending", now, None)
-            if self.host is not None and self.host.dry_run:
+            if self._dry_run:
                 self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
                 continue
             if self.on_send is not None:
@@ -663,7 +670,7 @@ class BuiltinCopier:
                 order_id = report.order_id or order.order_id
                 if order_id and account is not None and self._current(account, now) and (
                         order.cancel_at is None or
-                        (now - order.cancel_at).total_seconds() >= CANCEL_AGAIN_AFTER):
+                        (now - order.cancel_at).total_seconds() >= CANCEL_AGAIN):
                     order.cancel_at = now
                     self._cancel(order.account, order_id, f"{order.tag}-cancel", now)
             elif report.state == "filled" and order.filled_at is None:
@@ -759,14 +766,14 @@ class BuiltinCopier:
                 self._refused(account, family, symbol, {"stop_price": price, "qty": qty}, now,
                               f"pre-trade gate: {'; '.join(verdict.reasons)}", "copy_stop")
                 return
-        if self.host is not None and self.host.dry_run:
+        if self._dry_run:
             if (key, symbol, side, qty, price) in self._dry_stops:
                 return  # said once: a dry run never sees the stop at the broker
             self._dry_stops.add((key, symbol, side, qty, price))
         tag = self._tag()
         self._journal(tag, account, symbol, family, "copy_stop",
                       {"stop_price": price, "qty": qty, "side": side}, "sending", now, None)
-        if self.host is not None and self.host.dry_run:
+        if self._dry_run:
             self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
             return
         answer = call_broker(lambda: self.broker.place_order(
@@ -801,7 +808,7 @@ class BuiltinCopier:
         self._journal(tag, stop.account, stop.instrument, family, "copy_stop_cancel",
                       {"order_id": stop.order_id, "stop_price": stop.price}, "sending", now,
                       None)
-        if self.host is not None and self.host.dry_run:
+        if self._dry_run:
             self.journal.command_status(tag, "dry_run", now, "run --dry-run: not sent")
             return True
         answer = self._cancel(stop.account, stop.order_id, tag, now)
@@ -900,10 +907,11 @@ class BuiltinCopier:
         return leaders[0] if len(leaders) == 1 else None
 
     def _find(self, tag: str) -> OrderReport | None:
-        try:
-            return self.broker.find_tag(tag)
-        except Exception:  # noqa: BLE001 - unknown: ask again next tick
-            return OrderReport(tag, "working", "")
+        return find_tag(self.broker, tag)
+
+    @property
+    def _dry_run(self) -> bool:
+        return self.host is not None and self.host.dry_run
 
     def _tag(self) -> str:
         if self.host is not None:

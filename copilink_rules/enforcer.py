@@ -40,7 +40,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .adapters.base import Broker, BrokerAnswer, CopierPort, OrderReport, call_broker
+from .adapters.base import (
+    CANCEL_AGAIN,
+    Broker,
+    BrokerAnswer,
+    CopierPort,
+    OrderReport,
+    call_broker,
+    find_tag,
+)
 from .alerts import Alert, Alerts
 from .calendar import Calendar
 from .copier import COPIER_ACTIONS, BuiltinCopier, ExternalCopier
@@ -56,8 +64,6 @@ from .rules.loader import DEFAULT_TRADING_DAY, Policy
 log = logging.getLogger("copilink_rules.enforcer")
 
 CORRECTIVE = ("flatten", "catch_up", "cancel_orders")
-# seconds between two requests to cancel an attempt the broker still works
-CANCEL_AGAIN = 1.0
 
 
 class KillSwitch:
@@ -386,11 +392,7 @@ class Enforcer:
         return False
 
     def _find(self, tag: str) -> OrderReport | None:
-        try:
-            return self.broker.find_tag(tag)
-        except Exception:  # noqa: BLE001 - unknown counts as "ask again next tick"
-            log.warning("could not ask the broker about %s", tag)
-            return OrderReport(tag, "working", "")
+        return find_tag(self.broker, tag)
 
     def _failed_attempt(self, action: Action, now: datetime, reason: str) -> None:
         if action.attempt > len(self.backoff):

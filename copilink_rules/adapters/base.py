@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -280,6 +281,22 @@ def answer_from_error(exc: BaseException) -> BrokerAnswer:
     if isinstance(exc, BrokerUnavailable | BrokerError):
         return BrokerAnswer("unavailable", str(exc))
     return BrokerAnswer("unavailable", f"broker error: {type(exc).__name__}: {exc}")
+
+
+# seconds between two requests to cancel an order the broker still works (a cancel refused or
+# unanswered is asked again, never in a burst)
+CANCEL_AGAIN = 1.0
+
+
+def find_tag(broker: OrderPort, tag: str) -> OrderReport | None:
+    """What the broker says became of `tag`; when it cannot say (an error), the order counts
+    as still working: asked again later, never taken for gone."""
+    try:
+        return broker.find_tag(tag)
+    except Exception:  # noqa: BLE001 - unknown counts as "ask again next tick"
+        logging.getLogger("copilink_rules.adapters").warning("could not ask the broker about "
+                                                             "%s", tag)
+        return OrderReport(tag, "working", "")
 
 
 def call_broker(request: Callable[[], BrokerAnswer]) -> BrokerAnswer:
