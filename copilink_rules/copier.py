@@ -364,8 +364,10 @@ class BuiltinCopier:
 
     def state(self) -> dict[str, Any]:
         """The bookkeeping a restart needs (saved with the engine's state every tick)."""
-        return {"synced": self.synced, "trades": {k: list(v) for k, v in self.trades.items()},
-                "skips": self.skips,
+        # copies, never the live dicts: the session compares this with what it saved last
+        return {"synced": dict(self.synced),
+                "trades": {k: list(v) for k, v in self.trades.items()},
+                "skips": dict(self.skips),
                 "stops": {k: {**asdict(v), "placed_at": v.placed_at.isoformat()}
                           for k, v in self.stops.items()}}
 

@@ -694,3 +694,13 @@ def test_an_entry_the_leader_made_while_we_were_down_is_priced_as_late(
     again.tick(2)
     assert again.sent("F1") == []
     assert "late entry" in (again.rows(account="F1")[-1].reason or "")
+
+
+def test_the_copiers_bookkeeping_is_saved_whenever_it_changes(tmp_path: Path) -> None:
+    desk = Desk(tmp_path, followers=[FollowerCopy("F1", "LEAD")])
+    desk.lead(1)
+    desk.tick()
+    assert desk.journal.copier_state()["synced"] == {"F1|NQ": 1.0}  # type: ignore[index]
+    desk.lead(2)
+    desk.tick()
+    assert desk.journal.copier_state()["synced"] == {"F1|NQ": 2.0}  # type: ignore[index]
