@@ -603,12 +603,12 @@ def cmd_copying(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     elif args.config:
         config, base = load_config(args.config)
         journal_path = base / config.journal
-        if config.copier not in ("builtin", None) or (config.copier is None and
-                                                     config.broker.name != "sim"):
-            where = "in your copier" if config.copier != "sim" else "with the sim's copier"
-            raise ParamError(f"{args.config}: copier is {config.copier or 'external'}: "
-                             f"{args.command} works for copier: builtin; {args.command} copying "
-                             f"onto {args.follower} {where}")
+        copier = config.copier or ("sim" if config.broker.name == "sim" else "external")
+        if copier != "builtin":
+            where = "in your copier" if copier == "external" else "with the sim's copier"
+            raise ParamError(f"{args.config}: copier is {copier}: {args.command} works for "
+                             f"copier: builtin; {args.command} copying onto {args.follower} "
+                             f"{where}")
         followers = [a.id for a in config.accounts if a.role == "follower"]
         disabled = [a.id for a in config.accounts if a.role == "follower" and not a.enabled]
         if args.command == "resume" and args.follower in disabled:

@@ -425,6 +425,11 @@ def test_resume_names_the_follower_and_the_journal_it_needs(tmp_path: Path) -> N
     err = io.StringIO()
     assert cli(["resume", "F1", "--config", str(external)], io.StringIO(), err) != 0
     assert "works for copier: builtin" in err.getvalue()
+    default_sim = write(tmp_path, "accounts:\n  - {id: LEAD, role: leader}\n"
+                        "  - {id: F1, role: follower}\n")  # the sim's own copier by default
+    err = io.StringIO()
+    assert cli(["resume", "F1", "--config", str(default_sim)], io.StringIO(), err) != 0
+    assert "copier is sim: resume works for copier: builtin" in err.getvalue()
     disabled = write(tmp_path, "copier: builtin\naccounts:\n  - {id: LEAD, role: leader}\n"
                      "  - {id: F1, role: follower, enabled: false}\n")
     err = io.StringIO()
