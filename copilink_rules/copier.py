@@ -209,6 +209,7 @@ class BuiltinCopier:
         self.stops: dict[str, _Stop] = {}  # follower|leader order id -> its copy
         self.started = False
         self._gate_ready = False
+        self._exposure: dict[str, tuple[Account, dict[str, Family]]] = {}  # see _families
         # leaders whose data was not current ("*": all, after a restart): the entries they
         # made meanwhile are copied as late ones, priced by the gate
         self._gap: set[str] = set()
@@ -862,8 +863,15 @@ class BuiltinCopier:
 
     def _families(self, account: Account) -> dict[str, Family]:
         """The account's exposure per family (facts.py: the one place positions are summed;
-        `symbols` as the broker names them, so an order goes back in the same words)."""
-        return account_exposure(account, self.catalog)
+        `symbols` as the broker names them, so an order goes back in the same words).
+        Derived once per account object: a leader read for each of its followers, and again
+        for its trade numbers, is summed once per snapshot (the result is read, never changed)."""
+        cached = self._exposure.get(account.id)
+        if cached is not None and cached[0] is account:
+            return cached[1]
+        families = account_exposure(account, self.catalog)
+        self._exposure[account.id] = (account, families)
+        return families
 
     def _price(self, lead: Held, side: Side) -> float | None:
         """What an order on `side` would pay now, from the quote of the leader's contract

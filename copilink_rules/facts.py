@@ -99,8 +99,10 @@ def _same_float(a: float, b: float) -> bool:
     return a == b and type(a) is type(b) and not signed_zeros_differ(a, b)
 
 
-def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
-    """Do two accounts' positions say exactly the same (so their facts are the same)?"""
+def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...]) -> bool:
+    """Do two tuples of records (positions, orders) say exactly the same? One comparison in C
+    of each whole record, then, for its `floats`, what == cannot tell (the type of a number,
+    the sign of a zero)."""
     if a is b:
         return True
     if len(a) != len(b):
@@ -109,33 +111,23 @@ def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
         if p is q:
             continue
         pd, qd = p.__dict__, q.__dict__
-        # one comparison in C of the whole record (a position is these four fields:
-        # instrument, qty, avg_price, opened_at), then what == cannot tell of the price
         if pd != qd:
             return False
-        price, other = pd["avg_price"], qd["avg_price"]
-        if type(price) is not type(other) or (price == 0 and signed_zeros_differ(price, other)):
-            return False
+        for name in floats:
+            value = pd[name]
+            if value is not None and not _same_float(value, qd[name]):
+                return False
     return True
+
+
+def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
+    """Do two accounts' positions say exactly the same (so their facts are the same)?"""
+    return _same_records(a, b, ("avg_price",))
 
 
 def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
     """Do two accounts' orders say exactly the same?"""
-    if a is b:
-        return True
-    if len(a) != len(b):
-        return False
-    for p, q in zip(a, b, strict=True):
-        if p is q:
-            continue
-        pd, qd = p.__dict__, q.__dict__
-        if pd != qd:
-            return False
-        limit, stop = pd["limit_price"], pd["stop_price"]
-        if (limit is not None and not _same_float(limit, qd["limit_price"])) or \
-                (stop is not None and not _same_float(stop, qd["stop_price"])):
-            return False
-    return True
+    return _same_records(a, b, ("limit_price", "stop_price"))
 
 
 @dataclass(slots=True)
