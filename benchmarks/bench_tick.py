@@ -4,7 +4,8 @@ shipped rules, 100 accounts p50/p99 under 1/3 ms, 1,000 accounts under 10/25 ms)
 
     python benchmarks/bench_tick.py [--rules shipped,shipped-steady,synthetic]
                                     [--accounts 20,100,1000,5000]
-                                    [--seconds 5] [--max-ticks 2000] [--gc default|freeze]
+                                    [--seconds 5] [--max-ticks 2000]
+                                    [--gc default|freeze|run]
 
 shipped    rules/desync.yaml + every rules/firms/*.yaml (41 session rules), on groups of one
            leader and 19 followers spread over the five firms with their account sizes
@@ -26,8 +27,11 @@ Each (rules, accounts) cell runs ticks a quarter second apart until --seconds of
 --max-ticks (at least 20 ticks), cycling through 10-40 distinct snapshots (fewer the more
 accounts: building them is slow); the leader is flat on the last of them, so episodes end and
 fire again once a cycle. `gen2` counts the full garbage collections that ran during the timed ticks;
-`--gc freeze` calls gc.freeze() after setting up, as a long-running session could. The table
-is printed in Markdown, ready to paste.
+`--gc run` keeps the collector out of the ticks as `copilink-rules run` does
+(scheduler.LiveRunner.tick_once: collection held off while a tick runs, so it runs between ticks,
+and start-up's objects frozen out of it after the first tick); `--gc freeze` only calls
+gc.freeze() after setting up; `--gc default` leaves the collector as Python has it, so a full
+collection may land inside a timed tick. The table is printed in Markdown, ready to paste.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from _workload import (
 from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
 from copilink_rules.rules import Policy
+from copilink_rules.scheduler import gc_held
 
 START = T0 + timedelta(hours=5)  # 14:30 New York: mid-session
 MAKERS: dict[str, Callable[[int, Any, random.Random, bool], dict[str, Any]]] = {
@@ -66,8 +71,9 @@ MAKERS: dict[str, Callable[[int, Any, random.Random, bool], dict[str, Any]]] = {
 
 
 def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks: int,
-             freeze: bool) -> tuple[list[float], int, int]:
-    """Per-tick times, decisions made and full collections during the timed ticks."""
+             gc_mode: str) -> tuple[list[float], int, int]:
+    """Per-tick times, decisions made and full collections while ticking (with `--gc run`
+    they run between the ticks, never inside one)."""
     rng = random.Random(7)
     start = START
     distinct = max(10, min(40, 20_000 // accounts))  # snapshots to build (pydantic is slow)
@@ -79,7 +85,8 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
     for snapshot in snapshots[:3]:  # warm the caches (symbol parsing, first episodes)
         engine.evaluate(snapshot)
     cycle = timedelta(milliseconds=250 * distinct)
-    if freeze:
+    freeze, held = gc_mode in ("freeze", "run"), gc_mode == "run"
+    if freeze:  # start-up is over (the warm-up ticks ran): what it built is frozen
         gc.collect()
         gc.freeze()
     gen2 = gc.get_stats()[2]["collections"]
@@ -93,9 +100,17 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
         for snapshot in batch:
             if len(times) >= max_ticks:
                 break
-            t = time.perf_counter()
-            decisions += len(engine.evaluate(snapshot))
-            times.append(time.perf_counter() - t)
+            if held:
+                with gc_held():
+                    t = time.perf_counter()
+                    decided = engine.evaluate(snapshot)
+                    elapsed = time.perf_counter() - t
+            else:
+                t = time.perf_counter()
+                decided = engine.evaluate(snapshot)
+                elapsed = time.perf_counter() - t
+            times.append(elapsed)
+            decisions += len(decided)
         lap += 1
     collections = gc.get_stats()[2]["collections"] - gen2
     if freeze:
@@ -112,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="ticking time per (rules, accounts) cell")
     parser.add_argument("--max-ticks", type=int, default=2000)
-    parser.add_argument("--gc", choices=("default", "freeze"), default="default")
+    parser.add_argument("--gc", choices=("default", "freeze", "run"), default="default")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
     sizes = [int(n) for n in args.accounts.split(",") if n.strip()]
@@ -131,7 +146,7 @@ def main() -> None:
         session = sum(1 for r in policy.rules if r.stage == "session")
         for accounts in sizes:
             times, decisions, collections = run_cell(
-                policy, kind, accounts, args.seconds, args.max_ticks, args.gc == "freeze")
+                policy, kind, accounts, args.seconds, args.max_ticks, args.gc)
             ms = [percentile(times, q) * 1e3 for q in (0.5, 0.9, 0.99)]
             print(f"| {kind} | {accounts:,} | {session} | {len(times)} | "
                   f"{decisions / len(times):.1f} | "

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from .instruments import Catalog, Instrument
 from .model import Account, Order, Position, signed_zeros_differ
@@ -34,9 +35,12 @@ _WORKING = ("working", "pending")
 FLAT_VIEWS = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
 
 
-@dataclass(slots=True)
-class Family:
-    """One account's exposure in one instrument family (`family_exposure`)."""
+class Family(msgspec.Struct, gc=False):
+    """One account's exposure in one instrument family (`family_exposure`).
+
+    The facts here are msgspec Structs rather than dataclasses: built in C (several are built
+    for every account whose positions changed, every tick), and, holding nothing that refers
+    back to them, kept out of the garbage collector's way."""
 
     qty: int  # signed contracts, of whatever sizes
     equiv: float  # signed size in full-size contracts
@@ -45,7 +49,7 @@ class Family:
     avg_price: float  # the main contract's
     opened_at: datetime | None  # the main contract's
     # signed contracts per contract, as the broker names them (an order goes back in its words)
-    symbols: dict[str, int] = field(default_factory=dict)
+    symbols: dict[str, int] = msgspec.field(default_factory=dict)
     minis: int = 0  # full-size contracts held, long or short
     micros: int = 0  # micro contracts held, long or short
     # derived on first use and kept while the family is reused (see `position_view`)
@@ -115,7 +119,9 @@ def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...
             return False
         for name in floats:
             value = pd[name]
-            if value is not None and not _same_float(value, qd[name]):
+            # equal already: only a zero (its sign) or a type can still differ
+            if value is not None and (value == 0 or type(value) is not type(qd[name])) and \
+                    not _same_float(value, qd[name]):
                 return False
     return True
 
@@ -130,8 +136,7 @@ def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
     return _same_records(a, b, ("limit_price", "stop_price"))
 
 
-@dataclass(slots=True)
-class PositionFacts:
+class PositionFacts(msgspec.Struct, gc=False):
     """What an account's positions (and declared overnight positions) say, at any time."""
 
     firm: str | None  # the account's firm, with its positions (what hedges follow from)
@@ -259,14 +264,13 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
                          micros, undeclared, tuple(seen))
 
 
-@dataclass(slots=True)
-class OrderFacts:
+class OrderFacts(msgspec.Struct, gc=False):
     """What an account's orders say: how many are working, and (for a leader) the protective
     stop per family, found on first use."""
 
     orders: tuple[Order, ...]
     working: int
-    stops: dict[str, float | None] = field(default_factory=dict)
+    stops: dict[str, float | None] = msgspec.field(default_factory=dict)
 
     def stop(self, family: str, catalog: Catalog) -> float | None:
         """The stop price of the first working stop order in `family` (a leader's protective

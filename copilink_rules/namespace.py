@@ -8,10 +8,11 @@ once per account or pair per tick, so evaluating `follower.qty` costs one attrib
 
 from __future__ import annotations
 
-from dataclasses import make_dataclass
 from datetime import datetime, time
 from types import SimpleNamespace
 from typing import Any
+
+import msgspec
 
 from .errors import EvaluationError
 
@@ -134,8 +135,11 @@ NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 
 def _view(kind: str) -> Any:
-    """A slotted record class with exactly the FIELDS of `kind` (fast keyword __init__)."""
-    return make_dataclass(f"{kind.title()}View", list(FIELDS[kind]), slots=True, eq=False)
+    """A record class with exactly the FIELDS of `kind`, as slots: a msgspec Struct, built in
+    C (positional or keyword arguments; about half what a slotted dataclass's __init__ costs,
+    and a view is built for every account every tick), compared by identity like any object,
+    and not tracked by the garbage collector (it holds only numbers, strings and times)."""
+    return msgspec.defstruct(f"{kind.title()}View", list(FIELDS[kind]), eq=False, gc=False)
 
 
 AccountView = _view("account")

@@ -50,6 +50,7 @@ from .state import STATE_VERSION, _count_trades, _Metrics, _RuleState, _SavedSta
 from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
 
 DEFAULT_STALE_AFTER = 5.0
+_UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule applies)
 
 
 class Engine:
@@ -222,8 +223,8 @@ class Engine:
         infos: dict[str, _AccountInfo] = {}
         seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
-        stale_after, lock_state, metrics_of = self.stale_after, self.lock_book.state, \
-            self._metrics
+        stale_after, metrics_of = self.stale_after, self._metrics
+        lock_states = self.lock_book.states() if len(self.lock_book) else {}
         first_seen, catalog = self._first_seen, self.catalog
         at_firm = Counter(a.firm for a in snapshot.accounts) if self._firm_counts else Counter()
         # facts of the previous tick, reused for an account whose positions (orders) are the
@@ -245,7 +246,8 @@ class Engine:
             positions, overnight, orders = a["positions"], a["overnight"], a["orders"]
             facts = old_positions.get(account_id) if reuse else None
             if facts is None or overnight != facts.overnight or firm != facts.firm or \
-                    not same_positions(positions, facts.positions):
+                    (positions is not facts.positions and
+                     not same_positions(positions, facts.positions)):
                 facts = derive_positions(account_id, firm, positions, overnight, catalog,
                                          first_seen, now)
                 same = False
@@ -255,7 +257,8 @@ class Engine:
             used.append(facts)
             seen_count += len(facts.first_seen)
             order_facts = old_orders.get(account_id) if reuse and orders else None
-            if order_facts is None or not same_orders(orders, order_facts.orders):
+            if order_facts is None or (orders is not order_facts.orders and
+                                       not same_orders(orders, order_facts.orders)):
                 order_facts = derive_orders(orders) if orders else NO_ORDERS
             else:
                 order_facts.orders = orders
@@ -282,7 +285,7 @@ class Engine:
             day_pnl = equity - metrics.day_start
             total = equity - metrics.size
             best_day = metrics.best_day
-            lock = lock_state(account_id)
+            lock = lock_states.get(account_id, "") if lock_states else ""
             role = a["role"]
             view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
                 account_id, role, firm or "", a["leader"] or "",
@@ -427,27 +430,31 @@ class Engine:
                     pairs.leader is leader.facts and pairs.leader_id == leader_id and \
                     pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
                 new_sets[follower_id] = pairs
+                live_pairs.update(pairs.keys)
+                trades.extend(pairs.trades)
+                stops = orders.stops
                 for target, lead, foll, overnight in pairs.items:
-                    pair_key, family, trade = target.key, target.family, target.trade
-                    live_pairs.add(pair_key)
-                    trades.append((pair_key, family, trade))  # type: ignore[arg-type]
-                    entry = entries.get(pair_key)
-                    if entry is not None and entry[0] != trade:
+                    pair_key, family = target.key, target.family
+                    entry = entries.get(pair_key) if entries else None
+                    if entry is not None and entry[0] != target.trade:
                         del entries[pair_key]
                         entry = None
                     env = target.env
                     env.now = now
                     env.account, env.leader_account = account_view, leader_view
-                    env.leader = position_view(lead, now, False)
+                    # a leader's family view is shared by its followers: aged once a tick
+                    env.leader = lead.view if lead is not None and lead.aged is now else \
+                        position_view(lead, now, False)
                     env.follower = position_view(foll, now, overnight)
                     env.pair.entry_action = entry[1] if entry else ""
-                    symbol = env.instrument.symbol
-                    env.quote = quotes.get(symbol) or MissingQuote(symbol)
+                    symbol = target.quote_symbol
+                    env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
                     target.account = follower
-                    target.stop_price = orders.stop(family, catalog)  # type: ignore[arg-type]
+                    target.stop_price = stops[family] if family in stops else \
+                        orders.stop(family, catalog)  # type: ignore[arg-type]
                     targets.append(target)
                 continue
-            pairs = _PairSet(info.facts, leader.facts, leader_id, ratio, [])
+            pairs = _PairSet(info.facts, leader.facts, leader_id, ratio, [], [], [])
             if self.reuse:
                 new_sets[follower_id] = pairs
             overnight_families = info.facts.overnight_set(catalog)
@@ -488,9 +495,11 @@ class Engine:
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
                 target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
-                                 orders.stop(family, catalog))
+                                 orders.stop(family, catalog), instrument.symbol)
                 targets.append(target)
                 pairs.items.append((target, lead, foll, overnight))
+                pairs.keys.append(pair_key)
+                pairs.trades.append((pair_key, family, trade))
         self._pair_sets = new_sets
         for key in [k for k in entries if k not in live_pairs]:
             del entries[key]
@@ -536,7 +545,9 @@ class Engine:
                 if subset is not None:
                     a = account.__dict__
                     kind = (a["id"], a["role"], a["firm"])
-                    sub = known[kind] if kind in known else subset(kind, account)
+                    sub = known.get(kind, _UNKNOWN)
+                    if sub is _UNKNOWN:
+                        sub = subset(kind, account)
                     if sub is None:
                         continue
                 else:  # the reference path: every condition, masked

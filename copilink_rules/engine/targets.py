@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from copilink_rules.facts import Family, OrderFacts, PositionFacts
 from copilink_rules.model import Account
 from copilink_rules.namespace import AccountView, Env
@@ -22,6 +24,7 @@ class _Target:
     trade: str | None = None  # pair targets: the leader's current trade ("" when flat)
     catch_up_qty: int = 0
     stop_price: float | None = None
+    quote_symbol: str | None = None  # pair targets: the symbol of `quote` (the instrument's)
 
 
 @dataclass(slots=True)
@@ -33,10 +36,14 @@ class _PairSet:
     leader_id: str
     ratio: float
     items: list[tuple[_Target, Family | None, Family | None, bool]]  # target, lead, foll, overnight
+    keys: list[str]  # the targets' keys
+    trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
 
 
-@dataclass(slots=True)
-class _AccountInfo:
+class _AccountInfo(msgspec.Struct, gc=False):
+    """One account this tick: the snapshot's record, its view and its facts. (A Struct: built
+    in C for every account every tick; it refers to nothing that refers back to it.)"""
+
     account: Account
     view: AccountView
     families: dict[str, _Family]
