@@ -16,9 +16,9 @@ tests/test_fast_reader.py checks both, on every example timeline and on generate
 
 What the previous line had unchanged at the same place is reused, not built again: an account
 whose data did not change is the same `Account` object as on the previous line, a position held
-for an hour one `Position` (equal field for field, the sign of a zero included). The models are
-frozen, so sharing is invisible except to `is`; the engine may use that to keep what it derived
-from an account.
+for an hour one `Position` while its account's P&L moves (equal field for field, the sign of a
+zero included). The models are frozen, so sharing is invisible except to `is`; the engine may
+use that to keep what it derived from an account.
 """
 
 from __future__ import annotations
@@ -125,76 +125,191 @@ def _time(text: str) -> datetime:
     return moment
 
 
-# Which of a struct's defaulted fields the line left out (UNSET), in field order. Written out
-# (a generic loop costs more than the rest of building an object); tests/test_fast_reader.py
-# checks each against the struct's fields.
-def _quote_left_out(s: _Quote) -> tuple[bool, ...]:
-    return (s.bid is UNSET, s.ask is UNSET, s.last is UNSET)
+# --- from a struct to its model's __dict__ and fields set ---------------------------------------
 
 
-def _position_left_out(s: _Position) -> tuple[bool, ...]:
-    return (s.avg_price is UNSET, s.opened_at is UNSET)
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's __dict__ for a line that gives only its required fields (None here until
+    set), in field order: the start of each model's values, copied (cheaper than building)."""
+    return {name: None if field.is_required() else field.get_default(call_default_factory=True)
+            for name, field in model.model_fields.items()}
 
 
-def _order_left_out(s: _Order) -> tuple[bool, ...]:
-    return (s.type is UNSET, s.limit_price is UNSET, s.stop_price is UNSET, s.status is UNSET)
+class _FieldsSets(dict[int, set[str]]):
+    """A model's fields set by which of its optional fields a line gave (bit i: the i-th, in
+    field order), made once for each combination.
+
+    Models built with the same fields given share one set: pydantic never changes a frozen
+    model's fields set in place (model_copy copies it first)."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        super().__init__()
+        self.required = [n for n, f in model.model_fields.items() if f.is_required()]
+        self.optional = [n for n, f in model.model_fields.items() if not f.is_required()]
+
+    def __missing__(self, given: int) -> set[str]:
+        fields = self[given] = {*self.required, *(
+            name for i, name in enumerate(self.optional) if given >> i & 1)}
+        return fields
 
 
-def _account_left_out(s: _Account) -> tuple[bool, ...]:
-    return (s.leader is UNSET, s.ratio is UNSET, s.firm is UNSET, s.size is UNSET,
-            s.connected is UNSET, s.copier is UNSET, s.updated_at is UNSET, s.balance is UNSET,
-            s.realized_pnl is UNSET, s.unrealized_pnl is UNSET, s.positions is UNSET,
-            s.orders is UNSET, s.overnight is UNSET)
+_QUOTE_DEFAULTS, _QUOTE_SETS = _defaults(Quote), _FieldsSets(Quote)
+_POSITION_DEFAULTS, _POSITION_SETS = _defaults(Position), _FieldsSets(Position)
+_ORDER_DEFAULTS, _ORDER_SETS = _defaults(Order), _FieldsSets(Order)
+_ACCOUNT_DEFAULTS, _ACCOUNT_SETS = _defaults(Account), _FieldsSets(Account)
+_SNAPSHOT_DEFAULTS, _SNAPSHOT_SETS = _defaults(Snapshot), _FieldsSets(Snapshot)
+
+# Each struct's values as model_validate leaves them in the model's __dict__ (the model's
+# default where the line left a field out: UNSET), and the model's fields set. Written out
+# field by field, the bits in the order of the model's optional fields: msgspec's asdict and a
+# generic loop cost more than the rest of building the object. tests/test_fast_reader.py
+# checks each against the model's fields and defaults.
 
 
-def _snapshot_left_out(s: _Snapshot) -> tuple[bool, ...]:
-    return (s.quotes is UNSET, s.accounts is UNSET)
+def _quote_values(s: _Quote) -> tuple[dict[str, Any], set[str]]:
+    values = _QUOTE_DEFAULTS.copy()
+    given = 0
+    if (bid := s.bid) is not UNSET:
+        values["bid"] = bid
+        given |= 1
+    if (ask := s.ask) is not UNSET:
+        values["ask"] = ask
+        given |= 2
+    if (last := s.last) is not UNSET:
+        values["last"] = last
+        given |= 4
+    return values, _QUOTE_SETS[given]
+
+
+def _position_values(s: _Position) -> tuple[dict[str, Any], set[str]]:
+    values = _POSITION_DEFAULTS.copy()
+    values["instrument"] = s.instrument
+    values["qty"] = s.qty
+    given = 0
+    if (avg_price := s.avg_price) is not UNSET:
+        values["avg_price"] = avg_price
+        given |= 1
+    if (opened_at := s.opened_at) is not UNSET:
+        values["opened_at"] = opened_at
+        given |= 2
+    return values, _POSITION_SETS[given]
+
+
+def _order_values(s: _Order) -> tuple[dict[str, Any], set[str]]:
+    values = _ORDER_DEFAULTS.copy()
+    values["id"] = s.id
+    values["instrument"] = s.instrument
+    values["side"] = s.side
+    values["qty"] = s.qty
+    given = 0
+    if (type_ := s.type) is not UNSET:
+        values["type"] = type_
+        given |= 1
+    if (limit_price := s.limit_price) is not UNSET:
+        values["limit_price"] = limit_price
+        given |= 2
+    if (stop_price := s.stop_price) is not UNSET:
+        values["stop_price"] = stop_price
+        given |= 4
+    if (status := s.status) is not UNSET:
+        values["status"] = status
+        given |= 8
+    return values, _ORDER_SETS[given]
+
+
+def _account_values(s: _Account) -> tuple[dict[str, Any], set[str]]:
+    values = _ACCOUNT_DEFAULTS.copy()
+    values["id"] = s.id
+    values["role"] = s.role
+    given = 0
+    if (leader := s.leader) is not UNSET:
+        values["leader"] = leader
+        given |= 1
+    if (ratio := s.ratio) is not UNSET:
+        values["ratio"] = ratio
+        given |= 2
+    if (firm := s.firm) is not UNSET:
+        values["firm"] = firm
+        given |= 4
+    if (size := s.size) is not UNSET:
+        values["size"] = size
+        given |= 8
+    if (connected := s.connected) is not UNSET:
+        values["connected"] = connected
+        given |= 16
+    if (copier := s.copier) is not UNSET:
+        values["copier"] = copier
+        given |= 32
+    if (updated_at := s.updated_at) is not UNSET:
+        values["updated_at"] = updated_at
+        given |= 64
+    if (balance := s.balance) is not UNSET:
+        values["balance"] = balance
+        given |= 128
+    if (realized_pnl := s.realized_pnl) is not UNSET:
+        values["realized_pnl"] = realized_pnl
+        given |= 256
+    if (unrealized_pnl := s.unrealized_pnl) is not UNSET:
+        values["unrealized_pnl"] = unrealized_pnl
+        given |= 512
+    if (positions := s.positions) is not UNSET:
+        values["positions"] = positions
+        given |= 1024
+    if (orders := s.orders) is not UNSET:
+        values["orders"] = orders
+        given |= 2048
+    if (overnight := s.overnight) is not UNSET:
+        values["overnight"] = overnight
+        given |= 4096
+    return values, _ACCOUNT_SETS[given]
+
+
+def _snapshot_values(s: _Snapshot) -> tuple[dict[str, Any], set[str]]:
+    values = _SNAPSHOT_DEFAULTS.copy()
+    values["time"] = s.time
+    given = 0
+    if (quotes := s.quotes) is not UNSET:
+        values["quotes"] = quotes
+        given |= 1
+    else:
+        values["quotes"] = {}  # a dict of its own, as the model's default_factory gives
+    if (accounts := s.accounts) is not UNSET:
+        values["accounts"] = accounts
+        given |= 2
+    return values, _SNAPSHOT_SETS[given]
 
 
 S = TypeVar("S", bound=Struct)
-_asdict = msgspec.structs.asdict
-_new = object.__new__
-_set = object.__setattr__
 
 
 class _Maker(Generic[S]):
-    """The model's __dict__ and fields set for one mirror struct, as model_validate leaves them:
-    the line's values, the model's defaults for what it left out, the fields it gave.
-
-    Models built with the same fields left out share one fields-set object: pydantic never
-    changes it in place on a frozen model (model_copy copies it first)."""
+    """A mirror struct and its model: the same fields in the same order (checked here), and
+    the function that gives the model's __dict__ and fields set for a struct."""
 
     def __init__(self, model: type[BaseModel], mirror: type[S],
-                 left_out: Callable[[S], tuple[bool, ...]]) -> None:
+                 values: Callable[[S], tuple[dict[str, Any], set[str]]]) -> None:
         self.model = model
         self.names = tuple(model.model_fields)
         self.optional = tuple(n for n, f in model.model_fields.items() if not f.is_required())
         assert mirror.__struct_fields__ == self.names, (model, mirror)
-        self.defaults: dict[str, Any] = {
-            name: model.model_fields[name].get_default(call_default_factory=True)
-            for name in self.optional}
-        self.left_out = left_out
-        self._patterns: dict[tuple[bool, ...], tuple[set[str], dict[str, Any]]] = {}
+        self.values = values
 
-    def values(self, struct: S) -> tuple[dict[str, Any], set[str]]:
-        values = _asdict(struct)
-        pattern = self.left_out(struct)
-        entry = self._patterns.get(pattern)
-        if entry is None:
-            entry = self._pattern(pattern)
-        given, fill = entry
-        if fill:
-            values.update(fill)
-        return values, given
-
-    def _pattern(self, pattern: tuple[bool, ...]) -> tuple[set[str], dict[str, Any]]:
-        left_out = [n for n, out in zip(self.optional, pattern, strict=True) if out]
-        entry = self._patterns[pattern] = (set(self.names).difference(left_out),
-                                           {n: self.defaults[n] for n in left_out})
-        return entry
+    def left_out(self, struct: S) -> tuple[bool, ...]:
+        """Which of the model's optional fields the line left out, in field order."""
+        given = self.values(struct)[1]
+        return tuple(name not in given for name in self.optional)
 
 
-# pydantic's own slots of a model instance, set as model_construct sets them
+_QUOTE = _Maker(Quote, _Quote, _quote_values)
+_POSITION = _Maker(Position, _Position, _position_values)
+_ORDER = _Maker(Order, _Order, _order_values)
+_ACCOUNT = _Maker(Account, _Account, _account_values)
+_SNAPSHOT = _Maker(Snapshot, _Snapshot, _snapshot_values)
+
+_new = object.__new__
+# pydantic's own slots of a model instance, set as model_construct sets them (through their
+# descriptors: cheaper than object.__setattr__, which looks each one up)
+_SET_DICT = BaseModel.__dict__["__dict__"].__set__
 _SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
 _SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__
@@ -207,33 +322,18 @@ def _build(model: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
     """An instance of `model` with these values, as model_construct would make it (no
     validation: the caller validated them)."""
     built: M = _new(model)
-    _set(built, "__dict__", values)
+    _SET_DICT(built, values)
     _SET_FIELDS_SET(built, fields_set)
     _SET_EXTRA(built, None)
     _SET_PRIVATE(built, None)
     return built
 
 
-_QUOTE = _Maker(Quote, _Quote, _quote_left_out)
-_POSITION = _Maker(Position, _Position, _position_left_out)
-_ORDER = _Maker(Order, _Order, _order_left_out)
-_ACCOUNT = _Maker(Account, _Account, _account_left_out)
-_SNAPSHOT = _Maker(Snapshot, _Snapshot, _snapshot_left_out)
-
-
-def _zeros_agree(new: Struct, old: Struct, names: tuple[str, ...]) -> bool:
-    """Whether two equal structs also agree on the sign of each zero among these float fields:
-    -0.0 == 0.0, and a reused object must keep the sign the strict path would read."""
-    for name in names:
-        value = getattr(new, name)
-        if value is not None and signed_zeros_differ(value, getattr(old, name)):
-            return False
-    return True
-
-
-def _items_agree(new: tuple[Struct, ...], old: tuple[Struct, ...], names: tuple[str, ...]) -> bool:
-    return all(_zeros_agree(one, other, names) for one, other in zip(new, old, strict=True))
-
+# --- reusing the previous line's objects --------------------------------------------------------
+# Two structs that are == hold equal values and leave out the same fields (UNSET equals only
+# itself), so the model built from one equals the other's, except that -0.0 == 0.0: a reused
+# object must keep the sign the strict path reads. Zeros are rare, so each check first asks
+# whether a value is zero at all (None and UNSET are not) and only then compares signs.
 
 _QUOTE_FLOATS = ("bid", "ask", "last")
 _POSITION_FLOATS = ("avg_price",)
@@ -241,19 +341,54 @@ _ORDER_FLOATS = ("limit_price", "stop_price")
 _ACCOUNT_FLOATS = ("balance", "realized_pnl", "unrealized_pnl")  # ratio and size are > 0
 
 
-def _account_zeros_agree(new: _Account, old: _Account) -> bool:
-    """_zeros_agree for two equal account structs, their positions and orders included."""
+def _zeros_agree(new: Struct, old: Struct, names: tuple[str, ...]) -> bool:
+    """Whether two equal structs also agree on the sign of each zero among these fields."""
+    for name in names:
+        value = getattr(new, name)
+        if value is not None and signed_zeros_differ(value, getattr(old, name)):
+            return False
+    return True
+
+
+def _quote_alike(new: _Quote, old: _Quote) -> bool:
+    return not (new.bid == 0.0 or new.ask == 0.0 or new.last == 0.0) or \
+        _zeros_agree(new, old, _QUOTE_FLOATS)
+
+
+def _position_alike(new: _Position, old: _Position) -> bool:
+    return new.avg_price != 0.0 or _zeros_agree(new, old, _POSITION_FLOATS)
+
+
+def _order_alike(new: _Order, old: _Order) -> bool:
+    return not (new.limit_price == 0.0 or new.stop_price == 0.0) or \
+        _zeros_agree(new, old, _ORDER_FLOATS)
+
+
+def _positions_alike(new: tuple[_Position, ...], old: tuple[_Position, ...]) -> bool:
+    """_position_alike for each of two equal tuples' items."""
+    for one in new:  # mostly no zero at all: the other tuple is read only when there is one
+        if one.avg_price == 0.0:
+            return all(_position_alike(a, b) for a, b in zip(new, old, strict=True))
+    return True
+
+
+def _orders_alike(new: tuple[_Order, ...], old: tuple[_Order, ...]) -> bool:
+    """_order_alike for each of two equal tuples' items."""
+    for one in new:
+        if one.limit_price == 0.0 or one.stop_price == 0.0:
+            return all(_order_alike(a, b) for a, b in zip(new, old, strict=True))
+    return True
+
+
+def _account_alike(new: _Account, old: _Account) -> bool:
+    """Whether two equal account structs agree on every zero's sign, in positions and orders
+    too."""
     if (new.balance == 0.0 or new.realized_pnl == 0.0 or new.unrealized_pnl == 0.0) and \
             not _zeros_agree(new, old, _ACCOUNT_FLOATS):
         return False
-    if new.positions is not UNSET and old.positions is not UNSET:
-        for position in new.positions:
-            if position.avg_price == 0.0:
-                return _items_agree(new.positions, old.positions, _POSITION_FLOATS) and (
-                    new.orders is UNSET or old.orders is UNSET
-                    or _items_agree(new.orders, old.orders, _ORDER_FLOATS))
-    return new.orders is UNSET or old.orders is UNSET or not new.orders \
-        or _items_agree(new.orders, old.orders, _ORDER_FLOATS)
+    if new.positions and old.positions and not _positions_alike(new.positions, old.positions):
+        return False
+    return not (new.orders and old.orders) or _orders_alike(new.orders, old.orders)
 
 
 class FastReader:
@@ -284,82 +419,123 @@ class FastReader:
         return snapshot
 
     def _snapshot(self, raw: _Snapshot, last: tuple[_Snapshot, Snapshot] | None) -> Snapshot:
-        values, given = _SNAPSHOT.values(raw)
+        values, given = _snapshot_values(raw)
         moment = values["time"] = _time(raw.time)
-        symbols = self._symbols
-        if raw.quotes is UNSET:
-            values["quotes"] = {}  # a dict of its own, not the shared default
-        else:
-            old_raw: dict[str, _Quote] = {}
-            old: dict[str, Quote] = {}
-            if last is not None and last[0].quotes is not UNSET:
-                old_raw, old = last[0].quotes, last[1].quotes
-            quotes: dict[str, Quote] = {}
-            for name, quote in raw.quotes.items():
-                previous = old_raw.get(name)
-                if previous == quote and _zeros_agree(quote, previous, _QUOTE_FLOATS):
-                    quotes[name] = old[name]
-                    continue
-                if name not in symbols:
-                    self._symbol(name)
-                quotes[name] = _build(Quote, *_QUOTE.values(quote))
-            values["quotes"] = quotes
-        if raw.accounts is not UNSET:
-            old_raw_accounts: tuple[_Account, ...] = ()
-            old_accounts: tuple[Account, ...] = ()
-            if last is not None and last[0].accounts is not UNSET:
-                old_raw_accounts, old_accounts = last[0].accounts, last[1].accounts
-            reused = len(old_raw_accounts)
-            accounts = []
-            for i, struct in enumerate(raw.accounts):
-                if i < reused:
-                    if old_raw_accounts[i] == struct and \
-                            _account_zeros_agree(struct, old_raw_accounts[i]):
-                        accounts.append(old_accounts[i])
-                        continue
-                    accounts.append(self._account(struct, old_raw_accounts[i], old_accounts[i]))
-                else:
-                    accounts.append(self._account(struct, None, None))
-            values["accounts"] = built = tuple(accounts)
-            self._check(raw.accounts, built, moment)
+        if raw.quotes is not UNSET:
+            values["quotes"] = self._quotes(raw.quotes, last)
+        if raw.accounts:
+            values["accounts"] = self._accounts(raw.accounts, last, moment)
         return _build(Snapshot, values, given)
 
+    def _quotes(self, raw: dict[str, _Quote],
+                last: tuple[_Snapshot, Snapshot] | None) -> dict[str, Quote]:
+        """The quotes, each one unchanged since the previous line reused."""
+        old_raw: dict[str, _Quote] = {}
+        old: dict[str, Quote] = {}
+        if last is not None and last[0].quotes:
+            old_raw, old = last[0].quotes, last[1].quotes
+        symbols = self._symbols
+        quotes: dict[str, Quote] = {}
+        for name, quote in raw.items():
+            previous = old_raw.get(name)
+            if previous is not None and previous == quote and _quote_alike(quote, previous):
+                quotes[name] = old[name]
+                continue
+            if name not in symbols:
+                self._symbol(name)
+            quotes[name] = _build(Quote, *_quote_values(quote))
+        return quotes
+
+    def _accounts(self, raw: tuple[_Account, ...], last: tuple[_Snapshot, Snapshot] | None,
+                  moment: datetime) -> tuple[Account, ...]:
+        """The accounts, each one unchanged at its place reused, and check_snapshot's checks
+        of them."""
+        old_raw: tuple[_Account, ...] = ()
+        old: tuple[Account, ...] = ()
+        if last is not None and last[0].accounts:
+            old_raw, old = last[0].accounts, last[1].accounts
+        # Ids, roles and leaders as on the previous line (which passed the checks): the
+        # duplicate-id and leader checks would pass again.
+        same_ids = len(raw) == len(old_raw)
+        reusable = min(len(raw), len(old_raw))
+        accounts = []
+        for i, struct in enumerate(raw):
+            if i < reusable:
+                previous = old_raw[i]
+                if previous == struct and _account_alike(struct, previous):
+                    account = old[i]
+                else:
+                    account = self._account(struct, previous, old[i])
+                    if same_ids and (struct.id != previous.id or struct.role != previous.role
+                                     or struct.leader != previous.leader):
+                        same_ids = False
+            else:
+                account = self._account(struct, None, None)
+            # a reused account's time too: this line's may be earlier than the previous one's
+            if struct.updated_at and account.updated_at is not None and \
+                    account.updated_at > moment:
+                raise _Fallback
+            accounts.append(account)
+        if not same_ids:
+            self._check_ids(raw)
+        return tuple(accounts)
+
     def _account(self, raw: _Account, old_raw: _Account | None, old: Account | None) -> Account:
-        values, given = _ACCOUNT.values(raw)
+        """A changed (or new) account; its positions and orders reused where unchanged."""
+        values, given = _account_values(raw)
         if raw.role == "leader" and values["leader"] is not None:
             raise _Fallback  # the model's own validator refuses it
-        if raw.updated_at is not UNSET and raw.updated_at is not None:
-            values["updated_at"] = _time(raw.updated_at)
-        if raw.positions is not UNSET and raw.positions:
-            if old_raw is not None and old is not None and old_raw.positions == raw.positions \
-                    and _items_agree(raw.positions, old_raw.positions, _POSITION_FLOATS):
+        if (updated_at := values["updated_at"]) is not None:
+            values["updated_at"] = _time(updated_at)
+        if positions := raw.positions:
+            old_positions = old_raw.positions if old_raw is not None else ()
+            if old is not None and old_positions == positions and \
+                    _positions_alike(positions, old_positions):
                 values["positions"] = old.positions
             else:
-                values["positions"] = tuple([self._position(p) for p in raw.positions])
-        if raw.orders is not UNSET and raw.orders:
-            if old_raw is not None and old is not None and old_raw.orders == raw.orders \
-                    and _items_agree(raw.orders, old_raw.orders, _ORDER_FLOATS):
+                values["positions"] = self._positions(
+                    positions, old_positions or (), old.positions if old is not None else ())
+        if orders := raw.orders:
+            old_orders = old_raw.orders if old_raw is not None else ()
+            if old is not None and old_orders == orders and _orders_alike(orders, old_orders):
                 values["orders"] = old.orders
             else:
-                values["orders"] = tuple([self._order(o) for o in raw.orders])
-        if raw.overnight is not UNSET:
+                values["orders"] = self._orders(
+                    orders, old_orders or (), old.orders if old is not None else ())
+        if raw.overnight:
             for text in raw.overnight:
                 if text not in self._symbols:
                     self._symbol(text)
         return _build(Account, values, given)
 
-    def _position(self, raw: _Position) -> Position:
-        if raw.instrument not in self._symbols:
-            self._symbol(raw.instrument)
-        values, given = _POSITION.values(raw)
-        if raw.opened_at is not UNSET and raw.opened_at is not None:
-            values["opened_at"] = _time(raw.opened_at)
-        return _build(Position, values, given)
+    def _positions(self, raw: tuple[_Position, ...], old_raw: tuple[_Position, ...],
+                   old: tuple[Position, ...]) -> tuple[Position, ...]:
+        """The positions of a changed account, each one unchanged at its place reused."""
+        positions = []
+        for i, struct in enumerate(raw):
+            if i < len(old_raw) and old_raw[i] == struct and _position_alike(struct, old_raw[i]):
+                positions.append(old[i])
+                continue
+            if struct.instrument not in self._symbols:
+                self._symbol(struct.instrument)
+            values, given = _position_values(struct)
+            if (opened_at := values["opened_at"]) is not None:
+                values["opened_at"] = _time(opened_at)
+            positions.append(_build(Position, values, given))
+        return tuple(positions)
 
-    def _order(self, raw: _Order) -> Order:
-        if raw.instrument not in self._symbols:
-            self._symbol(raw.instrument)
-        return _build(Order, *_ORDER.values(raw))
+    def _orders(self, raw: tuple[_Order, ...], old_raw: tuple[_Order, ...],
+                old: tuple[Order, ...]) -> tuple[Order, ...]:
+        """The orders of a changed account, each one unchanged at its place reused."""
+        orders = []
+        for i, struct in enumerate(raw):
+            if i < len(old_raw) and old_raw[i] == struct and _order_alike(struct, old_raw[i]):
+                orders.append(old[i])
+                continue
+            if struct.instrument not in self._symbols:
+                self._symbol(struct.instrument)
+            orders.append(_build(Order, *_order_values(struct)))
+        return tuple(orders)
 
     # --- snapshots.check_snapshot's conditions, without the messages -----------------------
 
@@ -371,18 +547,16 @@ class FastReader:
         self._symbols.add(text)
 
     @staticmethod
-    def _check(raw: tuple[_Account, ...], accounts: tuple[Account, ...],
-               moment: datetime) -> None:
+    def _check_ids(raw: tuple[_Account, ...]) -> None:
+        """No duplicate id; each follower's leader is a leader account (or, unnamed, the only
+        one). The updated_at check is `_accounts`' own, on every line."""
         if len({a.id for a in raw}) != len(raw):
             raise _Fallback  # a duplicate id
         leaders = [a.id for a in raw if a.role == "leader"]
-        for struct, account in zip(raw, accounts, strict=True):
+        for struct in raw:
             if struct.role == "follower":
                 if struct.leader is UNSET or struct.leader is None:
                     if len(leaders) != 1:
                         raise _Fallback
                 elif struct.leader not in leaders:
                     raise _Fallback
-            if struct.updated_at is not UNSET and struct.updated_at is not None and \
-                    account.updated_at is not None and account.updated_at > moment:
-                raise _Fallback

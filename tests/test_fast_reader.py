@@ -381,3 +381,120 @@ def test_models_are_built_as_model_construct_builds_them() -> None:
         assert mine.model_dump_json() == theirs.model_dump_json()
         assert mine.model_copy(update={"balance": 1.0}).balance == 1.0
         assert mine.model_fields_set == theirs.model_fields_set  # the copy had its own set
+
+
+# --- the written-out value functions and the reuse of unchanged parts ---------------------------
+
+@pytest.mark.parametrize("maker", MAKERS, ids=lambda m: m.model.__name__)
+def test_each_value_function_gives_the_models_defaults_and_the_lines_values(maker: Any) -> None:
+    struct = {"Quote": fastread._Quote, "Position": fastread._Position,
+              "Order": fastread._Order, "Account": fastread._Account,
+              "Snapshot": fastread._Snapshot}[maker.model.__name__]
+    fields = maker.model.model_fields
+    required = {n: f"<{n}>" for n, f in fields.items() if f.is_required()}
+    defaults = {n: f.get_default(call_default_factory=True)
+                for n, f in fields.items() if not f.is_required()}
+    values, given = maker.values(struct(**required))
+    assert list(values) == list(fields)  # in field order, as pydantic's __dict__
+    assert [(type(v), repr(v)) for v in values.values()] == \
+        [(type(v), repr(v)) for v in {**required, **defaults}.values()]
+    assert given == set(required)
+    for name in maker.optional:  # each given field: its value, and in the fields set
+        mark = object()
+        values, given = maker.values(struct(**required, **{name: mark}))
+        assert values == {**required, **defaults, name: mark}, name
+        assert given == {*required, name}, name
+    for name, default in defaults.items():  # a mutable default is the line's own
+        if isinstance(default, dict):
+            assert maker.values(struct(**required))[0][name] is not \
+                maker.values(struct(**required))[0][name]
+
+
+def test_an_unchanged_position_of_a_changed_account_is_the_same_object() -> None:
+    def line(i: int, balance: float, second: dict[str, Any]) -> str:
+        data = valid_line(i)
+        data["accounts"][1]["balance"] = balance
+        data["accounts"][1]["positions"].append(second)
+        return dumps(data)
+
+    reader = fastread.FastReader(default_catalog())
+    es = {"instrument": "ESH6", "qty": 1, "avg_price": 5000.0}
+    first = reader.read(line(1, 100.0, es))
+    second = reader.read(line(2, 200.0, es))  # the account changed, not its positions
+    third = reader.read(line(3, 200.0, {**es, "qty": 2}))  # one position changed
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    assert second.accounts[1] is not first.accounts[1]
+    assert second.accounts[1].positions is first.accounts[1].positions
+    assert third.accounts[1].positions[0] is first.accounts[1].positions[0]
+    assert third.accounts[1].positions[1].qty == 2
+
+
+@pytest.mark.parametrize("path", [("accounts", 1, "positions", 1, "avg_price"),
+                                  ("accounts", 1, "orders", 1, "limit_price"),
+                                  ("accounts", 1, "balance"), ("quotes", "NQH6", "last")])
+@pytest.mark.parametrize("changed", ["nothing", "account", "items"])
+def test_a_zero_that_changes_sign_is_read_with_its_sign(path: tuple[Any, ...],
+                                                      changed: str) -> None:
+    # the zero's sign alone changes, with the rest of its account (or its first position and
+    # order) the same or not
+    lines = []
+    for i, zero in enumerate([0.0, -0.0, -0.0, 0.0]):
+        data = valid_line(i)
+        account = data["accounts"][1]
+        account["positions"].append({"instrument": "ESH6", "qty": 1})
+        account["orders"].insert(0, {"id": "o0", "instrument": "ESH6", "side": "buy", "qty": 1})
+        account["orders"][1]["limit_price"] = 1.0
+        if changed == "account":
+            account["realized_pnl"] = float(i)
+        elif changed == "items":
+            account["positions"][0]["qty"] = 2 + i
+            account["orders"][0]["qty"] = 1 + i
+        target: Any = data
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = zero
+        lines.append(dumps(data))
+    fast, strict = both_ways(lines)
+    assert fast == strict
+    reader = fastread.FastReader(default_catalog())
+    snapshots = [reader.read(line) for line in lines]
+    assert None not in snapshots
+    assert [canonical(s) for s in snapshots] == strict[0]
+
+
+def test_an_account_read_again_is_checked_against_the_new_time() -> None:
+    reader = fastread.FastReader(default_catalog())
+    assert reader.read(dumps(valid_line(1))) is not None
+    # the same accounts (F1 updated at 14:30:00 UTC), on a line whose time is before that
+    assert reader.read(dumps(valid_line(1, time="2026-03-02T14:29:00Z"))) is None
+    assert reader.read(dumps(valid_line(2))) is not None
+
+
+def test_ids_and_leaders_are_checked_again_when_they_change() -> None:
+    reader = fastread.FastReader(default_catalog())
+    assert reader.read(dumps(valid_line(1))) is not None
+    data = valid_line(2)
+    data["accounts"][0]["balance"] = 1.0  # both accounts changed; F1's leader gone
+    data["accounts"][0]["id"] = "L2"
+    assert reader.read(dumps(data)) is None
+    data["accounts"][1]["leader"] = "L2"
+    assert reader.read(dumps(data)) is not None
+    data["accounts"][1]["id"] = "L2"
+    data["accounts"][1]["leader"] = None
+    data["accounts"][1]["role"] = "follower"
+    assert reader.read(dumps(data)) is None  # a duplicate id
+
+
+def test_a_follower_that_becomes_a_leader_is_checked_again() -> None:
+    accounts = [LEADER, {"id": "X", "role": "follower"}, {"id": "F", "role": "follower"}]
+    lines = [dumps(valid_line(1, accounts=accounts)), dumps(valid_line(2, accounts=[
+        *accounts[:2], {"id": "F", "role": "leader"}]))]  # X's leader: which of two?
+    reader = fastread.FastReader(default_catalog())
+    assert reader.read(lines[0]) is not None
+    assert reader.read(lines[1]) is None
+    fast, strict = both_ways(lines)
+    assert fast == strict
+    assert strict[1] is not None
+    assert "must name its leader (2 leader accounts" in strict[1]
