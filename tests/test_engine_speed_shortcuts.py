@@ -199,3 +199,15 @@ def test_hedges_joined_once_are_the_hedges_joined_one_by_one(
     _mark_hedges_one_by_one(slow)
     assert [(i, f.view.hedged, f.view.hedged_with) for i, f in fast.items()] == \
         [(i, s.view.hedged, s.view.hedged_with) for i, s in slow.items()]
+
+
+def test_a_subset_batch_answers_in_the_groups_bits() -> None:
+    """A batch of some of a group's conditions (the rules for one firm) sets the group's bit
+    of each: the engine reads its result without remapping."""
+    sources = ["account.size > 1000", "account.balance > 1000000", "account.size > 0"]
+    conditions = [compile_expression(s, "account", {}, condition=True) for s in sources]
+    e = env()
+    e.account.size, e.account.balance = 25000, 60000
+    batch = compile_batch(conditions, "account rules", positions=[3, 7, 12])
+    assert batch(e) == (1 << 3) | (1 << 12)
+    assert compile_batch(conditions, "account rules")(e) == 0b101

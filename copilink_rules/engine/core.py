@@ -118,16 +118,8 @@ class Engine:
         targets_by_scope = {scope: build[scope](snapshot, infos, now) for scope in scopes}
         proposals: list[_Proposal] = []
         errors: list[tuple[int, int, Decision]] = []
-        zones: dict[str, Any] = {}
         for group in groups:
             targets = targets_by_scope[group.scope]
-            if zones.get(group.scope) is not group.zone:  # local time is per rule set's zone
-                zones[group.scope] = group.zone
-                local = now.astimezone(group.zone)
-                now_local, weekday = local.time(), local.weekday()
-                for target in targets:
-                    env = target.env
-                    env.local, env.now_local, env.weekday = local, now_local, weekday
             self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
                                  blocked)
             live: set[str] | None = None  # built only when some rule has a target's state
@@ -530,6 +522,9 @@ class Engine:
                         infos: dict[str, _AccountInfo], blocked: str | None) -> None:
         rules = group.rules
         states_of, errors_of = self._states, self._errors
+        # local time is per rule set's zone: set on each target's env as it is evaluated
+        local = now.astimezone(group.zone)
+        now_local, weekday = local.time(), local.weekday()
         # rules whose per-target state must be cleared when their condition is false
         tracked = [i for i, (_, rule) in enumerate(rules)
                    if states_of[rule.id] or errors_of[rule.id]]
@@ -537,8 +532,11 @@ class Engine:
         filtered = group.filtered
         subset = group.subset if self.reuse else None
         known = group.known_subsets  # what `subset` found already, looked up without a call
-        # the outcome per target, kept only when some rule has state to clear afterwards
-        results: dict[str, tuple[int, int]] | None = {} if tracked else None
+        # the outcome per target, kept only when some rule has state to clear afterwards: the
+        # true mask, and above it (shifted by `width`) the mask of conditions that failed
+        results: dict[str, int] | None = {} if tracked else None
+        width = len(rules)
+        rule_states = [states_of[rule.id] for _, rule in rules]  # by bit
         for index, target in enumerate(targets):
             account = target.account
             if filtered and account is not None:
@@ -554,49 +552,45 @@ class Engine:
                     allowed = group.allowed(account)
                     if not allowed:
                         continue
-                    sub = _Subset(group.batch, allowed, allowed, None)
+                    sub = _Subset(group.batch, allowed, allowed)
             else:
                 sub = whole
+            env = target.env
+            env.local, env.now_local, env.weekday = local, now_local, weekday
             # the hot path: one call evaluates the group's conditions for this target
             try:
-                mask = sub.batch(target.env) & sub.mask
+                mask = sub.batch(env) & sub.mask
                 failed = 0
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001
                 mask, failed = self._one_by_one(group, target, index, sub.allowed, now,
                                                 errors_out)
-            else:
-                bits = sub.bits
-                if bits is not None and mask:  # the batch's bits -> the group's
-                    batch_mask, mask = mask, 0
-                    while batch_mask:
-                        low = batch_mask & -batch_mask
-                        batch_mask ^= low
-                        mask |= bits[low.bit_length() - 1]
+            key = target.key
             if results is not None:
-                results[target.key] = (mask, failed)
+                results[key] = mask | failed << width
             while mask:
                 low = mask & -mask
                 mask ^= low
-                order, rule = rules[low.bit_length() - 1]
-                state = states_of[rule.id].get(target.key)
+                bit = low.bit_length() - 1
+                state = rule_states[bit].get(key)
                 if state is not None and state.fired:
                     continue  # this episode fired already (_on_true's first test, inlined)
+                order, rule = rules[bit]
                 self._on_true(rule, order, target, index, now, as_if_held, proposals, infos,
                               blocked)
         if results is None:
             return
         # a condition evaluated false ends its episode; one evaluated at all clears its error
         for i in tracked:
-            bit = 1 << i
+            bit, failed_bit = 1 << i, 1 << (i + width)
             rule_id = rules[i][1].id
             states, errors = states_of[rule_id], errors_of[rule_id]
-            for key in [k for k in states if k in results]:
-                mask, failed = results[key]
-                if not (mask | failed) & bit:
+            if states:
+                for key in [k for k in states
+                            if k in results and not results[k] & (bit | failed_bit)]:
                     del states[key]
-            for key in [k for k in errors if k in results]:
-                if not results[key][1] & bit:
+            if errors:
+                for key in [k for k in errors if k in results and not results[k] & failed_bit]:
                     del errors[key]
 
     def _one_by_one(self, group: _Group, target: _Target, index: int, allowed: int,

@@ -18,10 +18,9 @@ from copilink_rules.rules.loader import CompiledRule
 class _Subset:
     """The rules of a group that apply to one kind of account, and how to evaluate them."""
 
-    batch: Callable[[Env], int]
+    batch: Callable[[Env], int]  # bit i: the group's rule i
     mask: int  # the batch's bits to keep
     allowed: int  # the group's rules that apply (bit i: the group's rule i)
-    bits: list[int] | None  # the group's bit of each batch bit (None: the same)
 
 
 @dataclass
@@ -53,7 +52,7 @@ class _Group:
         full = (1 << len(self.rules)) - 1
         found = self._by_mask.get(full)
         if found is None:
-            found = self._by_mask[full] = _Subset(self.batch, full, full, None)
+            found = self._by_mask[full] = _Subset(self.batch, full, full)
         return found
 
     @property
@@ -75,11 +74,10 @@ class _Group:
             chosen = [i for i in range(len(self.rules)) if (allowed >> i) & 1]
             if len(self._by_mask) < self.max_subsets:
                 batch = compile_batch([self.rules[i][1].when for i in chosen],
-                                      f"{self.scope} rules")
-                found = _Subset(batch, (1 << len(chosen)) - 1, allowed,
-                                [1 << i for i in chosen])
+                                      f"{self.scope} rules", positions=chosen)
+                found = _Subset(batch, allowed, allowed)
             else:  # many kinds of accounts: one batch for all, as if not filtered
-                found = _Subset(self.batch, allowed, allowed, None)
+                found = _Subset(self.batch, allowed, allowed)
             self._by_mask[allowed] = found
         if len(self._subsets) < 100_000:
             self._subsets[key] = found

@@ -831,10 +831,12 @@ def compile_expression(
                               frozenset(checker.names), kind, rewritten, rewriter.constants)
 
 
-def compile_batch(conditions: list[CompiledExpression], label: str) -> Callable[[Env], int]:
+def compile_batch(conditions: list[CompiledExpression], label: str,
+                  positions: list[int] | None = None) -> Callable[[Env], int]:
     """One function evaluating many conditions for one target: bit i of the result is
-    condition i. An exception in any condition aborts the batch (the engine then evaluates
-    them one by one to tell which failed).
+    condition i (or, with `positions`, bit positions[i]: a subset of a group's conditions
+    answers in the group's bits). An exception in any condition aborts the batch (the engine
+    then evaluates them one by one to tell which failed).
 
     The bits are joined as a balanced tree of `|`, so any number of conditions compiles: a
     chain `a | b | c ...` of 1,000 conditions is too deep for CPython's compiler."""
@@ -847,8 +849,9 @@ def compile_batch(conditions: list[CompiledExpression], label: str) -> Callable[
         if condition.kind != BOOL:
             raise ExpressionError(f"batch conditions must be true/false: {condition.source}")
         bit: ast.expr = condition.tree
-        if index:
-            bit = ast.BinOp(left=bit, op=ast.LShift(), right=ast.Constant(value=index))
+        shift = positions[index] if positions is not None else index
+        if shift:
+            bit = ast.BinOp(left=bit, op=ast.LShift(), right=ast.Constant(value=shift))
         bits.append(bit)
     while len(bits) > 1:
         pairs = [ast.BinOp(left=bits[i], op=ast.BitOr(), right=bits[i + 1])
