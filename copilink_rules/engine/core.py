@@ -67,8 +67,6 @@ class Engine:
         self._last_fired: dict[str, dict[str, datetime]] = {r.id: {} for r in policy.rules}
         self._errors: dict[str, dict[str, str]] = {r.id: {} for r in policy.rules}
         self._entries: dict[str, tuple[str, str]] = {}  # pair -> (leader trade, action)
-        # this tick's pairs by follower: (pair key, family, leader trade)
-        self._pair_trades: dict[str, list[tuple[str, str, str]]] = {}
         self._first_seen: dict[str, tuple[int, datetime]] = {}  # account|family -> (side, t)
         self.last_time: datetime | None = None
         self._instrument_views: dict[str, Any] = {}
@@ -395,13 +393,11 @@ class Engine:
         leaders = [i for i in infos.values() if i.account.role == "leader"]
         quotes = self._quotes(snapshot)
         targets: list[_Target] = []
-        live_pairs: set[str] = set()
-        pair_trades: dict[str, list[tuple[str, str, str]]] = {}
-        self._pair_trades = pair_trades
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
         catalog, entries = self.catalog, self._entries
         # a follower's pair targets of the last tick, reused (their time, quote and episode
-        # fields refreshed) while its and its leader's positions are the same
+        # fields refreshed) while its and its leader's positions are the same; this tick's
+        # are kept (the reference path too: `_trades_of` reads them)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
         for info in infos.values():
@@ -415,15 +411,12 @@ class Engine:
                 continue
             ratio, follower_id, leader_id = f["ratio"], f["id"], leader.view.id
             lead_families, foll_families = leader.families, info.families
-            trades = pair_trades[follower_id] = pair_trades.get(follower_id, [])
             account_view, leader_view, orders = info.view, leader.view, leader.orders
             pairs = old_sets.get(follower_id)
             if pairs is not None and pairs.follower is info.facts and \
                     pairs.leader is leader.facts and pairs.leader_id == leader_id and \
                     pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
                 new_sets[follower_id] = pairs
-                live_pairs.update(pairs.keys)
-                trades.extend(pairs.trades)
                 stops = orders.stops
                 for target, lead, foll, overnight in pairs.items:
                     pair_key, family = target.key, target.family
@@ -446,9 +439,8 @@ class Engine:
                         orders.stop(family, catalog)  # type: ignore[arg-type]
                     targets.append(target)
                 continue
-            pairs = _PairSet(info.facts, leader.facts, leader_id, ratio, [], [], [])
-            if self.reuse:
-                new_sets[follower_id] = pairs
+            pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
+                                                     ratio, [], [], [])
             overnight_families = info.facts.overnight_set(catalog)
             if not foll_families or foll_families.keys() == lead_families.keys():
                 families: Iterable[str] = sorted(lead_families)
@@ -463,8 +455,6 @@ class Engine:
                 lead_view = position_view(lead, now, False)
                 trade = lead.trade_label() if lead else ""
                 pair_key = f"{follower_id}|{leader_id}|{family}"
-                live_pairs.add(pair_key)
-                trades.append((pair_key, family, trade))
                 entry = entries.get(pair_key)
                 if entry is not None and entry[0] != trade:
                     del entries[pair_key]
@@ -493,9 +483,16 @@ class Engine:
                 pairs.keys.append(pair_key)
                 pairs.trades.append((pair_key, family, trade))
         self._pair_sets = new_sets
-        for key in [k for k in entries if k not in live_pairs]:
-            del entries[key]
+        if entries:  # a pair that is gone (flat on both sides) ends its leader trade's entry
+            live = {key for pairs in new_sets.values() for key in pairs.keys}
+            for key in [k for k in entries if k not in live]:
+                del entries[key]
         return targets
+
+    def _trades_of(self, follower: str) -> list[tuple[str, str, str]]:
+        """(pair key, family, leader trade) of each of a follower's pairs this tick."""
+        pairs = self._pair_sets.get(follower)
+        return pairs.trades if pairs is not None else []
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
         """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""
@@ -788,7 +785,7 @@ class Engine:
             # an account-wide flatten (a firm rule: no hedging, a loss limit) ends the
             # follower's part in each leader trade it touches, as a pair flatten does
             episodes = [(key, trade) for key, family, trade in
-                        self._pair_trades.get(p.target.account.id, ())
+                        self._trades_of(p.target.account.id)
                         if trade and p.target.family in (None, family)]
         else:
             return
@@ -872,12 +869,17 @@ class Engine:
         severity = (p.args.get("severity") if p.action == "alert" else None) or \
             p.rule.severity or DEFAULT_SEVERITY.get(p.action, "warning")
         args = {k: v for k, v in p.args.items() if v is not None}
-        return Decision(
+        # every value is the engine's own or a rule file's, checked when the rules loaded (the
+        # severities are the spec's literals): built without validating them again, as
+        # Decision(...) would build them, fields set included
+        return Decision.model_construct(
             time=now, ruleset=p.rule.ruleset, rule=p.rule.id, action=p.action,
             account=p.target.account.id if p.target.account else None,
-            instrument=p.target.instrument, severity=severity, reason=p.reason,
-            suppressed=p.suppressed or False, args=args, scope=p.rule.scope,
-            mode=p.rule.mode, version=self.policy.version,
+            instrument=p.target.instrument,
+            severity=severity,  # type: ignore[arg-type]  # a spec Severity, as said above
+            reason=p.reason, suppressed=p.suppressed or False, args=args, scope=p.rule.scope,
+            mode=p.rule.mode,  # type: ignore[arg-type]  # the spec's literal
+            version=self.policy.version,
             as_if_held=p.held_for < p.rule.hold,
         )
 
