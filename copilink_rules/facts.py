@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import msgspec
 
 from .instruments import Catalog, Instrument
 from .model import Account, Order, Position, signed_zeros_differ
@@ -35,12 +34,13 @@ _WORKING = ("working", "pending")
 FLAT_VIEWS = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag in (False, True)}
 
 
-class Family(msgspec.Struct, gc=False):
+@dataclass(slots=True)
+class Family:
     """One account's exposure in one instrument family (`family_exposure`).
 
-    The facts here are msgspec Structs rather than dataclasses: built in C (several are built
-    for every account whose positions changed, every tick), and, holding nothing that refers
-    back to them, kept out of the garbage collector's way."""
+    Facts are slotted dataclasses: a tick stores into them (a view's age, the positions they
+    were derived from), and a slot takes a store at half the cost of a msgspec Struct (whose
+    stores are checked); views built anew every tick are Structs (namespace.py)."""
 
     qty: int  # signed contracts, of whatever sizes
     equiv: float  # signed size in full-size contracts
@@ -49,7 +49,7 @@ class Family(msgspec.Struct, gc=False):
     avg_price: float  # the main contract's
     opened_at: datetime | None  # the main contract's
     # signed contracts per contract, as the broker names them (an order goes back in its words)
-    symbols: dict[str, int] = msgspec.field(default_factory=dict)
+    symbols: dict[str, int] = field(default_factory=dict)
     minis: int = 0  # full-size contracts held, long or short
     micros: int = 0  # micro contracts held, long or short
     # derived on first use and kept while the family is reused (see `position_view`)
@@ -136,7 +136,8 @@ def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
     return _same_records(a, b, ("limit_price", "stop_price"))
 
 
-class PositionFacts(msgspec.Struct, gc=False):
+@dataclass(slots=True)
+class PositionFacts:
     """What an account's positions (and declared overnight positions) say, at any time."""
 
     firm: str | None  # the account's firm, with its positions (what hedges follow from)
@@ -264,13 +265,14 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
                          micros, undeclared, tuple(seen))
 
 
-class OrderFacts(msgspec.Struct, gc=False):
+@dataclass(slots=True)
+class OrderFacts:
     """What an account's orders say: how many are working, and (for a leader) the protective
     stop per family, found on first use."""
 
     orders: tuple[Order, ...]
     working: int
-    stops: dict[str, float | None] = msgspec.field(default_factory=dict)
+    stops: dict[str, float | None] = field(default_factory=dict)
 
     def stop(self, family: str, catalog: Catalog) -> float | None:
         """The stop price of the first working stop order in `family` (a leader's protective
