@@ -1,0 +1,107 @@
+"""Instructions per engine tick, counted by valgrind's callgrind: a measure the shared host's
+noise does not move (wall-clock times on it vary by 20-50% from run to run), for comparing two
+versions of the engine. Needs `valgrind` on the PATH; each count runs Python under callgrind
+twice (slow: about a minute per row at 100 accounts).
+
+    python benchmarks/bench_instructions.py [--rules shipped-steady,shipped]
+                                            [--accounts 100] [--ticks 16]
+
+For each workload of bench_tick.py (`shipped`, `shipped-steady`, `synthetic`), one process
+evaluates 2 ticks and another 2 + --ticks, on the same prepared snapshots, with
+PYTHONHASHSEED=0 (string hashes, and so dict and set orders, fixed); the difference of their
+instruction counts divided by --ticks is what one tick costs, start-up and setting up
+excluded. Compare two versions by running the script in each checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# The child: set up as bench_tick.py does, then evaluate `ticks` snapshots of a fixed batch.
+CHILD = """
+import gc, random, sys
+sys.path.insert(0, {here!r})
+from datetime import timedelta
+from bench_tick import MAKERS, START
+from _workload import refreshed, shipped_policy, load_bench_policy
+from copilink_rules.engine import Engine
+from copilink_rules.model import Snapshot
+import tempfile, pathlib
+kind, accounts, ticks = {kind!r}, {accounts}, {ticks}
+if kind.startswith("shipped"):
+    policy = shipped_policy()
+else:
+    policy = load_bench_policy(pathlib.Path(tempfile.mkdtemp()))
+rng = random.Random(7)
+distinct = 4
+snapshots = [Snapshot.model_validate(MAKERS[kind](accounts, START + timedelta(milliseconds=250 * i),
+                                                  rng, True)) for i in range(distinct)]
+engine = Engine(policy)
+for snapshot in snapshots[:3]:
+    engine.evaluate(snapshot)
+cycle = timedelta(milliseconds=250 * distinct)
+batch = [refreshed(s, s.time + cycle * (1 + i // distinct)) if kind == "shipped-steady" else
+         s.model_copy(update={{"time": s.time + cycle * (1 + i // distinct)}})
+         for i, s in enumerate(snapshots * 13)]
+gc.disable()
+for snapshot in batch[:ticks]:
+    engine.evaluate(snapshot)
+"""
+
+
+def count(kind: str, accounts: int, ticks: int) -> int:
+    """Instructions callgrind counts for the whole child process."""
+    code = CHILD.format(here=str(HERE), kind=kind, accounts=accounts, ticks=ticks)
+    result = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         "-c", code],
+        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+        cwd=HERE.parent, check=False)  # this checkout's copilink_rules, first on the path
+    found = re.search(r"Collected\s*:\s*(\d+)", result.stderr)
+    if result.returncode != 0 or found is None:
+        raise SystemExit(f"callgrind run failed ({kind}, {accounts} accounts, {ticks} ticks):\n"
+                         f"{result.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rules", default="shipped-steady,shipped",
+                        help="comma-separated: shipped, shipped-steady, synthetic")
+    parser.add_argument("--accounts", default="100", help="comma-separated account counts")
+    parser.add_argument("--ticks", type=int, default=16, help="timed ticks (at most 48)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench_instructions.py needs valgrind (apt install valgrind)")
+    if not 1 <= args.ticks <= 48:
+        raise SystemExit("--ticks must be between 1 and 48")
+    kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "synthetic"})
+    if unknown:
+        raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady "
+                         "or synthetic")
+    package = subprocess.run(
+        [sys.executable, "-c", "import copilink_rules; print(copilink_rules.__file__)"],
+        capture_output=True, text=True, cwd=HERE.parent, check=False).stdout.strip()
+    print(f"instructions per Engine.evaluate tick (callgrind; {args.ticks} ticks counted; "
+          f"{Path(package).parent})")
+    print("| rules | accounts | instructions per tick | per account |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        for accounts in [int(n) for n in args.accounts.split(",") if n.strip()]:
+            per_tick = (count(kind, accounts, 2 + args.ticks) - count(kind, accounts, 2)) \
+                / args.ticks
+            print(f"| {kind} | {accounts:,} | {per_tick:,.0f} | {per_tick / accounts:,.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
