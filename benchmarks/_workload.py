@@ -250,8 +250,8 @@ def capture_envs(policy: Policy, snapshot: Any) -> list[Any]:
     original = expressions.compile_batch
     seen: list[Any] = []
 
-    def recording(conditions: Any, label: str) -> Any:
-        batch: Callable[[Any], int] = original(conditions, label)
+    def recording(conditions: Any, label: str, positions: Any = None) -> Any:
+        batch: Callable[[Any], int] = original(conditions, label, positions)
 
         def wrapper(env: Any) -> int:
             seen.append(env)

@@ -20,6 +20,8 @@ from copilink_rules.engine.state import (
 )
 from copilink_rules.errors import StateError
 from copilink_rules.locks import Lock
+from copilink_rules.model import Snapshot
+from copilink_rules.rules import load_policy
 
 # Saved by `Engine.save_state` before the saved state was described once: 30 s of a seeded sim
 # session (chaos_support's copier firm over desync, plus a rule reading trade counts; F3's
@@ -100,3 +102,36 @@ def test_damaged_parts_are_refused_with_their_path(
         desync: Engine, damage: dict[str, object], message: str) -> None:
     with pytest.raises(StateError, match=message):
         desync.restore_state({"version": 1, **damage})
+
+
+def test_restoring_a_running_engine_keeps_the_follower_s_trades_for_an_account_flatten(
+        tmp_path: Path) -> None:
+    """An account-wide flatten ends the follower's part in its leader's trades: still so right
+    after restore_state on an engine that ran, in a stage without pair rules (a red-team find:
+    the pair sets it reads them from were dropped by the restore)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("ruleset: r\ntimezone: UTC\nrules:\n"
+                    "  - {id: pair-watch, scope: pair, when: 'follower.flat and not leader.flat',"
+                    " then: [alert]}\n"
+                    "  - {id: pre-flat, stage: pre_session, when: 'not account.flat',"
+                    " then: [flatten]}\n")
+    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
+             "opened_at": "2026-03-02T14:00:00Z"}]
+
+    def snap(second: int) -> Snapshot:
+        return Snapshot.model_validate({"time": f"2026-03-02T14:30:0{second}Z", "accounts": [
+            {"id": "L", "role": "leader", "positions": held},
+            {"id": "F", "role": "follower", "leader": "L", "positions": held}]})
+
+    outcomes = []
+    for restore in (False, True):
+        engine = Engine(load_policy([path]))
+        engine.evaluate(snap(0))  # a session tick builds the pair targets
+        if restore:
+            engine.restore_state(engine.save_state())
+        [flatten] = [d for d in engine.evaluate(snap(1), stage="pre_session")
+                     if d.account == "F"]
+        outcomes.append((flatten.args, engine.save_state()["entries"]))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][0]["episodes"] == [["F|L|NQ", "1@2026-03-02T14:00:00+00:00"]]
+    assert outcomes[1][1]["F|L|NQ"][1] == "flatten"

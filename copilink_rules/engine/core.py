@@ -202,7 +202,8 @@ class Engine:
         self._first_seen = dict(saved.first_seen)
         self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
         self._hedge_marks = None
-        self._pair_sets = {}
+        # the pair sets stay: none is reused (they were built from facts just dropped), and a
+        # tick without pair rules (pre_session) still reads the follower's trades from them
         self._metrics = {a: m.live(_Metrics) for a, m in saved.metrics.items()}
         self.lock_book.restore([lock.live(Lock, account=a) for a, lock in saved.locks.items()])
         return notes
