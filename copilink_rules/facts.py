@@ -150,6 +150,10 @@ class PositionFacts:
     undeclared: int
     first_seen: tuple[str, ...]  # keys of the engine's first-seen table these facts use
     overnight_families: Any = None  # families declared overnight (pair views), on first use
+    family_names: Any = None  # families.keys(): what an account target's rules are about
+
+    def __post_init__(self) -> None:
+        self.family_names = self.families.keys()  # a live view of the same dict
 
     def overnight_set(self, catalog: Catalog) -> Any:
         found = self.overnight_families

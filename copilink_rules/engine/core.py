@@ -217,7 +217,9 @@ class Engine:
         stale_after, metrics_of = self.stale_after, self._metrics
         lock_states = self.lock_book.states() if len(self.lock_book) else {}
         first_seen, catalog = self._first_seen, self.catalog
-        at_firm = Counter(a.firm for a in snapshot.accounts) if self._firm_counts else Counter()
+        # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
+        firm_counts = self._firm_counts
+        at_firm = Counter(a.firm for a in snapshot.accounts) if firm_counts else Counter()
         # facts of the previous tick, reused for an account whose positions (orders) are the
         # same; only accounts of this snapshot are kept, so one that is gone for a tick is
         # derived again (its first-seen times were dropped meanwhile)
@@ -288,7 +290,7 @@ class Engine:
                 total, day_pnl if day_pnl > best_day else best_day,
                 day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, facts.minis,
                 facts.micros, False, "", lock, lock != "",
-                at_firm[firm] if firm else 0, metrics.trades, metrics.streak,
+                at_firm[firm] if firm and firm_counts else 0, metrics.trades, metrics.streak,
             )
             infos[account_id] = _AccountInfo(account, view, families, facts, order_facts)
         self._position_facts, self._order_facts = new_positions, new_orders
@@ -367,7 +369,7 @@ class Engine:
                 env = target.env
                 target.account = info.account
             env.params, env.now, env.calendar = params, now, calendar
-            env.families = info.families.keys()
+            env.families = info.facts.family_names
             env.account = info.view
             new[account_id] = target
             targets.append(target)
