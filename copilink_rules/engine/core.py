@@ -552,14 +552,14 @@ class Engine:
                     allowed = group.allowed(account)
                     if not allowed:
                         continue
-                    sub = _Subset(group.batch, allowed, allowed)
+                    sub = _Subset(group.batch, allowed)
             else:
                 sub = whole
             env = target.env
             env.local, env.now_local, env.weekday = local, now_local, weekday
             # the hot path: one call evaluates the group's conditions for this target
             try:
-                mask = sub.batch(env) & sub.mask
+                mask = sub.batch(env) & sub.allowed
                 failed = 0
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001

@@ -19,8 +19,9 @@ class _Subset:
     """The rules of a group that apply to one kind of account, and how to evaluate them."""
 
     batch: Callable[[Env], int]  # bit i: the group's rule i
-    mask: int  # the batch's bits to keep
-    allowed: int  # the group's rules that apply (bit i: the group's rule i)
+    # the group's rules that apply (bit i: the group's rule i): the bits of the batch to keep
+    # (a batch of every rule, for many kinds of accounts, answers for the others too)
+    allowed: int
 
 
 @dataclass
@@ -52,7 +53,7 @@ class _Group:
         full = (1 << len(self.rules)) - 1
         found = self._by_mask.get(full)
         if found is None:
-            found = self._by_mask[full] = _Subset(self.batch, full, full)
+            found = self._by_mask[full] = _Subset(self.batch, full)
         return found
 
     @property
@@ -75,9 +76,9 @@ class _Group:
             if len(self._by_mask) < self.max_subsets:
                 batch = compile_batch([self.rules[i][1].when for i in chosen],
                                       f"{self.scope} rules", positions=chosen)
-                found = _Subset(batch, allowed, allowed)
+                found = _Subset(batch, allowed)
             else:  # many kinds of accounts: one batch for all, as if not filtered
-                found = _Subset(self.batch, allowed, allowed)
+                found = _Subset(self.batch, allowed)
             self._by_mask[allowed] = found
         if len(self._subsets) < 100_000:
             self._subsets[key] = found
