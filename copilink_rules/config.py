@@ -49,6 +49,13 @@ from .snapshots import format_loc
 from .sources import YamlSyntaxError, load_yaml
 
 
+def _duration_within(value: str, name: str, least: float, least_text: str) -> str:
+    """`value` if it is a duration from `least` seconds to 60 s; else the setting's error."""
+    if not least <= parse_duration(value) <= 60:
+        raise ValueError(f"{name} must be between {least_text} and 60s")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,18 +137,12 @@ class RunConfig(_Strict):
     @field_validator("tick")
     @classmethod
     def _tick(cls, value: str) -> str:
-        seconds = parse_duration(value)
-        if not 0.05 <= seconds <= 60:
-            raise ValueError("tick must be between 50ms and 60s")
-        return value
+        return _duration_within(value, "tick", 0.05, "50ms")
 
     @field_validator("copy_every")
     @classmethod
     def _copy_every(cls, value: str) -> str:
-        seconds = parse_duration(value)
-        if not 0.02 <= seconds <= 60:
-            raise ValueError("copy_every must be between 20ms and 60s")
-        return value
+        return _duration_within(value, "copy_every", 0.02, "20ms")
 
     @property
     def copy_seconds(self) -> float:
