@@ -111,7 +111,7 @@ def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...
         return True
     if len(a) != len(b):
         return False
-    for p, q in zip(a, b, strict=True):
+    for p, q in zip(a, b):  # noqa: B905 - the lengths are equal (above); strict costs a check
         if p is q:
             continue
         pd, qd = p.__dict__, q.__dict__

@@ -43,8 +43,11 @@ from .model import (
     Quote,
     Snapshot,
     _utc_from_text,
+    build_model,
     signed_zeros_differ,
 )
+
+_build = build_model
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
 # integer (as pydantic's strict float does) and refuses a bool, a string and NaN/Infinity
@@ -305,29 +308,6 @@ _POSITION = _Maker(Position, _Position, _position_values)
 _ORDER = _Maker(Order, _Order, _order_values)
 _ACCOUNT = _Maker(Account, _Account, _account_values)
 _SNAPSHOT = _Maker(Snapshot, _Snapshot, _snapshot_values)
-
-_new = object.__new__
-# pydantic's own slots of a model instance, set as model_construct sets them (through their
-# descriptors: cheaper than object.__setattr__, which looks each one up)
-_SET_DICT = BaseModel.__dict__["__dict__"].__set__
-_SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
-_SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _build(model: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
-    """An instance of `model` with these values, as model_construct would make it (no
-    validation: the caller validated them)."""
-    built: M = _new(model)
-    _SET_DICT(built, values)
-    _SET_FIELDS_SET(built, fields_set)
-    _SET_EXTRA(built, None)
-    _SET_PRIVATE(built, None)
-    return built
-
 
 # --- reusing the previous line's objects --------------------------------------------------------
 # Two structs that are == hold equal values and leave out the same fields (UNSET equals only

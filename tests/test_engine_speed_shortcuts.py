@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from copilink_rules.engine import Engine, _mark_hedges
 from copilink_rules.errors import EvaluationError
+from copilink_rules.model import Decision
 from copilink_rules.rules.expressions import compile_batch, compile_expression, fn_tier
+from copilink_rules.snapshots import load_timeline
 
-from .conftest import account, at, pos, snap
+from .conftest import REPO, account, at, pos, snap
 from .test_expressions import env
 from .test_facts import DESYNC, both
 
@@ -153,6 +155,31 @@ def test_an_order_on_hold_is_reported_once_and_fires_when_reachable(policy_of: A
     first = [d for d in Engine(policy).evaluate(timeline[0]) if d.account == "F1"]
     assert any("ON HOLD" in d.reason for d in first)
     assert reusing.save_state()["rules"]
+
+
+def test_decisions_are_built_as_pydantic_builds_them(policy_of: Any, desync: Engine) -> None:
+    """The engine builds its decisions without validating them again (model.build_model):
+    each must be what `Decision(...)` makes of the same values, field for field, fields set
+    and serialized forms included."""
+    decisions = [d for snapshot in load_timeline(REPO / "examples" / "desync-session.jsonl")
+                 for d in desync.evaluate(snapshot)]
+    policy = policy_of(HELD)
+    for t in range(4):
+        decisions += Engine(policy).evaluate(
+            snap(at(t), account("LEAD", "leader"),
+                 account("F1", positions=[pos("NQH6", 3)], connected=t % 2 == 0)),
+            as_if_held=t > 1, blocked="kill switch engaged" if t == 3 else None)
+    kinds = {(d.action, bool(d.suppressed), d.as_if_held, d.mode) for d in decisions}
+    assert len(kinds) >= 6, kinds  # flattens, alerts, suppressed, held as if, dryrun ...
+    for built in decisions:
+        validated = Decision(**{name: getattr(built, name) for name in Decision.model_fields})
+        assert built == validated
+        assert built.model_fields_set == validated.model_fields_set == set(Decision.model_fields)
+        assert built.model_dump_json() == validated.model_dump_json()
+        assert built.to_json_dict() == validated.to_json_dict()
+        assert repr(built) == repr(validated)
+        assert built.model_copy(update={"reason": "x"}).model_fields_set == \
+            validated.model_fields_set
 
 
 # --- hedges -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,7 +33,7 @@ from copilink_rules.facts import (
 )
 from copilink_rules.instruments import Catalog, Instrument, default_catalog
 from copilink_rules.locks import Lock, Locks, lock_until
-from copilink_rules.model import ORDER_ACTIONS, Account, Decision, Snapshot
+from copilink_rules.model import ORDER_ACTIONS, Account, Decision, Snapshot, build_model
 from copilink_rules.namespace import (
     AccountsView,
     AccountView,
@@ -50,6 +51,8 @@ from .state import STATE_VERSION, _count_trades, _Metrics, _RuleState, _SavedSta
 from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
 
 DEFAULT_STALE_AFTER = 5.0
+_DECISION_FIELDS = frozenset(Decision.model_fields)  # a decision sets every one
+_FIRM = attrgetter("firm")
 _UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule applies)
 
 
@@ -116,17 +119,18 @@ class Engine:
         targets_by_scope = {scope: build[scope](snapshot, infos, now) for scope in scopes}
         proposals: list[_Proposal] = []
         errors: list[tuple[int, int, Decision]] = []
+        live_keys: dict[str, set[str]] = {}  # scope -> its targets' keys, once some rule has state
         for group in groups:
             targets = targets_by_scope[group.scope]
             self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
                                  blocked)
-            live: set[str] | None = None  # built only when some rule has a target's state
             for _, rule in group.rules:
                 # a target that is gone (a pair gone flat, an account removed) ends its episode
                 for table in (self._states[rule.id], self._errors[rule.id]):
                     if table:
+                        live = live_keys.get(group.scope)
                         if live is None:
-                            live = {t.key for t in targets}
+                            live = live_keys[group.scope] = {t.key for t in targets}
                         for key in [k for k in table if k not in live]:
                             del table[key]
         errors.sort(key=lambda e: (e[0], e[1]))
@@ -219,7 +223,7 @@ class Engine:
         first_seen, catalog = self._first_seen, self.catalog
         # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
         firm_counts = self._firm_counts
-        at_firm = Counter(a.firm for a in snapshot.accounts) if firm_counts else Counter()
+        at_firm = Counter(map(_FIRM, snapshot.accounts)) if firm_counts else Counter()  # in C
         # facts of the previous tick, reused for an account whose positions (orders) are the
         # same; only accounts of this snapshot are kept, so one that is gone for a tick is
         # derived again (its first-seen times were dropped meanwhile)
@@ -872,19 +876,18 @@ class Engine:
         severity = (p.args.get("severity") if p.action == "alert" else None) or \
             p.rule.severity or DEFAULT_SEVERITY.get(p.action, "warning")
         args = {k: v for k, v in p.args.items() if v is not None}
+        rule, target = p.rule, p.target
         # every value is the engine's own or a rule file's, checked when the rules loaded (the
-        # severities are the spec's literals): built without validating them again, as
-        # Decision(...) would build them, fields set included
-        return Decision.model_construct(
-            time=now, ruleset=p.rule.ruleset, rule=p.rule.id, action=p.action,
-            account=p.target.account.id if p.target.account else None,
-            instrument=p.target.instrument,
-            severity=severity,  # type: ignore[arg-type]  # a spec Severity, as said above
-            reason=p.reason, suppressed=p.suppressed or False, args=args, scope=p.rule.scope,
-            mode=p.rule.mode,  # type: ignore[arg-type]  # the spec's literal
-            version=self.policy.version,
-            as_if_held=p.held_for < p.rule.hold,
-        )
+        # severities are the spec's literals): built without validating them again, with every
+        # field set, as Decision(...) builds it (build_model; a test holds the two equal)
+        return build_model(Decision, {
+            "time": now, "ruleset": rule.ruleset, "rule": rule.id, "action": p.action,
+            "account": target.account.id if target.account else None,
+            "instrument": target.instrument, "severity": severity, "reason": p.reason,
+            "suppressed": p.suppressed or False, "args": args, "scope": rule.scope,
+            "mode": rule.mode, "version": self.policy.version,
+            "as_if_held": p.held_for < rule.hold,
+        }, set(_DECISION_FIELDS))
 
 
 
