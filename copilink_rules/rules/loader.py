@@ -88,16 +88,20 @@ class Template:
 
     def render(self, env: Any) -> str:
         out = []
+        length = 0  # of what is in `out`
         for part in self.parts:
-            if isinstance(part, str):
+            if type(part) is str:
                 out.append(part)
+                length += len(part)
                 continue
             try:
-                out.append(_show(part.evaluate(env)))
+                shown = _show(part.evaluate(env))  # type: ignore[union-attr]
             # a hole in a message never breaks the decision it explains
             except Exception as exc:  # noqa: BLE001
-                out.append(f"<{part.source}: {exc}>")
-            if sum(map(len, out)) > MAX_MESSAGE_LENGTH:
+                shown = f"<{part.source}: {exc}>"  # type: ignore[union-attr]
+            out.append(shown)
+            length += len(shown)
+            if length > MAX_MESSAGE_LENGTH:
                 break
         return clip("".join(out), MAX_MESSAGE_LENGTH)
 
@@ -107,6 +111,11 @@ def _a(word: str) -> str:
 
 
 def _show(value: Any) -> str:
+    kind = type(value)
+    if kind is str:  # the most common holes (ids, sides, symbols), first
+        return value  # type: ignore[no-any-return]
+    if kind is int:  # not a bool
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
