@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 from pydantic import ValidationError
@@ -96,6 +96,9 @@ class Engine:
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
+        # group (by id) -> the targets its rules' tables were last cleaned of gone targets
+        # against: while a tick's are those same objects, there is nothing to clean
+        self._cleaned: dict[int, list[_Target]] = {}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -120,10 +123,18 @@ class Engine:
         proposals: list[_Proposal] = []
         errors: list[tuple[int, int, Decision]] = []
         live_keys: dict[str, set[str]] = {}  # scope -> its targets' keys, once some rule has state
+        cleaned = self._cleaned
         for group in groups:
             targets = targets_by_scope[group.scope]
             self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
                                  blocked)
+            last = cleaned.get(id(group))
+            if last is not None and len(last) == len(targets) and all(map(is_, last, targets)):
+                # the very targets this group's tables were last cleaned against (reused
+                # objects keep their keys): no state or error can be a gone target's
+                continue
+            if self.reuse:
+                cleaned[id(group)] = targets
             for _, rule in group.rules:
                 # a target that is gone (a pair gone flat, an account removed) ends its episode
                 for table in (self._states[rule.id], self._errors[rule.id]):
@@ -206,6 +217,7 @@ class Engine:
         self._first_seen = dict(saved.first_seen)
         self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
         self._hedge_marks = None
+        self._cleaned = {}  # the restored tables may hold any target's keys
         # the pair sets stay: none is reused (they were built from facts just dropped), and a
         # tick without pair rules (pre_session) still reads the follower's trades from them
         self._metrics = {a: m.live(_Metrics) for a, m in saved.metrics.items()}
@@ -753,6 +765,8 @@ class Engine:
                 state.fired = False
                 held[group] = not state.held
                 state.held = True
+        if not held:  # every order may go out: nothing to hold or mark
+            return proposals
         kept = []
         for p in proposals:
             report = held.get((p.rule.id, p.target.key))
