@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,6 +165,42 @@ def test_a_restore_into_a_running_engine_drops_timers_of_targets_that_are_gone(
             engine.evaluate(snap(2, "A"))
         engine.restore_state(saved)
         engine.evaluate(snap(3, "A"))
+        states.append(engine.save_state()["rules"])
+    assert states[0] == states[1]
+    assert set(states[0]["open"]) == {"A"}
+
+
+def test_a_tick_cut_short_leaves_the_next_one_searching_for_gone_targets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A red-team find: an exception escaping a group after a new account's timer started
+    (none is known: injected here) must not let the next tick, whose targets are again the
+    ones last cleaned against, keep that account's timer once it is gone."""
+    path = tmp_path / "r.yaml"
+    path.write_text("ruleset: r\ntimezone: UTC\nrules:\n"
+                    "  - {id: open, when: 'not account.flat', for: 1m, then: [flatten]}\n")
+    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
+             "opened_at": "2026-03-02T14:00:00Z"}]
+
+    def snap(second: int, *ids: str) -> Snapshot:
+        return Snapshot.model_validate({"time": f"2026-03-02T14:30:0{second}Z", "accounts": [
+            {"id": i, "role": "leader", "positions": held} for i in ids]})
+
+    on_true = Engine._on_true
+
+    def failing(self: Engine, rule: Any, order: int, target: Any, *rest: Any) -> None:
+        on_true(self, rule, order, target, *rest)
+        if target.key == "NEW":
+            raise RuntimeError("injected")
+
+    states = []
+    for reuse in (True, False):
+        engine = Engine(load_policy([path]), reuse=reuse)
+        engine.evaluate(snap(0, "A"))
+        with monkeypatch.context() as patch:
+            patch.setattr(Engine, "_on_true", failing)
+            with pytest.raises(RuntimeError):
+                engine.evaluate(snap(1, "A", "NEW"))
+        engine.evaluate(snap(2, "A"))
         states.append(engine.save_state()["rules"])
     assert states[0] == states[1]
     assert set(states[0]["open"]) == {"A"}

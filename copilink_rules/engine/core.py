@@ -126,24 +126,26 @@ class Engine:
         cleaned = self._cleaned
         for group in groups:
             targets = targets_by_scope[group.scope]
+            # taken out while the group runs: a tick cut short by an exception leaves it out,
+            # so the next one searches the tables whole
+            last = cleaned.pop(id(group), None)
             self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
                                  blocked)
-            last = cleaned.get(id(group))
-            if last is not None and len(last) == len(targets) and all(map(is_, last, targets)):
-                # the very targets this group's tables were last cleaned against (reused
-                # objects keep their keys): no state or error can be a gone target's
-                continue
+            if last is None or len(last) != len(targets) or not all(map(is_, last, targets)):
+                # not the very targets this group's tables were last cleaned against (reused
+                # objects keep their keys; with those, no state or error is a gone target's)
+                for _, rule in group.rules:
+                    # a target that is gone (a pair gone flat, an account removed) ends its
+                    # episode
+                    for table in (self._states[rule.id], self._errors[rule.id]):
+                        if table:
+                            live = live_keys.get(group.scope)
+                            if live is None:
+                                live = live_keys[group.scope] = {t.key for t in targets}
+                            for key in [k for k in table if k not in live]:
+                                del table[key]
             if self.reuse:
                 cleaned[id(group)] = targets
-            for _, rule in group.rules:
-                # a target that is gone (a pair gone flat, an account removed) ends its episode
-                for table in (self._states[rule.id], self._errors[rule.id]):
-                    if table:
-                        live = live_keys.get(group.scope)
-                        if live is None:
-                            live = live_keys[group.scope] = {t.key for t in targets}
-                        for key in [k for k in table if k not in live]:
-                            del table[key]
         errors.sort(key=lambda e: (e[0], e[1]))
         proposals.sort(key=lambda p: (p.order, p.target_index))
         decisions = self._notes + [decision for _, _, decision in errors]
