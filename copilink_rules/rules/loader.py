@@ -90,15 +90,15 @@ class Template:
         out = []
         length = 0  # of what is in `out`
         for part in self.parts:
-            if type(part) is str:
+            if isinstance(part, str):
                 out.append(part)
                 length += len(part)
                 continue
             try:
-                shown = _show(part.evaluate(env))  # type: ignore[union-attr]
+                shown = _show(part.evaluate(env))
             # a hole in a message never breaks the decision it explains
             except Exception as exc:  # noqa: BLE001
-                shown = f"<{part.source}: {exc}>"  # type: ignore[union-attr]
+                shown = f"<{part.source}: {exc}>"
             out.append(shown)
             length += len(shown)
             if length > MAX_MESSAGE_LENGTH:
