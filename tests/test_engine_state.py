@@ -138,33 +138,41 @@ def test_restoring_a_running_engine_keeps_the_follower_s_trades_for_an_account_f
     assert outcomes[1][1]["F|L|NQ"][1] == "flatten"
 
 
+def _timer_rule(tmp_path: Path) -> Path:
+    """A rule that starts a 1-minute timer for every account holding a position."""
+    path = tmp_path / "r.yaml"
+    path.write_text("ruleset: r\ntimezone: UTC\nrules:\n"
+                    "  - {id: open, when: 'not account.flat', for: 1m, then: [flatten]}\n")
+    return path
+
+
+def _holding(second: int, *ids: str) -> Snapshot:
+    """A snapshot at 14:30:0<second> of leader accounts `ids`, each holding one NQ."""
+    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
+             "opened_at": "2026-03-02T14:00:00Z"}]
+    return Snapshot.model_validate({"time": f"2026-03-02T14:30:0{second}Z", "accounts": [
+        {"id": i, "role": "leader", "positions": held} for i in ids]})
+
+
 def test_a_restore_into_a_running_engine_drops_timers_of_targets_that_are_gone(
         tmp_path: Path) -> None:
     """A running engine skips looking for gone targets while its targets stay the same
     objects; timers restored for an account it does not see are still dropped in the next
     tick, as a fresh engine drops them."""
-    path = tmp_path / "r.yaml"
-    path.write_text("ruleset: r\ntimezone: UTC\nrules:\n"
-                    "  - {id: open, when: 'not account.flat', for: 1m, then: [flatten]}\n")
-    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
-             "opened_at": "2026-03-02T14:00:00Z"}]
-
-    def snap(second: int, *ids: str) -> Snapshot:
-        return Snapshot.model_validate({"time": f"2026-03-02T14:30:0{second}Z", "accounts": [
-            {"id": i, "role": "leader", "positions": held} for i in ids]})
+    path = _timer_rule(tmp_path)
 
     before = Engine(load_policy([path]))
-    before.evaluate(snap(0, "A", "GONE"))  # a timer for each
+    before.evaluate(_holding(0, "A", "GONE"))  # a timer for each
     saved = before.save_state()
     assert set(saved["rules"]["open"]) == {"A", "GONE"}
     states = []
     for running in (True, False):
         engine = Engine(load_policy([path]))
         if running:  # its tables were cleaned against these same targets already
-            engine.evaluate(snap(1, "A"))
-            engine.evaluate(snap(2, "A"))
+            engine.evaluate(_holding(1, "A"))
+            engine.evaluate(_holding(2, "A"))
         engine.restore_state(saved)
-        engine.evaluate(snap(3, "A"))
+        engine.evaluate(_holding(3, "A"))
         states.append(engine.save_state()["rules"])
     assert states[0] == states[1]
     assert set(states[0]["open"]) == {"A"}
@@ -175,15 +183,7 @@ def test_a_tick_cut_short_leaves_the_next_one_searching_for_gone_targets(
     """A red-team find: an exception escaping a group after a new account's timer started
     (none is known: injected here) must not let the next tick, whose targets are again the
     ones last cleaned against, keep that account's timer once it is gone."""
-    path = tmp_path / "r.yaml"
-    path.write_text("ruleset: r\ntimezone: UTC\nrules:\n"
-                    "  - {id: open, when: 'not account.flat', for: 1m, then: [flatten]}\n")
-    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
-             "opened_at": "2026-03-02T14:00:00Z"}]
-
-    def snap(second: int, *ids: str) -> Snapshot:
-        return Snapshot.model_validate({"time": f"2026-03-02T14:30:0{second}Z", "accounts": [
-            {"id": i, "role": "leader", "positions": held} for i in ids]})
+    path = _timer_rule(tmp_path)
 
     on_true = Engine._on_true
 
@@ -195,12 +195,12 @@ def test_a_tick_cut_short_leaves_the_next_one_searching_for_gone_targets(
     states = []
     for reuse in (True, False):
         engine = Engine(load_policy([path]), reuse=reuse)
-        engine.evaluate(snap(0, "A"))
+        engine.evaluate(_holding(0, "A"))
         with monkeypatch.context() as patch:
             patch.setattr(Engine, "_on_true", failing)
             with pytest.raises(RuntimeError):
-                engine.evaluate(snap(1, "A", "NEW"))
-        engine.evaluate(snap(2, "A"))
+                engine.evaluate(_holding(1, "A", "NEW"))
+        engine.evaluate(_holding(2, "A"))
         states.append(engine.save_state()["rules"])
     assert states[0] == states[1]
     assert set(states[0]["open"]) == {"A"}
