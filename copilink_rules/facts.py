@@ -127,23 +127,8 @@ def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...
 
 
 def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
-    """Do two accounts' positions say exactly the same (so their facts are the same)?
-    `_same_records` for their one float, written out: every account, every tick."""
-    if a is b:
-        return True
-    if len(a) != len(b):
-        return False
-    for p, q in zip(a, b):  # noqa: B905 - the lengths are equal (above)
-        if p is q:
-            continue
-        pd, qd = p.__dict__, q.__dict__
-        if pd != qd:
-            return False
-        price = pd["avg_price"]  # a float, never None
-        if (price == 0 or type(price) is not type(qd["avg_price"])) and \
-                not _same_float(price, qd["avg_price"]):
-            return False
-    return True
+    """Do two accounts' positions say exactly the same (so their facts are the same)?"""
+    return _same_records(a, b, ("avg_price",))
 
 
 def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:

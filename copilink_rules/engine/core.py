@@ -134,16 +134,7 @@ class Engine:
             if last is None or len(last) != len(targets) or not all(map(is_, last, targets)):
                 # not the very targets this group's tables were last cleaned against (reused
                 # objects keep their keys; with those, no state or error is a gone target's)
-                for _, rule in group.rules:
-                    # a target that is gone (a pair gone flat, an account removed) ends its
-                    # episode
-                    for table in (self._states[rule.id], self._errors[rule.id]):
-                        if table:
-                            live = live_keys.get(group.scope)
-                            if live is None:
-                                live = live_keys[group.scope] = {t.key for t in targets}
-                            for key in [k for k in table if k not in live]:
-                                del table[key]
+                self._drop_gone(group, targets, live_keys)
             if self.reuse:
                 cleaned[id(group)] = targets
         errors.sort(key=lambda e: (e[0], e[1]))
@@ -153,6 +144,20 @@ class Engine:
         decisions.extend(self._resolve(proposals, infos, now, blocked))
         self.last_time = now
         return decisions
+
+    def _drop_gone(self, group: _Group, targets: list[_Target],
+                   live_keys: dict[str, set[str]]) -> None:
+        """A target that is gone (a pair gone flat, an account removed) ends its episodes:
+        the group's rules forget its timers and errors. `live_keys` holds each scope's target
+        keys, built on first need and shared by the tick's groups."""
+        for _, rule in group.rules:
+            for table in (self._states[rule.id], self._errors[rule.id]):
+                if table:
+                    live = live_keys.get(group.scope)
+                    if live is None:
+                        live = live_keys[group.scope] = {t.key for t in targets}
+                    for key in [k for k in table if k not in live]:
+                        del table[key]
 
     def _expire_locks(self, now: datetime) -> None:
         for lock in self.lock_book.expire(now):
