@@ -36,6 +36,7 @@ from typing import Any
 
 from copilink_rules.errors import EvaluationError, ExpressionError
 from copilink_rules.namespace import ANY, BOOL, DATETIME, FIELDS, NAMES, NUM, STR, TIME, Env
+from copilink_rules.rules.batching import batch_function, fold
 
 MAX_EXPRESSION_LENGTH = 2000
 MAX_DEPTH = 40
@@ -838,26 +839,32 @@ def compile_batch(conditions: list[CompiledExpression], label: str,
     answers in the group's bits). An exception in any condition aborts the batch (the engine
     then evaluates them one by one to tell which failed).
 
-    The bits are joined as a balanced tree of `|`, so any number of conditions compiles: a
-    chain `a | b | c ...` of 1,000 conditions is too deep for CPython's compiler."""
-    if not conditions:
-        return lambda env: 0
-    bits: list[ast.expr] = []
+    The function is written as one would by hand (batching.py): constant parts folded, a
+    condition that folds to false left out, repeated subexpressions that cannot fail computed
+    once, environment names read once, and one `if` per condition setting its bit (any number
+    of conditions compiles)."""
+    bits: list[tuple[int, ast.expr]] = []
     constants: dict[str, Any] = {}
     for index, condition in enumerate(conditions):
         constants.update(condition.constants)
         if condition.kind != BOOL:
             raise ExpressionError(f"batch conditions must be true/false: {condition.source}")
-        bit: ast.expr = condition.tree
-        shift = positions[index] if positions is not None else index
-        if shift:
-            bit = ast.BinOp(left=bit, op=ast.LShift(), right=ast.Constant(value=shift))
-        bits.append(bit)
-    while len(bits) > 1:
-        pairs = [ast.BinOp(left=bits[i], op=ast.BitOr(), right=bits[i + 1])
-                 for i in range(0, len(bits) - 1, 2)]
-        bits = pairs + bits[len(bits) - len(bits) % 2:]
-    return _lambda(bits[0], label, constants)
+        tree = fold(condition.tree)
+        if isinstance(tree, ast.Constant) and not tree.value:
+            continue  # never true: no bit to set
+        bits.append((1 << (positions[index] if positions is not None else index), tree))
+    if not bits:
+        return lambda env: 0
+    try:
+        module, start = batch_function(bits, ENV, label)
+        code = compile(module, f"<{label}>", "exec")
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply") from None
+    # every node was checked by _Checker; the function runs with no builtins
+    scope = {**_GLOBALS_BASE, **constants, **start}
+    exec(code, scope)  # noqa: S102 - defines __cl_batch from checked trees only
+    batch: Callable[[Env], int] = scope.pop("__cl_batch")
+    return batch
 
 
 def check_reference(path: str, scope: str, params: dict[str, str]) -> None:
