@@ -25,7 +25,7 @@ from copilink_rules.namespace import (
     PositionView,
     QuoteView,
 )
-from copilink_rules.rules import load_policy
+from copilink_rules.rules import batching, load_policy
 from copilink_rules.rules.batching import fold
 from copilink_rules.rules.expressions import CompiledExpression, compile_batch, compile_expression
 
@@ -270,3 +270,22 @@ def test_the_clocks_parts_follow_the_time() -> None:
     e.weekday = 1  # the same time object, another day
     assert e.now_local is same
     assert batch(e) == one_by_one(compiled, e) == 0b011
+
+
+def test_a_huge_number_folded_in_still_compiles() -> None:
+    """Parts are told apart without writing numbers out (an int of 5,000 digits cannot be)."""
+    compiled = compile_expression("account.size < params.x and tier(account.size, params.x, 1, 2) "
+                                  "== 1", "account", {"x": "number"}, condition=True,
+                                  values={"x": 10**5000})
+    e = env()
+    assert compile_batch([compiled, compiled], "account rules")(e) == one_by_one(
+        [compiled, compiled], e) == 0b11
+
+
+def test_a_batch_too_large_to_search_is_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "MAX_NODES", 50)
+    conds = [rule.when for rule in SHIPPED.rules if rule.scope == "account"]
+    batch = compile_batch(conds, "account rules")
+    assert not any(n.startswith("__cl_c") for n in batch.__code__.co_varnames)
+    e = env()
+    assert batch(e) == one_by_one(conds, e)

@@ -49,6 +49,7 @@ _COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
 }
 _TIER = "__cl_tier"  # expressions._tier_chain's locals
 MAX_SHARED = 64  # subexpressions computed early, at most
+MAX_NODES = 20_000  # a larger batch is not searched for repeats (compiling stays quick)
 
 
 def _constant(node: ast.AST) -> bool:
@@ -116,18 +117,40 @@ def _env_slot(node: ast.AST, env: str) -> str | None:
     return None
 
 
+def _constant_key(value: Any) -> tuple[Any, ...]:
+    """A constant as a key: its type and value, a float by its repr (-0.0 is not 0.0; every
+    NaN alike), never an int's repr (which fails beyond 4,300 digits)."""
+    return (type(value), repr(value) if isinstance(value, float) else value)
+
+
+def _shape(node: ast.AST) -> tuple[Any, ...]:
+    """A small tree's structure as a key: equal keys, equal trees."""
+    if isinstance(node, ast.Constant):
+        return (ast.Constant, _constant_key(node.value))
+    parts: list[Any] = [type(node)]
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if isinstance(value, ast.AST):
+            parts.append(_shape(value))
+        elif isinstance(value, list):
+            parts.append(tuple(_shape(v) if isinstance(v, ast.AST) else v for v in value))
+        else:
+            parts.append(value)
+    return tuple(parts)
+
+
 def _canonical_tiers(tree: ast.expr) -> None:
     """Name each inline tier's local after the value it holds (two tiers of `account.size`
     share one name), so that two equal tiers are equal trees. Safe: each tier assigns its local
     before reading it, and every assignment of one name stores the same value."""
     names: dict[str, str] = {}
-    by_value: dict[str, str] = {}
+    by_value: dict[tuple[Any, ...], str] = {}
     locals_: list[ast.Name] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id.startswith(_TIER):
             locals_.append(node)
         elif isinstance(node, ast.NamedExpr) and node.target.id.startswith(_TIER):
-            key = ast.dump(node.value)
+            key = _shape(node.value)
             names[node.target.id] = by_value.setdefault(key, f"{_TIER}_{len(by_value)}")
     for node in locals_:
         node.id = names.get(node.id, node.id)
@@ -158,7 +181,7 @@ class _Facts:
         shape: list[Any] = [type(node)]
         children: list[ast.AST] = []
         if isinstance(node, ast.Constant):
-            shape += [type(node.value), repr(node.value)]
+            shape.append(_constant_key(node.value))
         else:  # names, attributes: the text; children below
             for name in node._fields:
                 value = getattr(node, name, None)
@@ -360,7 +383,7 @@ class _ClockParts:
 
     def __init__(self, env: str) -> None:
         self.env = env
-        self.values: dict[str, tuple[str, ast.expr]] = {}  # its text -> (name, expression)
+        self.values: dict[tuple[Any, ...], tuple[str, ast.expr]] = {}  # shape -> (name, part)
         self.reads: set[str] = set()  # the clock's names they read
 
     def _clock_only(self, node: ast.AST) -> tuple[bool, bool]:
@@ -401,7 +424,7 @@ class _ClockParts:
         if only:
             if not reads or isinstance(node, ast.Attribute):
                 return node  # a constant, or the clock itself: nothing to save
-            text = ast.dump(node)
+            text = _shape(node)
             if text not in self.values:
                 self.values[text] = (f"__cl_t{len(self.values)}", node)
                 self.reads |= {n.attr for n in ast.walk(node)
@@ -471,10 +494,13 @@ def batch_function(conditions: list[tuple[int, ast.expr]], env: str,
     its truth, as when the engine evaluates it on its own. See the module's doc."""
     clock = _ClockParts(env)
     holder = ast.Tuple(elts=[clock.take(tree) for _, tree in conditions], ctx=ast.Load())
-    _canonical_tiers(holder)
-    shared_holder, shared = _share_repeats(holder, env)
-    assert isinstance(shared_holder, ast.Tuple)
-    trees: list[ast.expr] = shared_holder.elts
+    shared: list[tuple[str, ast.expr]] = []
+    if sum(1 for _ in ast.walk(holder)) <= MAX_NODES:
+        _canonical_tiers(holder)
+        shared_holder, shared = _share_repeats(holder, env)
+        assert isinstance(shared_holder, ast.Tuple)
+        holder = shared_holder
+    trees: list[ast.expr] = holder.elts
     statements = [*trees, *(value for _, value in shared)]
     always = _always_evaluated(statements)
     uses: dict[str, int] = {}

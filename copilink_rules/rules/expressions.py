@@ -845,17 +845,18 @@ def compile_batch(conditions: list[CompiledExpression], label: str,
     of conditions compiles)."""
     bits: list[tuple[int, ast.expr]] = []
     constants: dict[str, Any] = {}
-    for index, condition in enumerate(conditions):
-        constants.update(condition.constants)
+    for condition in conditions:
         if condition.kind != BOOL:
             raise ExpressionError(f"batch conditions must be true/false: {condition.source}")
-        tree = fold(condition.tree)
-        if isinstance(tree, ast.Constant) and not tree.value:
-            continue  # never true: no bit to set
-        bits.append((1 << (positions[index] if positions is not None else index), tree))
-    if not bits:
-        return lambda env: 0
     try:
+        for index, condition in enumerate(conditions):
+            constants.update(condition.constants)
+            tree = fold(condition.tree)
+            if isinstance(tree, ast.Constant) and not tree.value:
+                continue  # never true: no bit to set
+            bits.append((1 << (positions[index] if positions is not None else index), tree))
+        if not bits:
+            return lambda env: 0
         module, start = batch_function(bits, ENV, label)
         code = compile(module, f"<{label}>", "exec")
     except RecursionError:
