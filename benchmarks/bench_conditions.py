@@ -8,7 +8,8 @@ The work: the 20 account-scope conditions of benchmarks/_workload.py for each of
 view building is not timed here: bench_peers.py times the full tick). Both sides have the same
 shape: one function per account evaluates all 20 conditions and returns them as a bitmask, with
 the params written in as constants and the literal times parsed once, at load, as the engine
-folds them. The rows:
+folds them, and the parts that depend on the time alone worked out once per tick (hand_clock),
+as the engine's batch works them out once for each time. The rows:
   hand-written  hand_account() below: one function per account, literals folded
   engine        the compiled batch the engine uses: one call per account evaluates all 20
   one-by-one    each compiled condition called separately (the engine's fallback path)
@@ -35,15 +36,25 @@ FLAT_BY, OPEN, EVENING_FROM, EVENING_TO = clock(16, 59), clock(9, 31), clock(16)
 FLAT_BY_S = 16 * 3600 + 59 * 60
 
 
-def hand_account(a: Any, now_local: clock, weekday: int) -> int:
-    """Bit i: condition i of ACCOUNT_CONDITIONS holds for account facts `a` (any object with
-    the fields the conditions read) at local time `now_local` on `weekday`."""
-    flat, contracts, pnl, working = a.flat, a.contracts, a.pnl, a.working_orders
+def hand_clock(now_local: clock, weekday: int) -> tuple[bool, bool, bool, bool, bool]:
+    """The parts of the conditions that depend on the time alone, worked out once per tick and
+    passed to every account's hand_account (as the engine's batch works them out once for each
+    time, not once per account): after the flat-by time, within 5 minutes of it, Sunday, in
+    the evening window, before the open."""
     now_s = (now_local.hour * 3600 + now_local.minute * 60 + now_local.second
              + now_local.microsecond / 1e6)
     until_flat_by = FLAT_BY_S - now_s  # minutes_until("16:59"), on the local clock face
     if until_flat_by < 0:
         until_flat_by += 86400
+    return (now_local >= FLAT_BY, until_flat_by / 60.0 <= 5, weekday == 6,
+            EVENING_FROM <= now_local < EVENING_TO, now_local < OPEN)
+
+
+def hand_account(a: Any, clock_parts: tuple[bool, bool, bool, bool, bool]) -> int:
+    """Bit i: condition i of ACCOUNT_CONDITIONS holds for account facts `a` (any object with
+    the fields the conditions read), with the time's parts from hand_clock."""
+    flat, contracts, pnl, working = a.flat, a.contracts, a.pnl, a.working_orders
+    after_flat_by, near_flat_by, sunday, evening, before_open = clock_parts
     mask = 0
     if contracts > MAX_CONTRACTS:
         mask |= 1
@@ -61,17 +72,17 @@ def hand_account(a: Any, now_local: clock, weekday: int) -> int:
         mask |= 1 << 6
     if a.realized_pnl > DAILY_LOSS * 3:
         mask |= 1 << 7
-    if now_local >= FLAT_BY and not flat:
+    if after_flat_by and not flat:
         mask |= 1 << 8
-    if until_flat_by / 60.0 <= 5 and not flat:
+    if near_flat_by and not flat:
         mask |= 1 << 9
     if a.copier == "paused" and not flat:
         mask |= 1 << 10
     if a.data_age > 2 and a.connected:
         mask |= 1 << 11
-    if weekday == 6 and not flat:
+    if sunday and not flat:
         mask |= 1 << 12
-    if EVENING_FROM <= now_local < EVENING_TO and contracts > 0:
+    if evening and contracts > 0:
         mask |= 1 << 13
     if abs(pnl) > DAILY_LOSS * 2:
         mask |= 1 << 14
@@ -79,7 +90,7 @@ def hand_account(a: Any, now_local: clock, weekday: int) -> int:
         mask |= 1 << 15
     if pnl > 0 and a.realized_pnl / max(pnl, 1) > 0.9 and False:  # as written (never true)
         mask |= 1 << 16
-    if a.undeclared_positions > 0 and now_local < OPEN:
+    if a.undeclared_positions > 0 and before_open:
         mask |= 1 << 17
     firm = a.firm
     if firm == "topstep" and contracts > 5:
@@ -112,13 +123,16 @@ def main() -> None:
 
     # same answers, or the comparison means nothing
     for env in envs:
-        want = hand_account(env.account, env.now_local, env.weekday)
+        want = hand_account(env.account, hand_clock(env.now_local, env.weekday))
         assert want == batch(env), "compiled batch and hand-written disagree"
         assert want == sum(1 << i for i, f in enumerate(compiled) if f(env))
+    # one tick's accounts: one time, whose parts both sides work out once
+    assert len({(env.now_local, env.weekday) for env in envs}) == 1
 
     def run_hand(es: list[Any]) -> None:
+        parts = hand_clock(es[0].now_local, es[0].weekday)
         for env in es:
-            hand_account(env.account, env.now_local, env.weekday)
+            hand_account(env.account, parts)
 
     def run_batch(es: list[Any]) -> None:
         for env in es:
