@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from copilink_rules.calendar import load_calendar
+from copilink_rules.engine import Engine, episodes
 from copilink_rules.namespace import (
     FIELDS,
     AccountView,
@@ -28,10 +30,12 @@ from copilink_rules.namespace import (
 from copilink_rules.rules import batching, load_policy
 from copilink_rules.rules.batching import fold
 from copilink_rules.rules.expressions import CompiledExpression, compile_batch, compile_expression
+from copilink_rules.snapshots import iter_timeline
 
 from .conftest import REPO
 from .test_expressions import env
 
+CALENDAR = load_calendar(REPO / "rules" / "tests" / "news-calendar.yaml")
 SHIPPED = load_policy([REPO / "rules" / "desync.yaml",
                        *sorted((REPO / "rules" / "firms").glob("*.yaml"))])
 
@@ -289,3 +293,32 @@ def test_a_batch_too_large_to_search_is_still_exact(monkeypatch: pytest.MonkeyPa
     assert not any(n.startswith("__cl_c") for n in batch.__code__.co_varnames)
     e = env()
     assert batch(e) == one_by_one(conds, e)
+
+
+def test_an_engine_decides_as_with_every_condition_evaluated_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: an engine with its batches, and one whose every batch fails (so the engine
+    evaluates each condition alone, `_one_by_one`), decide the same at every tick of every
+    example timeline, with the shipped rules and the tests' news calendar."""
+    def failing(conditions: Any, label: str, positions: Any = None) -> Any:
+        def batch(env: Env) -> int:
+            raise RuntimeError("evaluate them one by one")
+        return batch
+
+    timelines = sorted((REPO / "examples").glob("*.jsonl")) + \
+        sorted((REPO / "examples" / "firms").glob("*.jsonl"))
+    ticks = 0
+    for timeline in timelines:
+        batched = Engine(SHIPPED, calendar=CALENDAR)
+        with monkeypatch.context() as patch:  # its groups' batches, and later its subsets'
+            patch.setattr(episodes, "compile_batch", failing)
+            alone = Engine(SHIPPED, calendar=CALENDAR)
+        for snapshot in iter_timeline(timeline):
+            want = [d.to_json_dict() for d in batched.evaluate(snapshot)]
+            with monkeypatch.context() as patch:
+                patch.setattr(episodes, "compile_batch", failing)
+                got = [d.to_json_dict() for d in alone.evaluate(snapshot)]
+            assert got == want, f"{timeline.name} at {snapshot.time}"
+            ticks += 1
+        assert batched.save_state() == alone.save_state()
+    assert ticks > 500
