@@ -443,9 +443,10 @@ class _ClockParts:
     def statements(self, env: str) -> list[ast.stmt]:
         """`global ...; if <env>.now_local is not __cl_clock_now_local ...: <work them out>`.
 
-        A value is worked out into a local first and stored after, the clock last: a batch
-        belongs to one engine, whose ticks do not overlap, and even so nothing reads a
-        value of one time under the mark of another."""
+        The values are stored before the mark of their time, so a call that fails midway
+        leaves the old mark and the next call works them out again. A batch belongs to one
+        engine, whose ticks never overlap: shared by threads calling it at once, it would need
+        a lock (one thread could read another time's values under its mark)."""
         if not self.values:
             return []
         marks = {read: f"__cl_clock_{read}" for read in sorted(self.reads)}
