@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from copilink_rules.calendar import load_calendar
 from copilink_rules.engine import Engine, episodes
+from copilink_rules.errors import ExpressionError
 from copilink_rules.namespace import (
     FIELDS,
     AccountView,
@@ -295,12 +296,17 @@ def test_a_batch_too_large_to_search_is_still_exact(monkeypatch: pytest.MonkeyPa
     assert batch(e) == one_by_one(conds, e)
 
 
+@pytest.mark.parametrize("how", ["the batch fails", "no batch compiles"])
 def test_an_engine_decides_as_with_every_condition_evaluated_alone(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end: an engine with its batches, and one whose every batch fails (so the engine
-    evaluates each condition alone, `_one_by_one`), decide the same at every tick of every
-    example timeline, with the shipped rules and the tests' news calendar."""
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """End to end: an engine with its batches, and one whose every batch fails, or cannot be
+    compiled (so the engine evaluates each condition alone, `_one_by_one`), decide the same at
+    every tick of every example timeline, with the shipped rules and the tests' news
+    calendar."""
     def failing(conditions: Any, label: str, positions: Any = None) -> Any:
+        if how == "no batch compiles":
+            raise ExpressionError("the expression is nested too deeply")
+
         def batch(env: Env) -> int:
             raise RuntimeError("evaluate them one by one")
         return batch
@@ -310,9 +316,7 @@ def test_an_engine_decides_as_with_every_condition_evaluated_alone(
     ticks = 0
     for timeline in timelines:
         batched = Engine(SHIPPED, calendar=CALENDAR)
-        with monkeypatch.context() as patch:  # its groups' batches, and later its subsets'
-            patch.setattr(episodes, "compile_batch", failing)
-            alone = Engine(SHIPPED, calendar=CALENDAR)
+        alone = Engine(SHIPPED, calendar=CALENDAR)
         for snapshot in iter_timeline(timeline):
             want = [d.to_json_dict() for d in batched.evaluate(snapshot)]
             with monkeypatch.context() as patch:
@@ -322,3 +326,28 @@ def test_an_engine_decides_as_with_every_condition_evaluated_alone(
             ticks += 1
         assert batched.save_state() == alone.save_state()
     assert ticks > 500
+    said = "could not compile the batch" in caplog.text  # a warning, not a crash
+    assert said is (how == "no batch compiles")
+
+
+def test_an_engine_compiles_a_batch_only_when_a_tick_needs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making an engine compiles nothing (an engine is made at each restart, reload and policy
+    test); ticks compile the batches of the kinds of accounts they meet, each once."""
+    compiled: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+
+    def counting(conditions: Any, label: str, positions: Any = None) -> Any:
+        compiled.append((tuple(id(c) for c in conditions),
+                         tuple(positions) if positions is not None else None))
+        return compile_batch(conditions, label, positions=positions)
+
+    monkeypatch.setattr(episodes, "compile_batch", counting)
+    engine = Engine(SHIPPED, calendar=CALENDAR)
+    assert compiled == []
+    for snapshot in iter_timeline(REPO / "examples" / "firms" / "apex-breaches.jsonl"):
+        engine.evaluate(snapshot)
+    assert compiled  # the session's groups ran
+    assert len(compiled) == len(set(compiled))  # each batch once
+    groups = engine._groups["pre_session"]
+    assert groups
+    assert all(g._batch is None and not g._by_mask for g in groups)  # never run: never built

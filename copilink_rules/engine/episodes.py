@@ -4,14 +4,18 @@ in `state._RuleState` and advanced by `Engine._on_true` / `Engine._evaluate_grou
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+from copilink_rules.errors import ExpressionError
 from copilink_rules.model import Account
 from copilink_rules.namespace import Env
-from copilink_rules.rules.expressions import compile_batch
+from copilink_rules.rules.expressions import CompiledExpression, compile_batch
 from copilink_rules.rules.loader import CompiledRule
+
+log = logging.getLogger("copilink_rules.engine")
 
 
 @dataclass(slots=True)
@@ -31,9 +35,9 @@ class _Group:
     scope: str
     zone: ZoneInfo
     rules: list[tuple[int, CompiledRule]]  # (position among the stage's rules, rule)
-    batch: Callable[[Env], int] = field(default=lambda env: 0)
     filtered: bool = False
     max_subsets: int = 64  # distinct rule subsets compiled (beyond: the batch, masked)
+    _batch: Callable[[Env], int] | None = None
     _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
     _subsets: dict[tuple[str, str, str | None], _Subset | None] = field(default_factory=dict)
     _by_mask: dict[int, _Subset] = field(default_factory=dict)
@@ -48,13 +52,28 @@ class _Group:
             self._masks[key] = mask
         return mask
 
+    @property
+    def batch(self) -> Callable[[Env], int]:
+        """Every rule's condition in one batch, compiled on first use: a group filtered by
+        firm or role mostly runs its subsets' batches, and an engine is made often (each
+        restart, reload and policy test) and may never run a stage."""
+        if self._batch is None:
+            self._batch = _compiled([rule.when for _, rule in self.rules],
+                                    f"{self.scope} rules")
+        return self._batch
+
     def whole(self) -> _Subset:
-        """Every rule of the group."""
+        """Every rule of the group (its batch compiled on the first call)."""
         full = (1 << len(self.rules)) - 1
         found = self._by_mask.get(full)
         if found is None:
-            found = self._by_mask[full] = _Subset(self.batch, full)
+            found = self._by_mask[full] = _Subset(self._first_whole, full)
         return found
+
+    def _first_whole(self, env: Env) -> int:
+        """`whole()`'s batch on its first call: compiled, put in its place, then called."""
+        batch = self._by_mask[(1 << len(self.rules)) - 1].batch = self.batch
+        return batch(env)
 
     @property
     def known_subsets(self) -> dict[tuple[str, str, str | None], _Subset | None]:
@@ -74,8 +93,8 @@ class _Group:
         if found is None and allowed:
             chosen = [i for i in range(len(self.rules)) if (allowed >> i) & 1]
             if len(self._by_mask) < self.max_subsets:
-                batch = compile_batch([self.rules[i][1].when for i in chosen],
-                                      f"{self.scope} rules", positions=chosen)
+                batch = _compiled([self.rules[i][1].when for i in chosen],
+                                  f"{self.scope} rules", positions=chosen)
                 found = _Subset(batch, allowed)
             else:  # many kinds of accounts: one batch for all, as if not filtered
                 found = _Subset(self.batch, allowed)
@@ -83,6 +102,23 @@ class _Group:
         if len(self._subsets) < 100_000:
             self._subsets[key] = found
         return found
+
+
+def _compiled(conditions: list[CompiledExpression], label: str,
+              positions: list[int] | None = None) -> Callable[[Env], int]:
+    """compile_batch, inside a tick: each condition compiled alone at load, so a batch that
+    cannot be compiled (none should) is evaluated one condition at a time, never a crash."""
+    try:
+        return compile_batch(conditions, label, positions=positions)
+    except Exception as exc:  # noqa: BLE001 - a tick goes on; the answers stay exact
+        log.warning("could not compile the batch of %d %s (%s: %s); evaluating them one by "
+                    "one", len(conditions), label, type(exc).__name__, exc)
+        return _unbatched
+
+
+def _unbatched(env: Env) -> int:
+    """A batch that always fails: the engine then evaluates its conditions one by one."""
+    raise ExpressionError("no batch: evaluate the conditions one by one")
 
 
 def _groups(rules: list[CompiledRule], max_subsets: int) -> list[_Group]:
@@ -94,9 +130,7 @@ def _groups(rules: list[CompiledRule], max_subsets: int) -> list[_Group]:
             group = groups[key] = _Group(rule.scope, rule.timezone, [],
                                          max_subsets=max_subsets)
         group.rules.append((order, rule))
-    for group in groups.values():
-        group.batch = compile_batch([rule.when for _, rule in group.rules],
-                                    f"{group.scope} rules")
+    for group in groups.values():  # batches are compiled on first use (_Group.batch)
         group.filtered = any(r.roles is not None or r.firms is not None or r.accounts is not None
                              for _, r in group.rules)
     return list(groups.values())
