@@ -448,7 +448,11 @@ def test_builtin_copier_copies_each_follower_in_its_own_contract_on_the_real_pro
             r["status"] not in ("not_copied", "blocked", "lost")]
     assert len(sent) == sum(1 for c in received if c["kind"] in ("place", "close"))
     assert {r["action"] for r in rows} <= {"copy", "copy_stop", "copy_stop_cancel"}
-    assert sum(r["action"] == "copy_stop_cancel" for r in rows) == 3 * (stops // 2)
+    # each follower's first stop cancelled when the leader moved it, and nothing else; a cancel
+    # the broker left unanswered (a slow host) is sent again for the same order, as it should
+    cancels = [r for r in rows if r["action"] == "copy_stop_cancel"]
+    assert len({(r["account"], r["args"]["order_id"]) for r in cancels}) == 3 * (stops // 2)
+    assert len({r["account"] for r in cancels}) == (3 if stops else 0)
     text = log.read_text()
     assert "Traceback" not in text
     assert "copier: builtin" in text

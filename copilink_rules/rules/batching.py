@@ -158,8 +158,8 @@ def _canonical_tiers(tree: ast.expr) -> None:
 
 class _Facts:
     """For each node of a tree: whether evaluating it cannot fail, its size, and its structure
-    as a number (equal numbers: equal trees; a constant's type and repr count, so 1, 1.0,
-    True and -0.0, 0.0 differ). One walk of the tree."""
+    as a number (equal numbers: equal trees; a constant counts by its type and value, a float
+    by its repr, so 1, 1.0 and True differ, and so do -0.0 and 0.0). One walk of the tree."""
 
     def __init__(self, tree: ast.AST, env: str) -> None:
         self.env = env
