@@ -448,11 +448,19 @@ def test_builtin_copier_copies_each_follower_in_its_own_contract_on_the_real_pro
             r["status"] not in ("not_copied", "blocked", "lost")]
     assert len(sent) == sum(1 for c in received if c["kind"] in ("place", "close"))
     assert {r["action"] for r in rows} <= {"copy", "copy_stop", "copy_stop_cancel"}
-    # each follower's first stop cancelled when the leader moved it, and nothing else; a cancel
-    # the broker left unanswered (a slow host) is sent again for the same order, as it should
-    cancels = [r for r in rows if r["action"] == "copy_stop_cancel"]
-    assert len({(r["account"], r["args"]["order_id"]) for r in cancels}) == 3 * (stops // 2)
-    assert len({r["account"] for r in cancels}) == (3 if stops else 0)
+    # the stops each follower's copier cancelled: its first when the leader moved it; at the
+    # exit the leader's stop and position go in two steps, so the copy of the moved stop is
+    # either cancelled too (a tick saw the stop go first) or goes with the close (a tick saw
+    # both at once). A cancel left unanswered is sent again for the same order.
+    cancelled: dict[str, set[str]] = {}
+    for r in rows:
+        if r["action"] == "copy_stop_cancel":
+            cancelled.setdefault(r["account"], set()).add(r["args"]["order_id"])
+    if stops:
+        assert set(cancelled) == set(FOLLOWERS), cancelled
+        assert all(len(ids) in (1, 2) for ids in cancelled.values()), cancelled
+    else:
+        assert cancelled == {}
     text = log.read_text()
     assert "Traceback" not in text
     assert "copier: builtin" in text
