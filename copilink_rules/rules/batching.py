@@ -257,8 +257,8 @@ def _always_evaluated(trees: list[ast.expr]) -> set[int]:
     while todo:
         node = todo.pop()
         always.add(id(node))
-        todo.extend(child for child in ast.iter_child_nodes(node)
-                    if id(child) not in _guarded_children(node))
+        guarded = _guarded_children(node)
+        todo.extend(child for child in ast.iter_child_nodes(node) if id(child) not in guarded)
     return always
 
 
@@ -427,10 +427,11 @@ class _ClockParts:
             text = _shape(node)
             if text not in self.values:
                 self.values[text] = (f"__cl_t{len(self.values)}", node)
-                self.reads |= {n.attr for n in ast.walk(node)
-                               if isinstance(n, ast.Attribute) and _env_slot(n, self.env)}
-                self.reads |= {"now_local"} if any(
-                    isinstance(n, ast.Call) for n in ast.walk(node)) else set()
+                for part in ast.walk(node):
+                    if isinstance(part, ast.Call):  # minutes_until reads now_local
+                        self.reads.add("now_local")
+                    elif (slot := _env_slot(part, self.env)) is not None:
+                        self.reads.add(slot)
             return ast.copy_location(ast.Name(id=self.values[text][0], ctx=ast.Load()), node)
         for field, value in ast.iter_fields(node):
             if isinstance(value, ast.expr):
@@ -440,7 +441,7 @@ class _ClockParts:
                                       for v in value])
         return node
 
-    def statements(self, env: str) -> list[ast.stmt]:
+    def statements(self) -> list[ast.stmt]:
         """`global ...; if <env>.now_local is not __cl_clock_now_local ...: <work them out>`.
 
         The values are stored before the mark of their time, so a call that fails midway
@@ -449,21 +450,18 @@ class _ClockParts:
         a lock (one thread could read another time's values under its mark)."""
         if not self.values:
             return []
+        env = ast.Name(id=self.env, ctx=ast.Load())
         marks = {read: f"__cl_clock_{read}" for read in sorted(self.reads)}
         names = [name for name, _ in self.values.values()]
         test = ast.BoolOp(op=ast.Or(), values=[
-            ast.Compare(left=ast.Attribute(value=ast.Name(id=env, ctx=ast.Load()), attr=read,
-                                           ctx=ast.Load()),
+            ast.Compare(left=ast.Attribute(value=env, attr=read, ctx=ast.Load()),
                         ops=[ast.IsNot()], comparators=[ast.Name(id=mark, ctx=ast.Load())])
             for read, mark in marks.items()])
         body: list[ast.stmt] = [
-            *(ast.Assign(targets=[ast.Name(id=f"{name}_", ctx=ast.Store())], value=value)
+            *(ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=value)
               for name, value in self.values.values()),
-            *(ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
-                         value=ast.Name(id=f"{name}_", ctx=ast.Load())) for name in names),
             *(ast.Assign(targets=[ast.Name(id=mark, ctx=ast.Store())],
-                         value=ast.Attribute(value=ast.Name(id=env, ctx=ast.Load()),
-                                             attr=read, ctx=ast.Load()))
+                         value=ast.Attribute(value=env, attr=read, ctx=ast.Load()))
               for read, mark in marks.items()),
         ]
         return [ast.Global(names=[*names, *marks.values()]),
@@ -517,7 +515,7 @@ def batch_function(conditions: list[tuple[int, ast.expr]], env: str,
     read = _ReadSlots(env, slots)
     mask = "__cl_mask"
     code: list[ast.stmt] = [
-        *clock.statements(env),
+        *clock.statements(),
         *(ast.Assign(targets=[ast.Name(id=f"__cl_s_{slot}", ctx=ast.Store())],
                      value=ast.Attribute(value=ast.Name(id=env, ctx=ast.Load()), attr=slot,
                                          ctx=ast.Load()))
