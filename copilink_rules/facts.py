@@ -103,10 +103,15 @@ def _same_float(a: float, b: float) -> bool:
     return a == b and type(a) is type(b) and not signed_zeros_differ(a, b)
 
 
-def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...]) -> bool:
+POSITION_FLOATS = ("avg_price",)  # a position's float fields (what `same_records` checks)
+ORDER_FLOATS = ("limit_price", "stop_price")  # an order's
+
+
+def same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...]) -> bool:
     """Do two tuples of records (positions, orders) say exactly the same? One comparison in C
-    of each whole record, then, for its `floats`, what == cannot tell (the type of a number,
-    the sign of a zero)."""
+    of each whole record, then, for its `floats` (POSITION_FLOATS, ORDER_FLOATS), what ==
+    cannot tell (the type of a number, the sign of a zero). The engine calls it directly every
+    tick for every account; `same_positions` and `same_orders` name its two uses."""
     if a is b:
         return True
     if len(a) != len(b):
@@ -128,12 +133,12 @@ def _same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...
 
 def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
     """Do two accounts' positions say exactly the same (so their facts are the same)?"""
-    return _same_records(a, b, ("avg_price",))
+    return same_records(a, b, POSITION_FLOATS)
 
 
 def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
     """Do two accounts' orders say exactly the same?"""
-    return _same_records(a, b, ("limit_price", "stop_price"))
+    return same_records(a, b, ORDER_FLOATS)
 
 
 @dataclass(slots=True)

@@ -353,13 +353,15 @@ class Journal:
         self._write("INSERT INTO alerts (time, severity, account, message) VALUES (?, ?, ?, ?)",
                     (iso(moment), severity, account, message))
 
-    def save_engine_state(self, moment: datetime | None, data: dict[str, Any]) -> None:
-        """The engine's state, saved last in a tick, after its commands went out: so this is
-        where the journal checkpoints, once the WAL has reached `checkpoint_pages`."""
+    def save_engine_state(self, moment: datetime | None, data: dict[str, Any] | str) -> None:
+        """The engine's state (its data, or that data as JSON text already), saved last in a
+        tick, after its commands went out: so this is where the journal checkpoints, once the
+        WAL has reached `checkpoint_pages`."""
+        text = data if isinstance(data, str) else json.dumps(data)
         with self._lock:
             self._write("INSERT INTO engine_state (id, time, data) VALUES (1, ?, ?) ON "
                         "CONFLICT(id) DO UPDATE SET time = excluded.time, data = excluded.data",
-                        (iso(moment) if moment else None, json.dumps(data)))
+                        (iso(moment) if moment else None, text))
             if self._wal_over(1):
                 self._auto_checkpoint()
 

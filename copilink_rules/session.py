@@ -173,7 +173,7 @@ class Session:
             self._copy(snapshot)
         if self.after_commands is not None:
             self.after_commands()
-        self.journal.save_engine_state(snapshot.time, self.engine.save_state())
+        self.journal.save_engine_state(snapshot.time, self.engine.save_state_text())
         self.recent.extend(d for d in decisions if d.suppressed is False)
         self.last_snapshot = snapshot
         self._last_problem = None

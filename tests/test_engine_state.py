@@ -6,23 +6,29 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from copilink_rules.engine import STATE_VERSION, Engine
+from copilink_rules.engine import STATE_VERSION, Engine, core
 from copilink_rules.engine.state import (
     _Metrics,
     _RuleState,
     _SavedLock,
     _SavedMetrics,
     _SavedRuleState,
+    fast_saved_json,
 )
 from copilink_rules.errors import StateError
 from copilink_rules.locks import Lock
 from copilink_rules.model import Snapshot
 from copilink_rules.rules import load_policy
+from copilink_rules.snapshots import iter_timeline
+
+from .conftest import REPO
 
 # Saved by `Engine.save_state` before the saved state was described once: 30 s of a seeded sim
 # session (chaos_support's copier firm over desync, plus a rule reading trade counts; F3's
@@ -204,3 +210,91 @@ def test_a_tick_cut_short_leaves_the_next_one_searching_for_gone_targets(
         states.append(engine.save_state()["rules"])
     assert states[0] == states[1]
     assert set(states[0]["open"]) == {"A"}
+
+
+# --- the state saved every tick: written straight from the live state -------------------------
+
+def _same_text(engine: Engine) -> None:
+    """save_state_text reads back as save_state() exactly: the same values of the same JSON
+    types (5 and 5.0 differ in the canonical text, where == would not tell them apart)."""
+    fast = engine.save_state_text()
+    canonical = json.dumps(json.loads(fast), sort_keys=True)
+    assert canonical == json.dumps(engine.save_state(), sort_keys=True)
+
+
+def test_the_state_saved_each_tick_reads_back_as_the_models_write_it(
+        engine_of: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The v1 state (every part non-empty), and every tick of every example timeline with the
+    shipped rules: the text written without the models is the models' data, and it is written
+    without them (no fallback)."""
+
+    fell_back: list[bool] = []
+    original = core.fast_saved_json
+
+    def watched(*args: Any) -> Any:
+        text = original(*args)
+        fell_back.append(text is None)
+        return text
+
+    monkeypatch.setattr(core, "fast_saved_json", watched)
+    engine = engine_of(V1_RULES)
+    engine.restore_state(json.loads(V1_STATE.read_text(encoding="utf-8")))
+    _same_text(engine)
+
+    shipped = load_policy([REPO / "rules" / "desync.yaml",
+                           *sorted((REPO / "rules" / "firms").glob("*.yaml"))])
+    timelines = sorted((REPO / "examples").glob("*.jsonl")) + \
+        sorted((REPO / "examples" / "firms").glob("*.jsonl"))
+    parts: set[str] = set()
+    for timeline in timelines:
+        engine = Engine(shipped)
+        for snapshot in iter_timeline(timeline):
+            engine.evaluate(snapshot)
+            _same_text(engine)
+            parts |= {part for part, value in engine.save_state().items() if value}
+    assert parts >= {"rules", "last_fired", "entries", "metrics", "locks"}
+    assert len(fell_back) > 500
+    assert not any(fell_back)
+
+
+@pytest.mark.parametrize("damage", ["nan peak", "inf in an open trade", "int equity",
+                                    "naive time", "time out of range", "unknown lock state",
+                                    "non-str key"])
+def test_a_state_the_models_would_refuse_or_change_is_written_through_them(
+        engine_of: Callable[..., Engine], damage: str) -> None:
+    """Any doubt, and the state goes through the models: they refuse what must never be saved
+    (a NaN peak would switch a drawdown limit off once restored) and convert the rest, as
+    before."""
+
+    engine = engine_of(V1_RULES)
+    engine.restore_state(json.loads(V1_STATE.read_text(encoding="utf-8")))
+    metrics = next(iter(engine._metrics.values()))
+    rule_states = next(states for states in engine._states.values() if states)
+    state = next(iter(rule_states.values()))
+    if damage == "nan peak":
+        metrics.peak = float("nan")
+    elif damage == "inf in an open trade":
+        metrics.opens["NQ"] = (1, float("inf"))
+    elif damage == "int equity":
+        metrics.last_equity = 50_000  # type: ignore[assignment]
+    elif damage == "naive time":
+        state.since = datetime(2026, 3, 2, 14, 30)
+    elif damage == "time out of range":
+        state.since = datetime(2150, 1, 1, tzinfo=state.since.tzinfo)
+    elif damage == "unknown lock state":
+        next(iter(engine.lock_book.values())).state = "frozen"
+    else:
+        rule_states[7] = state  # type: ignore[index]  # keys are the targets' (text)
+
+    assert fast_saved_json(STATE_VERSION, engine.policy.version, engine.last_time,
+                           engine._states, engine._last_fired, engine._entries,
+                           engine._first_seen, engine._metrics,
+                           engine.lock_book.values()) is None
+    if damage == "int equity":  # converted, as the models always did
+        assert json.loads(engine.save_state_text())["metrics"] == \
+            engine.save_state()["metrics"]
+        assert isinstance(json.loads(engine.save_state_text())["metrics"][
+            next(iter(engine._metrics))]["last_equity"], float)
+    else:
+        with pytest.raises((ValidationError, TypeError)):
+            engine.save_state_text()

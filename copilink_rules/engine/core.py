@@ -21,14 +21,15 @@ from copilink_rules.calendar import Calendar
 from copilink_rules.errors import EvaluationError, StateError
 from copilink_rules.facts import (
     NO_ORDERS,
+    ORDER_FLOATS,
+    POSITION_FLOATS,
     OrderFacts,
     PositionFacts,
     contracts_for,
     derive_orders,
     derive_positions,
     position_view,
-    same_orders,
-    same_positions,
+    same_records,
     staleness,
 )
 from copilink_rules.instruments import Catalog, Instrument, default_catalog
@@ -47,7 +48,14 @@ from copilink_rules.rules.loader import CompiledRule, Policy
 
 from .episodes import _Group, _groups, _Subset
 from .resolve import DEFAULT_SEVERITY, ENTRY_PRECEDENCE, _Proposal, _rank, _stronger
-from .state import STATE_VERSION, _count_trades, _Metrics, _RuleState, _SavedState
+from .state import (
+    STATE_VERSION,
+    _count_trades,
+    _Metrics,
+    _RuleState,
+    _SavedState,
+    fast_saved_json,
+)
 from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
 
 DEFAULT_STALE_AFTER = 5.0
@@ -192,6 +200,18 @@ class Engine:
     def save_state_json(self) -> str:
         return json.dumps(self.save_state(), indent=1, sort_keys=True)
 
+    def save_state_text(self) -> str:
+        """`save_state`'s data as compact JSON, for saving every tick: written straight from
+        the live state (`state.fast_saved_json`), through the models when that has any
+        doubt. Reads back (json.loads) as exactly `save_state()`."""
+        text = fast_saved_json(
+            STATE_VERSION, self.policy.version, self.last_time, self._states,
+            self._last_fired, self._entries, self._first_seen, self._metrics,
+            self.lock_book.values())
+        if text is None:
+            return json.dumps(self.save_state())
+        return text.decode()
+
     def restore_state(self, data: Any) -> list[str]:
         """Continue from saved state; returns notes about anything that was dropped."""
         if not isinstance(data, dict) or "version" not in data:
@@ -263,7 +283,7 @@ class Engine:
             facts = old_positions.get(account_id) if reuse else None
             if facts is None or overnight != facts.overnight or firm != facts.firm or \
                     (positions is not facts.positions and
-                     not same_positions(positions, facts.positions)):
+                     not same_records(positions, facts.positions, POSITION_FLOATS)):
                 facts = derive_positions(account_id, firm, positions, overnight, catalog,
                                          first_seen, now)
                 same = False
@@ -274,7 +294,8 @@ class Engine:
             seen_count += len(facts.first_seen)
             order_facts = old_orders.get(account_id) if reuse and orders else None
             if order_facts is None or (orders is not order_facts.orders and
-                                       not same_orders(orders, order_facts.orders)):
+                                       not same_records(orders, order_facts.orders,
+                                                        ORDER_FLOATS)):
                 order_facts = derive_orders(orders) if orders else NO_ORDERS
             else:
                 order_facts.orders = orders
@@ -315,7 +336,8 @@ class Engine:
                 facts.micros, False, "", lock, lock != "",
                 at_firm[firm] if firm and firm_counts else 0, metrics.trades, metrics.streak,
             )
-            infos[account_id] = _AccountInfo(account, view, families, facts, order_facts)
+            infos[account_id] = _AccountInfo(account, view, families, facts, order_facts,
+                                             (account_id, role, firm))
         self._position_facts, self._order_facts = new_positions, new_orders
         if seen_count != len(first_seen) or len(infos) != len(snapshot.accounts):
             # a key in use is always in the table: only when the counts differ (or an account
@@ -391,6 +413,7 @@ class Engine:
             else:
                 env = target.env
                 target.account = info.account
+            target.kind = info.kind
             env.params, env.now, env.calendar = params, now, calendar
             env.families = info.facts.family_names
             env.account = info.view
@@ -460,7 +483,7 @@ class Engine:
                     env.pair.entry_action = entry[1] if entry else ""
                     symbol = target.quote_symbol
                     env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
-                    target.account = follower
+                    target.account, target.kind = follower, info.kind
                     target.stop_price = stops[family] if family in stops else \
                         orders.stop(family, catalog)  # type: ignore[arg-type]
                     targets.append(target)
@@ -503,7 +526,7 @@ class Engine:
                 symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
                 catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
                 target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
-                                 orders.stop(family, catalog), instrument.symbol)
+                                 orders.stop(family, catalog), instrument.symbol, info.kind)
                 targets.append(target)
                 pairs.items.append((target, lead, foll, overnight))
                 pairs.keys.append(pair_key)
@@ -564,8 +587,10 @@ class Engine:
             account = target.account
             if filtered and account is not None:
                 if subset is not None:
-                    a = account.__dict__
-                    kind = (a["id"], a["role"], a["firm"])
+                    kind = target.kind  # (id, role, firm), set with the account
+                    if kind is None:
+                        a = account.__dict__
+                        kind = target.kind = (a["id"], a["role"], a["firm"])
                     sub = known.get(kind, _UNKNOWN)
                     if sub is _UNKNOWN:
                         sub = subset(kind, account)

@@ -14,15 +14,20 @@ fields, and that a state saved before this description existed restores and save
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from copilink_rules.facts import Family
-from copilink_rules.model import UtcDatetime
+from copilink_rules.model import UtcDatetime, _in_range
+
+if TYPE_CHECKING:
+    from copilink_rules.locks import Lock
 
 STATE_VERSION = 1
 
@@ -110,6 +115,120 @@ class _Metrics:
     streak: int = 0  # losing trades in a row this trading day
     # family -> (side, realized P&L when that position opened): how a closed trade did
     opens: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+# --- the saved form, written every tick ---------------------------------------------------------
+
+
+class _Doubt(Exception):  # noqa: N818 - a signal: write the state through the models instead
+    pass
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def fast_saved_json(version: int, policy_version: str | None, time: datetime | None,
+                    states: dict[str, dict[str, _RuleState]],
+                    last_fired: dict[str, dict[str, datetime]],
+                    entries: dict[str, tuple[str, str]],
+                    first_seen: dict[str, tuple[int, datetime]],
+                    metrics: dict[str, _Metrics], locks: Iterable[Lock]) -> bytes | None:
+    """The state `_SavedState` describes, as JSON text that reads back (json.loads) exactly as
+    its `model_dump(mode="json")` data, built without the models: a live session saves its
+    state every tick, and reading every account's metrics into models and dumping them again
+    cost as much as the tick's evaluation. None when any value is not what the models would
+    pass unchanged (a float that is not finite, a time that is naive or out of range, a value
+    of another type): the caller then writes through the models, which say what is wrong.
+    tests/test_engine_state.py holds the two to the same text on every example timeline."""
+    try:
+        return _ENCODER.encode(_saved_data(version, policy_version, time, states, last_fired,
+                                           entries, first_seen, metrics, locks))
+    except (_Doubt, ValueError, TypeError, AttributeError, OverflowError):
+        return None
+
+
+def _saved_data(version: int, policy_version: str | None, time: datetime | None,
+                states: dict[str, dict[str, _RuleState]],
+                last_fired: dict[str, dict[str, datetime]],
+                entries: dict[str, tuple[str, str]],
+                first_seen: dict[str, tuple[int, datetime]],
+                metrics: dict[str, _Metrics], locks: Iterable[Lock]) -> dict[str, Any]:
+    texts: dict[datetime, str] = {}  # a time's text, worked out once per save
+
+    def moment(value: datetime) -> str:
+        text = texts.get(value)
+        if text is None:
+            if type(value) is not datetime or value.tzinfo is None:
+                raise _Doubt
+            text = texts[value] = _in_range(value).isoformat()  # in UTC, as _Moment saves it
+        return text
+
+    check = 0.0  # the sum of every float: finite only if each one is (all are bounded)
+    for account, m in metrics.items():
+        # msgspec writes the dataclass itself, field by field, as the model dumps it; a value
+        # of another type (an int where the model has a float) would read back differently
+        day_start, peak, peak_eod, best_day, last_equity, size = \
+            m.day_start, m.peak, m.peak_eod, m.best_day, m.last_equity, m.size
+        if not (type(account) is str and type(m) is _Metrics and type(m.day) is str and
+                type(m.trades) is int and type(m.streak) is int and
+                type(day_start) is float and type(peak) is float and
+                type(peak_eod) is float and type(best_day) is float and
+                type(last_equity) is float and type(size) is float):
+            raise _Doubt
+        check += day_start + peak + peak_eod + best_day + last_equity + size
+        for family, (side, realized) in m.opens.items():
+            if type(family) is not str or type(side) is not int or type(realized) is not float:
+                raise _Doubt
+            check += realized
+    if not math.isfinite(check):
+        raise _Doubt  # a NaN peak would switch a drawdown limit off once restored
+    saved_rules: dict[str, dict[str, dict[str, Any]]] = {}
+    for rule, by_target in states.items():
+        if not by_target:
+            continue
+        saved = saved_rules[rule] = {}
+        for key, state in by_target.items():
+            fired, held = state.fired, state.held
+            if type(key) is not str or type(fired) is not bool or type(held) is not bool:
+                raise _Doubt
+            saved[key] = {"since": moment(state.since), "fired": fired, "held": held}
+    saved_locks = {}
+    for lock in locks:
+        if type(lock.account) is not str or lock.state not in ("halted", "reducing") or \
+                type(lock.reason) is not str or (lock.rule is not None and
+                                                 type(lock.rule) is not str):
+            raise _Doubt
+        saved_locks[lock.account] = {"state": lock.state, "until": moment(lock.until),
+                                     "rule": lock.rule, "reason": lock.reason}
+    for key, (trade, action) in entries.items():
+        if type(key) is not str or type(trade) is not str or \
+                action not in ("flatten", "skip_entry", "catch_up"):
+            raise _Doubt
+    saved_fired = {}
+    for rule, fired_at in last_fired.items():
+        if fired_at:
+            saved_fired[rule] = {key: moment(at) for key, at in fired_at.items()
+                                 if type(key) is str or _doubt()}
+    saved_first = {key: (side, moment(at)) for key, (side, at) in first_seen.items()
+                   if (type(key) is str and type(side) is int) or _doubt()}
+    if type(version) is not int or (policy_version is not None and
+                                    type(policy_version) is not str):
+        raise _Doubt
+    return {
+        "version": version,
+        "policy_version": policy_version,
+        "time": None if time is None else moment(time),
+        "rules": saved_rules,
+        "last_fired": saved_fired,
+        "entries": entries,
+        "first_seen": saved_first,
+        "metrics": metrics,
+        "locks": saved_locks,
+    }
+
+
+def _doubt() -> bool:
+    raise _Doubt
 
 
 def _count_trades(metrics: _Metrics, families: dict[str, Family], realized: float) -> None:

@@ -25,6 +25,8 @@ class _Target:
     catch_up_qty: int = 0
     stop_price: float | None = None
     quote_symbol: str | None = None  # pair targets: the symbol of `quote` (the instrument's)
+    # the account's (id, role, firm) this tick: which of a filtered group's rules apply
+    kind: tuple[str, str, str | None] | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +51,7 @@ class _AccountInfo(msgspec.Struct, gc=False):
     families: dict[str, _Family]
     facts: PositionFacts
     orders: OrderFacts
+    kind: tuple[str, str, str | None]  # (id, role, firm): the key of a group's rule subset
 
     @property
     def why_unreachable(self) -> str:
