@@ -23,6 +23,7 @@ use that to keep what it derived from an account.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -48,6 +49,7 @@ from .model import (
 )
 
 _build = build_model
+log = logging.getLogger(__name__)
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
 # integer (as pydantic's strict float does) and refuses a bool, a string and NaN/Infinity
@@ -383,6 +385,7 @@ class FastReader:
         self._decoder = msgspec.json.Decoder(_Snapshot)
         self._symbols: set[str] = set()
         self._last: tuple[_Snapshot, Snapshot] | None = None  # the structs and the snapshot
+        self._warned = False  # convert() said once that it failed unexpectedly
 
     def read(self, line: str) -> Snapshot | None:
         """The snapshot of one timeline line, equal to what the strict path reads; None when
@@ -394,6 +397,32 @@ class FastReader:
         try:
             snapshot = self._snapshot(raw, self._last)
         except _Fallback:
+            return None
+        self._last = (raw, snapshot)
+        return snapshot
+
+    def convert(self, data: Any) -> Snapshot | None:
+        """The snapshot of a broker adapter's data (what `Snapshot.model_validate` takes: plain
+        Python values as decoded JSON gives them, lists or tuples, times as ISO text), equal
+        to what model_validate gives for it; None when the data must be validated by
+        model_validate (which then accepts it or says why not). The same checks as `read`, so
+        it refuses more than model_validate (a symbol the catalog does not know, a data time
+        after the snapshot's, a datetime object rather than its text): that only costs time.
+        Objects of the previous snapshot it converted are reused where unchanged, as `read`
+        reuses the previous line's."""
+        try:
+            raw = msgspec.convert(data, _Snapshot)
+        except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
+            return None
+        try:
+            snapshot = self._snapshot(raw, self._last)
+        except _Fallback:
+            return None
+        except Exception:  # a live tick must go on: pydantic reads the data instead
+            if not self._warned:
+                self._warned = True
+                log.warning("the fast snapshot reader failed on a broker's data; pydantic "
+                            "reads it instead", exc_info=True)
             return None
         self._last = (raw, snapshot)
         return snapshot

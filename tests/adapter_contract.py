@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from copilink_rules.adapters import base
 from copilink_rules.adapters.base import Broker, BrokerAnswer, OrderReport
 from copilink_rules.instruments import default_catalog
 from copilink_rules.model import Account, Snapshot
@@ -81,6 +82,39 @@ def settled(broker: Broker, tag: str, timeout: float = 8.0) -> OrderReport | Non
 
 class BrokerContract:
     """The behaviour every adapter owes the enforcer."""
+
+    def test_snapshots_are_built_by_the_fast_reader_as_pydantic_builds_them(
+            self, harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The adapter's snapshot data (accounts, a position, a working stop, quotes) is read
+        by the fast reader, not by the pydantic fallback, and gives what model_validate gives
+        for the same data; a snapshot taken again with nothing changed reuses the accounts."""
+        from .test_fast_reader import canonical  # a test module's helper
+
+        built: list[tuple[Any, Snapshot | None]] = []
+
+        def watched(builder: base.SnapshotBuilder, data: dict[str, Any]) -> Snapshot:
+            snapshot = builder._reader.convert(data)
+            built.append((data, snapshot))
+            return snapshot if snapshot is not None else Snapshot.model_validate(data)
+
+        monkeypatch.setattr(base.SnapshotBuilder, "__call__", watched)
+        harness.set_position(harness.follower, 2, 18000.0)
+        assert wait_for(lambda: held(harness.broker, harness.follower) == 2)
+        answer = harness.broker.place_order(harness.follower, harness.symbol, "sell", 2,
+                                            "stop", "CLR-900009-stop", 17900.0)
+        assert answer.ok, answer
+        assert wait_for(lambda: bool(account(harness.broker.snapshot(),
+                                             harness.follower).orders))
+        first, second = harness.broker.snapshot(), harness.broker.snapshot()
+        assert built
+        for data, snapshot in built:
+            assert snapshot is not None, data  # the fast path read it
+            assert canonical(snapshot) == canonical(Snapshot.model_validate(data))
+        follower = account(second, harness.follower)
+        assert follower.positions
+        assert follower.positions == account(first, harness.follower).positions
+        if account(first, harness.follower).updated_at == follower.updated_at:
+            assert follower is account(first, harness.follower)  # unchanged: the same object
 
     def test_snapshot_lists_the_watched_accounts_connected(self, harness: Harness) -> None:
         snapshot = harness.broker.snapshot()

@@ -25,7 +25,7 @@ from copilink_rules.errors import BrokerUnavailable
 from copilink_rules.instruments import default_catalog
 from copilink_rules.model import Snapshot
 
-from .base import AccountSpec, BrokerAnswer, Health, OrderReport, Side
+from .base import AccountSpec, BrokerAnswer, Health, OrderReport, Side, SnapshotBuilder
 
 
 class Settings(BaseModel):
@@ -73,6 +73,7 @@ class FakeBroker:
         self.now = start or datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
         self.price = price
         self.catalog = default_catalog()
+        self._build = SnapshotBuilder(self.catalog)  # snapshot(): the fast reader, or pydantic
         self.calls: list[Call] = []
         self.positions: dict[str, dict[str, tuple[int, float]]] = {a.id: {} for a in accounts}
         self.orders: dict[str, _Order] = {}
@@ -141,7 +142,7 @@ class FakeBroker:
             symbols = {s for book in self.positions.values() for s in book}
             quotes = {s: {"bid": self.price - 0.25, "ask": self.price, "last": self.price}
                       for s in sorted(symbols)}
-            return Snapshot.model_validate({"time": self.now.isoformat(), "quotes": quotes,
+            return self._build({"time": self.now.isoformat(), "quotes": quotes,
                                             "accounts": accounts})
 
     def contracts(self) -> dict[str, str]:

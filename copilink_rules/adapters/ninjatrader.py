@@ -51,6 +51,7 @@ from .base import (
     OrderReport,
     OrderState,
     Side,
+    SnapshotBuilder,
     mark_to_market,
 )
 
@@ -216,6 +217,7 @@ class NinjaTraderBroker:
         self._by_length = sorted(self.specs, key=len, reverse=True)
         self._lower = {a.lower(): a for a in self.specs}
         self._catalog = default_catalog()
+        self._build = SnapshotBuilder(self._catalog)  # snapshot(): the fast reader, or pydantic
         self._folder = folder
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -537,7 +539,7 @@ class NinjaTraderBroker:
                 accounts.append(data)
             quotes = {s: q for s, q in self._quotes.items() if any(v is not None
                                                                      for v in q.values())}
-            return mark_to_market(Snapshot.model_validate({
+            return mark_to_market(self._build({
                 "time": datetime.now(UTC).isoformat(), "quotes": quotes,
                 "accounts": accounts}))
 

@@ -54,6 +54,7 @@ from .base import (
     OrderReport,
     OrderState,
     Side,
+    SnapshotBuilder,
     mark_to_market,
 )
 
@@ -173,6 +174,7 @@ class ProjectXBroker:
     def __init__(self, settings: Settings, accounts: list[AccountSpec]) -> None:
         self.settings = settings
         self.catalog = default_catalog()
+        self._build = SnapshotBuilder(self.catalog)  # snapshot(): the fast reader, or pydantic
         self._accounts = {a.id: _Account(a) for a in accounts}
         self._lock = threading.RLock()
         self._orders: dict[int, dict[str, Any]] = {}
@@ -740,7 +742,7 @@ class ProjectXBroker:
                 accounts.append(data)
             quotes = {self._symbol(c): dict(q) for c, q in self._quotes.items()}
         # ProjectX reports no open P&L: worked out from the positions and the hub's quotes
-        return mark_to_market(Snapshot.model_validate({"time": now.isoformat(),
+        return mark_to_market(self._build({"time": now.isoformat(),
                                                        "quotes": quotes,
                                                        "accounts": accounts}))
 

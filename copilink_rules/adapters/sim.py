@@ -53,7 +53,7 @@ from copilink_rules.instruments import Catalog, default_catalog
 from copilink_rules.model import Snapshot, finite_or_none
 from copilink_rules.snapshots import read_input
 
-from .base import AccountSpec, BrokerAnswer, Health, OrderReport
+from .base import AccountSpec, BrokerAnswer, Health, OrderReport, SnapshotBuilder
 
 FaultKind = Literal["missed_entry", "missed_exit", "reversal", "disconnect", "stale", "reject",
                     "delay", "nan_quote", "no_quote", "lost_order", "stuck_order",
@@ -175,6 +175,7 @@ class SimBroker:
     def __init__(self, scenario: SimScenario, catalog: Catalog | None = None) -> None:
         self.scenario = scenario
         self.catalog = catalog or default_catalog()
+        self._build = SnapshotBuilder(self.catalog)  # snapshot(): the fast reader, or pydantic
         self.rng = random.Random(scenario.seed)  # noqa: S311 - a market simulation, not crypto
         self.elapsed = 0.0
         self.price = scenario.price
@@ -525,8 +526,8 @@ class SimBroker:
                 continue
             quotes[symbol] = {"bid": round(self.price - self.catalog.parse(symbol).tick_size, 4),
                               "ask": round(self.price, 4), "last": round(self.price, 4)}
-        return Snapshot.model_validate({"time": self.now.isoformat(), "quotes": quotes,
-                                        "accounts": accounts})
+        return self._build({"time": self.now.isoformat(), "quotes": quotes,
+                            "accounts": accounts})
 
     # --- commands -----------------------------------------------------------------------------
 

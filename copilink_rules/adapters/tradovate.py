@@ -61,6 +61,7 @@ from .base import (
     OrderReport,
     OrderState,
     Side,
+    SnapshotBuilder,
     mark_to_market,
 )
 
@@ -301,6 +302,7 @@ class TradovateBroker:
         self.settings = settings
         self._specs = list(accounts)
         self._catalog = default_catalog()
+        self._build = SnapshotBuilder(self._catalog)  # snapshot(): the fast reader, or pydantic
         self._rest = _Rest(settings)
         self._lock = threading.RLock()
         self._auth_lock = threading.Lock()
@@ -947,8 +949,8 @@ class TradovateBroker:
             quotes = {name: {k: v for k, v in book.items() if v is not None}
                       for name, book in self._quotes.items()}
         # open P&L is not polled (Tradovate asks not to): worked out from the md quotes
-        return mark_to_market(Snapshot.model_validate({"time": now, "quotes": quotes,
-                                                       "accounts": accounts}))
+        return mark_to_market(self._build({"time": now.isoformat(), "quotes": quotes,
+                                           "accounts": accounts}))
 
     def _account_data(self, spec: AccountSpec) -> dict[str, Any]:
         data: dict[str, Any] = {**spec.snapshot_fields(),
@@ -957,7 +959,9 @@ class TradovateBroker:
         if aid is None or aid not in self._reported:
             return data  # never reported: disconnected
         data["connected"] = True
-        data["updated_at"] = self._frozen.get(aid) or self._alive_at
+        updated = self._frozen.get(aid) or self._alive_at
+        # as text, which the fast reader takes (a datetime object sends it to pydantic)
+        data["updated_at"] = updated.isoformat() if updated is not None else None
         if aid in self._cash:
             data["balance"], data["realized_pnl"] = self._cash[aid]
         positions = []
