@@ -126,7 +126,18 @@ class Session:
         notes += self.enforcer.restore(snapshot.time)
         if self.builtin is not None:
             notes += self.builtin.restore(snapshot.time)
+        self._prepare(self.engine, snapshot)
         return notes
+
+    @staticmethod
+    def _prepare(engine: Engine, snapshot: Snapshot) -> None:
+        """The rules' batches for these accounts compiled now, not inside the first tick
+        (which may have to act at once). Only time is at stake: a tick compiles what is
+        missing."""
+        try:
+            engine.prepare(snapshot)
+        except Exception:  # the ticks compile on first need instead
+            log.warning("could not compile the rules ahead of the first tick", exc_info=True)
 
     def tick(self) -> list[Decision]:
         """One evaluation. Never raises for a broker or input problem: it alerts instead. If
@@ -297,6 +308,8 @@ class Session:
                            "rules stay in force")
                 self._send(now, "critical", message, None)
                 return message
+            if self.last_snapshot is not None:
+                self._prepare(engine, self.last_snapshot)
             self.policy = policy
             self.engine = engine
             self.enforcer.locks = engine.lock_book  # restored from the old engine's

@@ -16,9 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from copilink_rules.adapters.sim import SimBroker, SimFollower, SimScenario
+from copilink_rules.alerts import Alerts
 from copilink_rules.calendar import load_calendar
 from copilink_rules.engine import Engine, episodes
 from copilink_rules.errors import ExpressionError
+from copilink_rules.journal import Journal
 from copilink_rules.namespace import (
     FIELDS,
     AccountView,
@@ -31,6 +34,7 @@ from copilink_rules.namespace import (
 from copilink_rules.rules import batching, load_policy
 from copilink_rules.rules.batching import fold
 from copilink_rules.rules.expressions import CompiledExpression, compile_batch, compile_expression
+from copilink_rules.session import Session
 from copilink_rules.snapshots import iter_timeline
 
 from .conftest import REPO
@@ -351,3 +355,59 @@ def test_an_engine_compiles_a_batch_only_when_a_tick_needs_it(
     groups = engine._groups["pre_session"]
     assert groups
     assert all(g._batch is None and not g._by_mask for g in groups)  # never run: never built
+
+
+def test_a_prepared_engine_compiles_nothing_in_its_ticks_and_decides_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Engine.prepare` (what a live session calls at start, with the broker's first snapshot)
+    compiles the batches the accounts of that snapshot need, so ticks over those accounts
+    compile none; and the ticks decide exactly as an engine that was not prepared."""
+    compiled: list[str] = []
+
+    def counting(conditions: Any, label: str, positions: Any = None) -> Any:
+        compiled.append(label)
+        return compile_batch(conditions, label, positions=positions)
+
+    monkeypatch.setattr(episodes, "compile_batch", counting)
+    timelines = sorted((REPO / "examples").glob("*.jsonl")) + \
+        sorted((REPO / "examples" / "firms").glob("*.jsonl"))
+    for timeline in timelines:
+        snapshots = list(iter_timeline(timeline))
+        plain, prepared = Engine(SHIPPED, calendar=CALENDAR), Engine(SHIPPED, calendar=CALENDAR)
+        ids = {a.id for s in snapshots for a in s.accounts}
+        assert all({a.id for a in s.accounts} == ids for s in snapshots), timeline.name
+        compiled.clear()
+        prepared.prepare(snapshots[0])
+        assert compiled, timeline.name
+        compiled.clear()
+        for snapshot in snapshots:
+            want = [d.to_json_dict() for d in plain.evaluate(snapshot)]
+            compiled.clear()  # the unprepared engine's, just now
+            assert [d.to_json_dict() for d in prepared.evaluate(snapshot)] == want
+            assert compiled == [], f"{timeline.name} at {snapshot.time}"
+        assert prepared.save_state() == plain.save_state()
+
+
+def test_a_live_session_compiles_its_rules_at_start_not_in_its_first_tick(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[str] = []
+
+    def counting(conditions: Any, label: str, positions: Any = None) -> Any:
+        compiled.append(label)
+        return compile_batch(conditions, label, positions=positions)
+
+    monkeypatch.setattr(episodes, "compile_batch", counting)
+    firms = ["apex", "topstep", "mffu", "takeprofit", "tradeify"]
+    broker = SimBroker(SimScenario(seed=5, random_trades=3, followers=[
+        SimFollower(id=f"F{i}", firm=firms[i % 5]) for i in range(1, 8)]))
+    session = Session(broker, Journal(":memory:"), Alerts(),
+                      [REPO / "rules" / "desync.yaml",
+                       *sorted((REPO / "rules" / "firms").glob("*.yaml"))])
+    session.start()
+    assert compiled  # at start
+    compiled.clear()
+    for _ in range(8):
+        broker.advance(0.25)
+        session.tick()
+    assert session.ticks == 8
+    assert compiled == []

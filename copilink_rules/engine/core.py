@@ -153,6 +153,20 @@ class Engine:
         self.last_time = now
         return decisions
 
+    def prepare(self, snapshot: Snapshot, stage: str = "session") -> None:
+        """Compile, ahead of the ticks, the condition batches that `stage`'s ticks will need
+        for the accounts of `snapshot`, which a tick otherwise compiles when it first meets a
+        kind of account (some milliseconds each, inside that tick: a live session's first
+        tick is the one that may have to act at once). Decides nothing and changes no state:
+        ticks decide the same with or without it."""
+        for group in self._groups[stage]:
+            if group.filtered:  # each kind of account runs its own subset of the rules
+                for account in snapshot.accounts:
+                    a = account.__dict__
+                    group.subset((a["id"], a["role"], a["firm"]), account)
+            else:  # every target runs the whole group: compiled, put where its first call
+                group.whole().batch = group.batch  # would put it (_Group._first_whole)
+
     def _drop_gone(self, group: _Group, targets: list[_Target],
                    live_keys: dict[str, set[str]]) -> None:
         """A target that is gone (a pair gone flat, an account removed) ends its episodes:
