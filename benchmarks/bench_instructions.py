@@ -6,11 +6,11 @@ twice (slow: about a minute per row at 100 accounts).
     python benchmarks/bench_instructions.py [--rules shipped-steady,shipped]
                                             [--accounts 100] [--ticks 16]
 
-For each workload of bench_tick.py (`shipped`, `shipped-steady`, `synthetic`), one process
-evaluates 2 ticks and another 2 + --ticks, on the same prepared snapshots, with
-PYTHONHASHSEED=0 (string hashes, and so dict and set orders, fixed); the difference of their
-instruction counts divided by --ticks is what one tick costs, start-up and setting up
-excluded. Compare two versions by running the script in each checkout, best exported in turn
+For each workload of bench_tick.py (`shipped`, `shipped-steady`, `shipped-live`,
+`synthetic`), one process evaluates 2 ticks and another 2 + --ticks, on the same prepared
+snapshots, with PYTHONHASHSEED=0 (string hashes, and so dict and set orders, fixed); the
+difference of their instruction counts divided by --ticks is what one tick costs, start-up and
+setting up excluded. Compare two versions by running the script in each checkout, best exported in turn
 to the same directory: a count still moves by 1-4% from run to run (memory layout: the
 checkout's path, the address space), so run each version more than once.
 """
@@ -32,7 +32,8 @@ CHILD = """
 import gc, random, sys
 sys.path.insert(0, {here!r})
 from datetime import timedelta
-from bench_tick import MAKERS, START
+from bench_tick import MAKERS, START, sent_again
+from copilink_rules.adapters.base import SnapshotBuilder
 from _workload import refreshed, shipped_policy, load_bench_policy
 from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
@@ -44,15 +45,21 @@ else:
     policy = load_bench_policy(pathlib.Path(tempfile.mkdtemp()))
 rng = random.Random(7)
 distinct = 4
-snapshots = [Snapshot.model_validate(MAKERS[kind](accounts, START + timedelta(milliseconds=250 * i),
-                                                  rng, True)) for i in range(distinct)]
+datas = [MAKERS[kind](accounts, START + timedelta(milliseconds=250 * i), rng, True)
+         for i in range(distinct)]
+snapshots = [Snapshot.model_validate(data) for data in datas]
+builder = SnapshotBuilder()
 engine = Engine(policy)
 for snapshot in snapshots[:3]:
     engine.evaluate(snapshot)
 cycle = timedelta(milliseconds=250 * distinct)
-batch = [refreshed(s, s.time + cycle * (1 + i // distinct)) if kind == "shipped-steady" else
-         s.model_copy(update={{"time": s.time + cycle * (1 + i // distinct)}})
-         for i, s in enumerate(snapshots * 13)]
+if kind == "shipped-live":
+    batch = [builder(sent_again(datas[i % distinct], s.time + cycle * (1 + i // distinct)))
+             for i, s in enumerate(snapshots * 13)]
+else:
+    batch = [refreshed(s, s.time + cycle * (1 + i // distinct)) if kind == "shipped-steady"
+             else s.model_copy(update={{"time": s.time + cycle * (1 + i // distinct)}})
+             for i, s in enumerate(snapshots * 13)]
 gc.disable()
 for snapshot in batch[:ticks]:
     engine.evaluate(snapshot)
@@ -77,7 +84,8 @@ def count(kind: str, accounts: int, ticks: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rules", default="shipped-steady,shipped",
-                        help="comma-separated: shipped, shipped-steady, synthetic")
+                        help="comma-separated: shipped, shipped-steady, shipped-live, "
+                        "synthetic")
     parser.add_argument("--accounts", default="100", help="comma-separated account counts")
     parser.add_argument("--ticks", type=int, default=16, help="timed ticks (at most 48)")
     args = parser.parse_args()
@@ -86,10 +94,10 @@ def main() -> None:
     if not 1 <= args.ticks <= 48:
         raise SystemExit("--ticks must be between 1 and 48")
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "synthetic"})
+    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "synthetic"})
     if unknown:
-        raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady "
-                         "or synthetic")
+        raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
+                         "shipped-live or synthetic")
     package = subprocess.run(
         [sys.executable, "-c", "import copilink_rules; print(copilink_rules.__file__)"],
         capture_output=True, text=True, cwd=HERE.parent, check=False).stdout.strip()
