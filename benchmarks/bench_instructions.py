@@ -10,9 +10,9 @@ For each workload of bench_tick.py (`shipped`, `shipped-steady`, `shipped-live`,
 `synthetic`), one process evaluates 2 ticks and another 2 + --ticks, on the same prepared
 snapshots, with PYTHONHASHSEED=0 (string hashes, and so dict and set orders, fixed); the
 difference of their instruction counts divided by --ticks is what one tick costs, start-up and
-setting up excluded. Compare two versions by running the script in each checkout, best exported in turn
-to the same directory: a count still moves by 1-4% from run to run (memory layout: the
-checkout's path, the address space), so run each version more than once.
+setting up excluded. Compare two versions by running the script in each checkout, best
+exported in turn to the same directory: a count still moves by 1-4% from run to run (memory
+layout: the checkout's path, the address space), so run each version more than once.
 """
 
 from __future__ import annotations

@@ -119,6 +119,15 @@ class _Fallback(Exception):  # noqa: N818 - a signal, not an error: read the lin
     pass
 
 
+def _plain_text(*values: object) -> None:
+    """_Fallback unless each value is a str itself (or absent): from Python data (`convert`),
+    msgspec keeps a str subclass (an enum's member, say) where pydantic gives a plain str.
+    Fields with literal values (role, side) come out plain either way."""
+    for value in values:
+        if type(value) is not str and value is not None and value is not UNSET:
+            raise _Fallback
+
+
 def _time(text: str) -> datetime:
     """`text` as the strict path reads it (the same cached function); _Fallback otherwise."""
     try:
@@ -446,6 +455,7 @@ class FastReader:
         symbols = self._symbols
         quotes: dict[str, Quote] = {}
         for name, quote in raw.items():
+            _plain_text(name)
             previous = old_raw.get(name)
             if previous is not None and previous == quote and _quote_alike(quote, previous):
                 quotes[name] = old[name]
@@ -491,6 +501,12 @@ class FastReader:
 
     def _account(self, raw: _Account, old_raw: _Account | None, old: Account | None) -> Account:
         """A changed (or new) account; its positions and orders reused where unchanged."""
+        _plain_text(raw.id, raw.leader, raw.firm)
+        if not raw.id.isascii():
+            try:
+                raw.id.encode()
+            except UnicodeEncodeError:  # a lone surrogate (only from Python data): the
+                raise _Fallback from None  # model refuses it in a field with a length bound
         values, given = _account_values(raw)
         if raw.role == "leader" and values["leader"] is not None:
             raise _Fallback  # the model's own validator refuses it
@@ -513,6 +529,7 @@ class FastReader:
                     orders, old_orders or (), old.orders if old is not None else ())
         if raw.overnight:
             for text in raw.overnight:
+                _plain_text(text)
                 if text not in self._symbols:
                     self._symbol(text)
         return _build(Account, values, given)
@@ -525,6 +542,7 @@ class FastReader:
             if i < len(old_raw) and old_raw[i] == struct and _position_alike(struct, old_raw[i]):
                 positions.append(old[i])
                 continue
+            _plain_text(struct.instrument)
             if struct.instrument not in self._symbols:
                 self._symbol(struct.instrument)
             values, given = _position_values(struct)
@@ -541,6 +559,7 @@ class FastReader:
             if i < len(old_raw) and old_raw[i] == struct and _order_alike(struct, old_raw[i]):
                 orders.append(old[i])
                 continue
+            _plain_text(struct.id, struct.instrument)
             if struct.instrument not in self._symbols:
                 self._symbol(struct.instrument)
             orders.append(_build(Order, *_order_values(struct)))

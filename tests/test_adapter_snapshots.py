@@ -206,3 +206,58 @@ def test_a_failure_of_the_fast_reader_itself_leaves_the_tick_to_pydantic(
         assert canonical(builder(valid_line(i))) == canonical(Snapshot.model_validate(
             valid_line(i)))
     assert caplog.text.count("the fast snapshot reader failed") == 1
+
+
+class _Symbol(enum.StrEnum):
+    NQ = "NQH6"
+    F1 = "F1"
+    L = "L"
+
+
+@pytest.mark.parametrize("where", ["account id", "leader", "firm", "position instrument",
+                                   "order id", "order instrument", "quote symbol",
+                                   "overnight"])
+def test_a_str_subclass_in_a_text_field_is_left_to_model_validate(where: str) -> None:
+    """msgspec keeps a str subclass (an enum member) where pydantic gives a plain str: such
+    data is left to model_validate, so every text in a snapshot is a plain str."""
+    data = valid_line(1)
+    follower = data["accounts"][1]
+    if where == "account id":
+        follower["id"] = _Symbol.F1
+    elif where == "leader":
+        follower["leader"] = _Symbol.L
+    elif where == "firm":
+        follower["firm"] = _Symbol.F1
+    elif where == "position instrument":
+        follower["positions"][0]["instrument"] = _Symbol.NQ
+    elif where == "order id":
+        follower["orders"][0]["id"] = _Symbol.F1
+    elif where == "order instrument":
+        follower["orders"][0]["instrument"] = _Symbol.NQ
+    elif where == "quote symbol":
+        data["quotes"] = {_Symbol.NQ: data["quotes"]["NQH6"]}
+    else:
+        follower["overnight"] = [_Symbol.NQ]
+    def texts(snapshot: Snapshot) -> list[Any]:
+        account = snapshot.accounts[1]
+        return [account.id, account.leader, account.firm, *snapshot.quotes,
+                *account.overnight, *(p.instrument for p in account.positions),
+                *(t for o in account.orders for t in (o.id, o.instrument))]
+
+    fresh = FastReader(default_catalog())
+    assert fresh.convert(data) is None  # nothing to reuse: it would build a subclass's text
+    following = FastReader(default_catalog())
+    assert following.convert(valid_line(0)) is not None
+    # after a snapshot of equal values, the old (plain) objects may be reused
+    for snapshot in (following.convert(data), SnapshotBuilder()(data)):
+        if snapshot is not None:
+            assert all(type(t) is str for t in texts(snapshot) if t is not None), where
+            assert canonical(snapshot) == canonical(Snapshot.model_validate(data))
+
+
+def test_an_account_id_with_a_lone_surrogate_is_left_to_model_validate() -> None:
+    data = valid_line(1)
+    data["accounts"][1]["id"] = "F\ud800"
+    assert FastReader(default_catalog()).convert(data) is None
+    with pytest.raises(ValidationError):
+        Snapshot.model_validate(data)

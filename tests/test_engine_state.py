@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
@@ -257,9 +258,25 @@ def test_the_state_saved_each_tick_reads_back_as_the_models_write_it(
     assert not any(fell_back)
 
 
+class _NoOffset(tzinfo):
+    """A zone that cannot say its offset: its times count as naive."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+class _Moment(datetime):
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return "whenever"
+
+
 @pytest.mark.parametrize("damage", ["nan peak", "inf in an open trade", "int equity",
                                     "naive time", "time out of range", "unknown lock state",
-                                    "non-str key"])
+                                    "non-str key", "non-str rule", "non-str rule fired",
+                                    "a zone with no offset", "a datetime subclass"])
 def test_a_state_the_models_would_refuse_or_change_is_written_through_them(
         engine_of: Callable[..., Engine], damage: str) -> None:
     """Any doubt, and the state goes through the models: they refuse what must never be saved
@@ -283,8 +300,16 @@ def test_a_state_the_models_would_refuse_or_change_is_written_through_them(
         state.since = datetime(2150, 1, 1, tzinfo=state.since.tzinfo)
     elif damage == "unknown lock state":
         next(iter(engine.lock_book.values())).state = "frozen"
-    else:
+    elif damage == "non-str key":
         rule_states[7] = state  # type: ignore[index]  # keys are the targets' (text)
+    elif damage == "non-str rule":
+        engine._states[5] = {"F1": state}  # type: ignore[index]
+    elif damage == "non-str rule fired":
+        engine._last_fired[1.5] = {"F1": state.since}  # type: ignore[index]
+    elif damage == "a zone with no offset":
+        state.since = datetime(2026, 3, 2, 14, 30, tzinfo=_NoOffset())
+    else:
+        state.since = _Moment(2026, 3, 2, 14, 30, tzinfo=state.since.tzinfo)
 
     assert fast_saved_json(STATE_VERSION, engine.policy.version, engine.last_time,
                            engine._states, engine._last_fired, engine._entries,
@@ -295,6 +320,27 @@ def test_a_state_the_models_would_refuse_or_change_is_written_through_them(
             engine.save_state()["metrics"]
         assert isinstance(json.loads(engine.save_state_text())["metrics"][
             next(iter(engine._metrics))]["last_equity"], float)
+    elif damage == "a datetime subclass":  # the models write it their way
+        assert json.loads(engine.save_state_text()) == engine.save_state()
     else:
         with pytest.raises((ValidationError, TypeError)):
             engine.save_state_text()
+
+
+def test_times_in_a_zone_are_saved_each_as_its_own_instant(
+        engine_of: Callable[..., Engine]) -> None:
+    """Two lock ends at 01:30 New York on the night clocks go back (fold 0 and 1) are equal as
+    dict keys yet an hour apart: each is saved as its own instant in UTC, as the models save
+    it (a lock must not end an hour early)."""
+    engine = engine_of(V1_RULES)
+    engine.restore_state(json.loads(V1_STATE.read_text(encoding="utf-8")))
+    zone = ZoneInfo("America/New_York")
+    first, second = (datetime(2026, 11, 1, 1, 30, tzinfo=zone, fold=fold) for fold in (0, 1))
+    assert first == second
+    engine.lock_book.restore([
+        Lock("F1", "halted", first, "until the first 01:30", "chaos-over-limit"),
+        Lock("F2", "halted", second, "until the second 01:30", "chaos-over-limit")])
+    saved = json.loads(engine.save_state_text())
+    assert saved["locks"]["F1"]["until"] == "2026-11-01T05:30:00+00:00"
+    assert saved["locks"]["F2"]["until"] == "2026-11-01T06:30:00+00:00"
+    _same_text(engine)

@@ -234,7 +234,9 @@ class SnapshotBuilder:
     unchanged since the last tick is the same object again, which the engine tells at once),
     else by `Snapshot.model_validate`, whose errors are the ones an adapter reports. The two
     give equal snapshots (tests/test_adapter_snapshots.py). One per adapter: it remembers the last
-    snapshot it built."""
+    snapshot it built. Two threads may call it at once (an adapter's feed lock need not be
+    held): each call reads the last snapshot once and replaces it in one assignment, and
+    reuses an old object only where the data equals what built it."""
 
     def __init__(self, catalog: Catalog | None = None) -> None:
         self._reader = FastReader(catalog or default_catalog())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -143,7 +143,8 @@ def fast_saved_json(version: int, policy_version: str | None, time: datetime | N
     try:
         return _ENCODER.encode(_saved_data(version, policy_version, time, states, last_fired,
                                            entries, first_seen, metrics, locks))
-    except (_Doubt, ValueError, TypeError, AttributeError, OverflowError):
+    # _Doubt, or anything odd (a tzinfo's own code): the models decide, and say what is wrong
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -153,15 +154,20 @@ def _saved_data(version: int, policy_version: str | None, time: datetime | None,
                 entries: dict[str, tuple[str, str]],
                 first_seen: dict[str, tuple[int, datetime]],
                 metrics: dict[str, _Metrics], locks: Iterable[Lock]) -> dict[str, Any]:
-    texts: dict[datetime, str] = {}  # a time's text, worked out once per save
+    texts: dict[datetime, str] = {}  # a UTC time's text, worked out once per save
 
     def moment(value: datetime) -> str:
-        text = texts.get(value)
-        if text is None:
-            if type(value) is not datetime or value.tzinfo is None:
-                raise _Doubt
-            text = texts[value] = _in_range(value).isoformat()  # in UTC, as _Moment saves it
-        return text
+        """The time as _Moment saves it: in UTC, ISO text (what _in_range refuses, refused)."""
+        if type(value) is datetime and value.tzinfo is UTC:  # what the engine's times are
+            text = texts.get(value)
+            if text is None:
+                text = texts[value] = _in_range(value).isoformat()
+            return text
+        # any other zone: not remembered (two times of one zone that differ only in `fold`
+        # are equal as keys, an hour apart as instants)
+        if type(value) is not datetime or value.utcoffset() is None:
+            raise _Doubt  # naive (or a tzinfo that gives no offset): the models refuse it
+        return _in_range(value).isoformat()
 
     check = 0.0  # the sum of every float: finite only if each one is (all are bounded)
     for account, m in metrics.items():
@@ -186,6 +192,8 @@ def _saved_data(version: int, policy_version: str | None, time: datetime | None,
     for rule, by_target in states.items():
         if not by_target:
             continue
+        if type(rule) is not str:
+            raise _Doubt
         saved = saved_rules[rule] = {}
         for key, state in by_target.items():
             fired, held = state.fired, state.held
@@ -207,6 +215,8 @@ def _saved_data(version: int, policy_version: str | None, time: datetime | None,
     saved_fired = {}
     for rule, fired_at in last_fired.items():
         if fired_at:
+            if type(rule) is not str:
+                raise _Doubt
             saved_fired[rule] = {key: moment(at) for key, at in fired_at.items()
                                  if type(key) is str or _doubt()}
     saved_first = {key: (side, moment(at)) for key, (side, at) in first_seen.items()
