@@ -22,7 +22,7 @@ from copilink_rules.fastread import FastReader
 from copilink_rules.instruments import default_catalog
 from copilink_rules.model import Snapshot
 
-from .test_fast_reader import canonical, snapshots, valid_line
+from .test_fast_reader import canonical, changed, snapshots, valid_line
 
 
 class _Role(enum.StrEnum):
@@ -111,12 +111,7 @@ def test_data_that_repeats_with_small_changes_reads_as_model_validate_reads_it(
     for i in range(repeats + 1):
         data = valid_line(i)
         if i == repeats:
-            for path, value in changes:
-                *parents, last = path.split(".")
-                target: Any = data
-                for part in parents:
-                    target = target[int(part)] if part.isdigit() else target[part]
-                target[int(last) if last.isdigit() else last] = value
+            changed(data, changes)
         data = pythonic(data, how)
         got = fast(reader, data)
         if got is not None:

@@ -208,6 +208,16 @@ def valid_line(i: int, **changes: Any) -> dict[str, Any]:
     return data
 
 
+def changed(data: dict[str, Any], changes: list[tuple[str, Any]]) -> None:
+    """Set each value at its dotted path in `data` ("accounts.1.positions.0.qty")."""
+    for path, value in changes:
+        *parents, last = path.split(".")
+        target: Any = data
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[int(last) if last.isdigit() else last] = value
+
+
 def edited(text: str, at: int, what: str, how: str) -> str:
     at %= len(text) + 1
     if how == "insert":
@@ -260,12 +270,7 @@ def test_lines_that_repeat_with_small_changes_read_the_same_both_ways(
     for i in range(repeats + 1):
         data = valid_line(i)
         if i == repeats:
-            for path, value in changes:
-                *parents, last = path.split(".")
-                target: Any = data
-                for part in parents:
-                    target = target[int(part)] if part.isdigit() else target[part]
-                target[int(last) if last.isdigit() else last] = value
+            changed(data, changes)
         lines.append(dumps(data))
     fast, strict = both_ways(lines)
     assert fast == strict

@@ -157,8 +157,8 @@ class Engine:
         """Compile, ahead of the ticks, the condition batches that `stage`'s ticks will need
         for the accounts of `snapshot`, which a tick otherwise compiles when it first meets a
         kind of account (some milliseconds each, inside that tick: a live session's first
-        tick is the one that may have to act at once). Decides nothing and changes no state:
-        ticks decide the same with or without it."""
+        tick is the one that may have to act at once). Decides nothing and changes nothing the
+        engine remembers or saves: ticks decide the same with or without it."""
         for group in self._groups[stage]:
             if group.filtered:  # each kind of account runs its own subset of the rules
                 for account in snapshot.accounts:
