@@ -12,7 +12,6 @@ a second one).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import threading
@@ -32,7 +31,7 @@ from .engine import Engine
 from .errors import CopilinkError, StateError
 from .instruments import Catalog, default_catalog
 from .journal import Journal
-from .model import Decision, Snapshot
+from .model import Decision, Snapshot, snapshot_digest
 from .rules.loader import Policy, expand_paths, load_policy
 
 log = logging.getLogger("copilink_rules.session")
@@ -172,7 +171,7 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - a broker failure must not stop the run
             self._problem(f"tick skipped: broker error {type(exc).__name__}: {exc}")
             return []
-        digest = hashlib.sha256(snapshot.model_dump_json().encode()).hexdigest()[:16]
+        digest = snapshot_digest(snapshot)
         with self.journal.transaction():
             self.journal.tick(snapshot.time, digest, len(snapshot.accounts))
             self.journal.decisions(decisions)

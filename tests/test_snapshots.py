@@ -9,6 +9,7 @@ import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from copilink_rules.cli import run
 from copilink_rules.errors import SnapshotError
 from copilink_rules.instruments import default_catalog
-from copilink_rules.model import Account, Snapshot
+from copilink_rules.model import Account, Snapshot, snapshot_digest
 from copilink_rules.snapshots import (
     MAX_FILE_BYTES,
     MAX_LINE_CHARS,
@@ -319,3 +320,45 @@ def test_a_timeline_from_a_pipe_is_read(tmp_path: Path) -> None:
     finally:
         writer.join()
     assert len(read) == len([x for x in lines.splitlines() if x.strip()])
+
+
+# --- the digest the journal records of each tick -------------------------------------------------
+
+_DIGESTED = {
+    "time": "2026-03-02T14:31:00Z",
+    "quotes": {"NQH6": {"bid": 18000.0, "ask": 18000.25, "last": 18000.25}},
+    "accounts": [
+        {"id": "L", "role": "leader", "balance": 50000.0,
+         "positions": [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0}]},
+        {"id": "F1", "role": "follower", "leader": "L", "balance": 49800.5, "realized_pnl": 0.0,
+         "updated_at": "2026-03-02T14:30:59Z",
+         "positions": [{"instrument": "NQH6", "qty": 2, "avg_price": 18000.25}],
+         "orders": [{"id": "o1", "instrument": "NQH6", "side": "sell", "qty": 2,
+                     "type": "stop", "stop_price": 17970.0}]}]}
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    (("time",), "2026-03-02T14:31:00.001Z"),
+    (("quotes", "NQH6", "bid"), 18000.25),
+    (("accounts", 0, "balance"), 50000.01),
+    (("accounts", 1, "realized_pnl"), -0.0),
+    (("accounts", 1, "updated_at"), "2026-03-02T14:30:58Z"),
+    (("accounts", 1, "positions", 0, "qty"), 3),
+    (("accounts", 1, "positions", 0, "avg_price"), 18000.5),
+    (("accounts", 1, "orders", 0, "stop_price"), 17969.75),
+    (("accounts", 1, "connected"), False),
+    (("accounts", 1, "id"), "F2"),
+])
+def test_the_tick_digest_follows_every_value_and_only_the_values(path: tuple[Any, ...],
+                                                                  value: Any) -> None:
+    data = json.loads(json.dumps(_DIGESTED))
+    digest = snapshot_digest(Snapshot.model_validate(data))
+    assert len(digest) == 16
+    assert int(digest, 16) >= 0  # hex
+    # the same data, read again (new objects), gives the same digest
+    assert snapshot_digest(Snapshot.model_validate(json.loads(json.dumps(_DIGESTED)))) == digest
+    target: Any = data
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    assert snapshot_digest(Snapshot.model_validate(data)) != digest, path
