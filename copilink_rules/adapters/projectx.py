@@ -715,8 +715,10 @@ class ProjectXBroker:
     # --- AccountFeed ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        now = datetime.now(UTC)
         with self._lock:
+            # the clock read under the lock the hub sets `_last_live` under: no account's data
+            # time is after the snapshot's (which would send it to pydantic, the slow path)
+            now = datetime.now(UTC)
             live = self._user_live and not self._logged_out
             accounts = []
             for acct in self._accounts.values():

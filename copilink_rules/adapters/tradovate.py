@@ -943,8 +943,10 @@ class TradovateBroker:
     # --- the feed ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        now = datetime.now(UTC)
         with self._lock:
+            # the clock read under the lock the feed sets `_alive_at` under: no account's data
+            # time is after the snapshot's (which would send it to pydantic, the slow path)
+            now = datetime.now(UTC)
             accounts = [self._account_data(spec) for spec in self._specs]
             quotes = {name: {k: v for k, v in book.items() if v is not None}
                       for name, book in self._quotes.items()}
