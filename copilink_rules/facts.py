@@ -110,8 +110,8 @@ ORDER_FLOATS = ("limit_price", "stop_price")  # an order's
 def same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...]) -> bool:
     """Do two tuples of records (positions, orders) say exactly the same? One comparison in C
     of each whole record, then, for its `floats` (POSITION_FLOATS, ORDER_FLOATS), what ==
-    cannot tell (the type of a number, the sign of a zero). The engine calls it directly every
-    tick for every account; `same_positions` and `same_orders` name its two uses."""
+    cannot tell (the type of a number, the sign of a zero). The engine calls it every tick for
+    every account's positions and orders."""
     if a is b:
         return True
     if len(a) != len(b):
@@ -129,16 +129,6 @@ def same_records(a: tuple[Any, ...], b: tuple[Any, ...], floats: tuple[str, ...]
                     not _same_float(value, qd[name]):
                 return False
     return True
-
-
-def same_positions(a: tuple[Position, ...], b: tuple[Position, ...]) -> bool:
-    """Do two accounts' positions say exactly the same (so their facts are the same)?"""
-    return same_records(a, b, POSITION_FLOATS)
-
-
-def same_orders(a: tuple[Order, ...], b: tuple[Order, ...]) -> bool:
-    """Do two accounts' orders say exactly the same?"""
-    return same_records(a, b, ORDER_FLOATS)
 
 
 @dataclass(slots=True)

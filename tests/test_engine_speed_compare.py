@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.engine import Engine
-from copilink_rules.facts import same_orders, same_positions
+from copilink_rules.facts import ORDER_FLOATS, POSITION_FLOATS, same_records
 from copilink_rules.model import Order, Position
 from copilink_rules.rules import load_policy
 
@@ -49,14 +49,16 @@ def field_by_field(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 @given(a=st.lists(positions, max_size=2), b=st.lists(positions, max_size=2))
 def test_positions_compared_whole_say_what_field_by_field_says(
         a: list[Position], b: list[Position]) -> None:
-    assert same_positions(tuple(a), tuple(b)) == field_by_field(tuple(a), tuple(b))
+    assert same_records(tuple(a), tuple(b), POSITION_FLOATS) == \
+        field_by_field(tuple(a), tuple(b))
 
 
 @settings(max_examples=400, deadline=None)
 @given(a=st.lists(orders, max_size=2), b=st.lists(orders, max_size=2))
 def test_orders_compared_whole_say_what_field_by_field_says(a: list[Order],
                                                              b: list[Order]) -> None:
-    assert same_orders(tuple(a), tuple(b)) == field_by_field(tuple(a), tuple(b))
+    assert same_records(tuple(a), tuple(b), ORDER_FLOATS) == \
+        field_by_field(tuple(a), tuple(b))
 
 
 def test_a_subset_read_from_what_was_found_is_the_subset_found() -> None:

@@ -46,7 +46,7 @@ from copilink_rules.namespace import (
 )
 from copilink_rules.rules.loader import CompiledRule, Policy
 
-from .episodes import _Group, _groups, _Subset
+from .episodes import _Group, _groups, _Subset, account_kind
 from .resolve import DEFAULT_SEVERITY, ENTRY_PRECEDENCE, _Proposal, _rank, _stronger
 from .state import (
     STATE_VERSION,
@@ -162,8 +162,7 @@ class Engine:
         for group in self._groups[stage]:
             if group.filtered:  # each kind of account runs its own subset of the rules
                 for account in snapshot.accounts:
-                    a = account.__dict__
-                    group.subset((a["id"], a["role"], a["firm"]), account)
+                    group.subset(account_kind(account), account)
             else:  # every target runs the whole group: compiled, put where its first call
                 group.whole().batch = group.batch  # would put it (_Group._first_whole)
 
@@ -603,8 +602,7 @@ class Engine:
                 if subset is not None:
                     kind = target.kind  # (id, role, firm), set with the account
                     if kind is None:
-                        a = account.__dict__
-                        kind = target.kind = (a["id"], a["role"], a["firm"])
+                        kind = target.kind = account_kind(account)
                     sub = known.get(kind, _UNKNOWN)
                     if sub is _UNKNOWN:
                         sub = subset(kind, account)

@@ -18,6 +18,13 @@ from copilink_rules.rules.loader import CompiledRule
 log = logging.getLogger("copilink_rules.engine")
 
 
+def account_kind(account: Account) -> tuple[str, str, str | None]:
+    """(id, role, firm): what decides which of a group's rules apply to an account (the key of
+    a group's rule subsets)."""
+    a = account.__dict__  # the fields, without a pydantic model's attribute lookup
+    return a["id"], a["role"], a["firm"]
+
+
 @dataclass(slots=True)
 class _Subset:
     """The rules of a group that apply to one kind of account, and how to evaluate them."""
@@ -44,11 +51,11 @@ class _Group:
 
     def allowed(self, account: Account) -> int:
         """Bit i set when rule i applies to this account (applies_to)."""
-        key = (account.id, account.role, account.firm)
+        key = account_kind(account)
         mask = self._masks.get(key)
         if mask is None:
             mask = sum(1 << i for i, (_, rule) in enumerate(self.rules)
-                       if rule.applies(account.id, account.role, account.firm))
+                       if rule.applies(*key))
             self._masks[key] = mask
         return mask
 
