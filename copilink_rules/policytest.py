@@ -26,9 +26,10 @@ says whether the accounts should pass it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,20 @@ def run_case(engine: Engine, case: Case, snapshots: Iterable[Snapshot]) -> tuple
     return decisions, failures
 
 
+def _loaded(cache: dict[Any, Any], key: Any, load: Callable[[], Any]) -> Any:
+    """What `load` gives for `key`, loaded once per run: its error too, raised again for each
+    case that needs it."""
+    if key not in cache:
+        try:
+            cache[key] = load()
+        except CopilinkError as exc:
+            cache[key] = exc
+    found = cache[key]
+    if isinstance(found, CopilinkError):
+        raise found
+    return found
+
+
 def _time(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -267,6 +282,11 @@ def run_test_files(paths: Iterable[str | Path],
         raise PolicyTestError([Problem(", ".join(map(str, paths)), None,
                                        "no policy-test files (*_test.yaml) found")])
     results: list[CaseResult] = []
+    # the cases of a run share what they load: rule files with the same overrides (most cases
+    # of a file), calendars; each case still gets an engine of its own (nothing is shared
+    # between cases but what the files say). A file that fails to load fails each case.
+    policies: dict[tuple[tuple[Path, ...], tuple[tuple[str, str], ...]], Any] = {}
+    calendars: dict[Path, Any] = {}
     for path in files:
         spec, lines = _load_file(path)
         rules = [path.parent / r for r in spec.rules]
@@ -275,9 +295,12 @@ def run_test_files(paths: Iterable[str | Path],
             results.append(result)
             overrides = {k: _text(v) for k, v in {**spec.set, **case.set}.items()}
             try:
-                policy = load_policy(rules, overrides)
+                policy = _loaded(policies, (tuple(p.resolve() for p in rules),
+                                            tuple(sorted(overrides.items()))),
+                                 partial(load_policy, rules, overrides))
                 calendar_file = case.calendar or spec.calendar
-                calendar = load_calendar(path.parent / calendar_file, catalog) \
+                calendar = _loaded(calendars, (path.parent / calendar_file).resolve(),
+                                   partial(load_calendar, path.parent / calendar_file, catalog)) \
                     if calendar_file else None
                 engine = Engine(policy, catalog, calendar)
                 _, result.failures = run_case(

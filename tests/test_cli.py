@@ -10,10 +10,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from copilink_rules import cli as cli_module
+from copilink_rules import policytest
 from copilink_rules.cli import run
 from copilink_rules.rules.spec import ruleset_json_schema_text
 
@@ -180,6 +182,53 @@ cases:
         "FAIL  rules that do not load", "error: --set stuck_grace=soon",
     ]:
         assert line in out, line
+
+
+def test_policy_test_cases_share_loaded_rules_but_not_params_or_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run loads rule files once per set of overrides: cases with the same `set` share them,
+    a case's own `set` still gets its own params, a load error fails every case that needs
+    it, and no case sees another's state (each has an engine of its own)."""
+    loads: list[dict[str, str] | None] = []
+    real_load = policytest.load_policy  # type: ignore[attr-defined]
+
+    def counting_load(paths: Any, overrides: dict[str, str] | None = None) -> Any:
+        loads.append(overrides)
+        return real_load(paths, overrides)
+
+    monkeypatch.setattr(policytest, "load_policy", counting_load)
+    timeline = EXAMPLES / "stuck-follower.jsonl"
+    flattened = "{rule: stuck-follower, action: flatten, account: F2, count: 1}"
+    path = tmp_path / "t_test.yaml"
+    path.write_text(f"""
+rules: [{DESYNC}]
+cases:
+  - name: flattened after the grace
+    timeline: {timeline}
+    expect: [{flattened}]
+  - name: a long grace, its own params
+    set: {{stuck_grace: 1h}}
+    timeline: {timeline}
+    forbid: [{{rule: stuck-follower, action: flatten}}]
+  - name: flattened again, in a fresh engine
+    timeline: {timeline}
+    expect: [{flattened}]
+  - name: bad override
+    set: {{stuck_grace: soon}}
+    timeline: {timeline}
+    expect: [{flattened}]
+  - name: the same bad override
+    set: {{stuck_grace: soon}}
+    timeline: {timeline}
+    expect: [{flattened}]
+""")
+    results = policytest.run_test_files([path])
+    assert [r.passed for r in results] == [True, True, True, False, False]
+    assert results[3].failures == results[4].failures
+    assert len(results[3].failures) == 1
+    assert results[3].failures[0].startswith("error: --set stuck_grace=soon")
+    # one load for the defaults, one for the long grace, one (failing) for the bad override
+    assert loads == [{}, {"stuck_grace": "1h"}, {"stuck_grace": "soon"}]
 
 
 def test_malformed_policy_test_file_is_a_one_line_error(tmp_path: Path) -> None:
