@@ -285,7 +285,7 @@ def _copy_with_names(node: ast.AST, names: dict[int, str], keys: dict[int, int],
             return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
     if isinstance(node, ast.expr_context | ast.operator | ast.cmpop | ast.unaryop | ast.boolop):
         return node  # never changed: shared
-    new = node.__class__()
+    fields = {}
     for field in node._fields:
         value = getattr(node, field, None)
         if isinstance(value, ast.AST):
@@ -293,7 +293,10 @@ def _copy_with_names(node: ast.AST, names: dict[int, str], keys: dict[int, int],
         elif isinstance(value, list):
             value = [_copy_with_names(v, names, keys) if isinstance(v, ast.AST) else v
                      for v in value]
-        setattr(new, field, value)
+        fields[field] = value
+    # made with its fields: a node made empty and filled in after is deprecated from Python
+    # 3.13 (a DeprecationWarning for each missing field) and an error from 3.15
+    new = node.__class__(**fields)
     for attribute in node._attributes:
         if hasattr(node, attribute):
             setattr(new, attribute, getattr(node, attribute))
