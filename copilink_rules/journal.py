@@ -25,7 +25,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +112,14 @@ class CommandRow:
     updated: str
 
 
+def _close_refused(db: sqlite3.Connection | None) -> None:
+    """Close the connection to a file refused as a journal: no file stays open behind the error
+    (a process that tries again and again would otherwise pile them up)."""
+    if db is not None:
+        with suppress(sqlite3.Error):
+            db.close()
+
+
 class Journal:
     """One SQLite file. Safe to use from the scheduler's threads (one connection, a lock)."""
 
@@ -133,18 +141,18 @@ class Journal:
         self._managed = False  # its checkpoints run by this journal, not by SQLite
         self._writes = 0  # write statements since the last checkpoint
         self._pages_per_write = 3.0  # WAL pages a write adds: learned at each checkpoint
+        db: sqlite3.Connection | None = None  # closed again if it is refused as a journal
         try:
             if read_only:
                 uri = Path(self.path).resolve().as_uri() + "?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
-                                           isolation_level=None)
+                db = self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                                isolation_level=None)
             else:
-                self._db = sqlite3.connect(self.path, check_same_thread=False,
-                                           isolation_level=None)
+                db = self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                                isolation_level=None)
             tables = {row[0] for row in self._db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if (tables or read_only) and "meta" not in tables:
-                self._db.close()
                 raise StateError(f"{self.path} is not a copilink-rules journal (a SQLite file "
                                  "without its tables): name another journal file")
             if not read_only:
@@ -156,20 +164,23 @@ class Journal:
                     self._managed = True
                 self._db.executescript(_SCHEMA)
             version = self._meta("schema_version")
+            if version is None and not read_only:
+                self._set_meta("schema_version", str(SCHEMA_VERSION))
+            elif version is None or not (version.isascii() and version.isdigit()):
+                raise StateError(f"{self.path}: the journal has no valid schema version "
+                                 f"({version!r}): not a copilink-rules journal")
+            elif int(version) > SCHEMA_VERSION:
+                raise StateError(f"{self.path}: journal schema version {version} was written "
+                                 f"by a newer copilink-rules (this one reads {SCHEMA_VERSION}); "
+                                 "upgrade")
         except StateError:
+            _close_refused(db)
             raise
         except (sqlite3.Error, ValueError) as exc:  # ValueError: undecodable table names
+            _close_refused(db)
             raise StateError(f"{self.path}: cannot open the journal: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                              ) from None
-        if version is None and not read_only:
-            self._set_meta("schema_version", str(SCHEMA_VERSION))
-        elif version is None or not (version.isascii() and version.isdigit()):
-            raise StateError(f"{self.path}: the journal has no valid schema version "
-                             f"({version!r}): not a copilink-rules journal")
-        elif int(version) > SCHEMA_VERSION:
-            raise StateError(f"{self.path}: journal schema version {version} was written by a "
-                             f"newer copilink-rules (this one reads {SCHEMA_VERSION}); upgrade")
 
     def close(self) -> None:
         with self._lock:

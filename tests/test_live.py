@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -57,13 +58,45 @@ def test_journal_uses_wal_and_refuses_a_newer_schema(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StateError, match="schema version 99 was written by a newer"):
         Journal(path)
+    assert _open_files(path) == []  # refused, and closed: nothing left open behind the error
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = 'x1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="no valid schema version"):
+        Journal(path, read_only=True)
+    assert _open_files(path) == []
+    other = tmp_path / "prices.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE prices (symbol TEXT, price REAL)")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="not a copilink-rules journal"):
+        Journal(other)
+    assert _open_files(other) == []
+
+
+def _open_files(path: Path) -> list[str]:
+    """This process's open file descriptors on `path` (or its WAL and shared memory)."""
+    fds = Path("/proc/self/fd")
+    assert fds.is_dir(), "needs Linux's /proc"
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # the directory's own descriptor is gone by now
+            target = os.readlink(fd)
+            if target.startswith(str(path)):
+                found.append(target)
+    return found
 
 
 def test_journal_sequence_survives_a_reopen(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.db")
     assert [journal.next_sequence() for _ in range(3)] == [1, 2, 3]
     journal.close()
-    assert Journal(tmp_path / "j.db").next_sequence() == 4
+    again = Journal(tmp_path / "j.db")
+    assert again.next_sequence() == 4
+    again.close()
+    assert _open_files(tmp_path / "j.db") == []
 
 
 # --- alerts ---------------------------------------------------------------------------------
