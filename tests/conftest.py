@@ -13,11 +13,32 @@ from typing import Any
 import pytest
 
 from copilink_rules.engine import Engine
+from copilink_rules.journal import Journal
 from copilink_rules.model import Snapshot
 from copilink_rules.rules import Policy, load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)  # Monday 09:30 New York
+
+
+@pytest.fixture(autouse=True)
+def _journals_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every journal a test opens is closed when it ends, even one the test leaves open (many
+    tests drop a session's journal without closing it): an open SQLite connection left to the
+    garbage collector is a ResourceWarning from Python 3.13, an error under `filterwarnings`.
+    The product's own journals are closed where they are opened (cli.py's `finally` blocks,
+    and a file refused as a journal in `Journal()` itself: tests/test_live.py)."""
+    opened: list[Journal] = []
+    real_init = Journal.__init__
+
+    def init(self: Journal, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(Journal, "__init__", init)
+    yield
+    for journal in opened:
+        journal.close()
 
 
 @contextmanager

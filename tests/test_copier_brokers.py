@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -292,7 +293,7 @@ def copying(follower: str, verb: str, journal: Path) -> None:
 
 def journal_rows(journal: Path) -> list[dict[str, Any]]:
     """The built-in copier's rows of the journal's `commands` table, oldest first."""
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
+    with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5)) as db:
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM commands WHERE rule = 'copier' "
                                             "ORDER BY rowid")]

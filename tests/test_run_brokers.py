@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,7 +140,8 @@ class Run:
 
     def ticks(self) -> int:
         try:
-            with sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True, timeout=1) as db:
+            with closing(sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True,
+                                         timeout=1)) as db:
                 return int(db.execute("SELECT COUNT(*) FROM ticks").fetchone()[0])
         except sqlite3.Error:
             return 0
