@@ -295,11 +295,11 @@ def run_test_files(paths: Iterable[str | Path],
             results.append(result)
             overrides = {k: _text(v) for k, v in {**spec.set, **case.set}.items()}
             try:
-                policy = _loaded(policies, (tuple(p.resolve() for p in rules),
-                                            tuple(sorted(overrides.items()))),
+                # keyed by the paths as written, so an error names the file as it did
+                policy = _loaded(policies, (tuple(rules), tuple(sorted(overrides.items()))),
                                  partial(load_policy, rules, overrides))
                 calendar_file = case.calendar or spec.calendar
-                calendar = _loaded(calendars, (path.parent / calendar_file).resolve(),
+                calendar = _loaded(calendars, path.parent / calendar_file,
                                    partial(load_calendar, path.parent / calendar_file, catalog)) \
                     if calendar_file else None
                 engine = Engine(policy, catalog, calendar)
