@@ -160,11 +160,7 @@ class Engine:
         tick is the one that may have to act at once). Decides nothing and changes nothing the
         engine remembers or saves: ticks decide the same with or without it."""
         for group in self._groups[stage]:
-            if group.filtered:  # each kind of account runs its own subset of the rules
-                for account in snapshot.accounts:
-                    group.subset(account_kind(account), account)
-            else:  # every target runs the whole group: compiled, put where its first call
-                group.whole().batch = group.batch  # would put it (_Group._first_whole)
+            group.prepare(snapshot.accounts)
 
     def _drop_gone(self, group: _Group, targets: list[_Target],
                    live_keys: dict[str, set[str]]) -> None:

@@ -5,7 +5,7 @@ in `state._RuleState` and advanced by `Engine._on_true` / `Engine._evaluate_grou
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -79,8 +79,21 @@ class _Group:
 
     def _first_whole(self, env: Env) -> int:
         """`whole()`'s batch on its first call: compiled, put in its place, then called."""
-        batch = self._by_mask[(1 << len(self.rules)) - 1].batch = self.batch
-        return batch(env)
+        return self._compile_whole()(env)
+
+    def _compile_whole(self) -> Callable[[Env], int]:
+        """`whole()`'s batch compiled (once) and put in its place."""
+        batch = self.whole().batch = self.batch
+        return batch
+
+    def prepare(self, accounts: Iterable[Account]) -> None:
+        """Compile now what evaluating these accounts will need, which a tick otherwise
+        compiles when it first meets a kind of account. Decides nothing."""
+        if self.filtered:  # each kind of account runs its own subset of the rules
+            for account in accounts:
+                self.subset(account_kind(account), account)
+        else:  # every target runs the whole group
+            self._compile_whole()
 
     @property
     def known_subsets(self) -> dict[tuple[str, str, str | None], _Subset | None]:
