@@ -17,8 +17,10 @@ tests/test_fast_reader.py checks both, on every example timeline and on generate
 What the previous line had unchanged at the same place is reused, not built again: an account
 whose data did not change is the same `Account` object as on the previous line, a position held
 for an hour one `Position` while its account's P&L moves (equal field for field, the sign of a
-zero included). The models are frozen, so sharing is invisible except to `is`; the engine may
-use that to keep what it derived from an account.
+zero included). An account whose time, balance or P&L alone moved (most accounts on most lines)
+is the previous account's values with those replaced (`_moved`). The models are frozen, so
+sharing is invisible except to `is`; the engine may use that to keep what it derived from an
+account.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec.structs import replace as _replace
 from pydantic import BaseModel
 
 from .errors import InstrumentError
@@ -382,6 +385,34 @@ def _account_alike(new: _Account, old: _Account) -> bool:
     return not (new.orders and old.orders) or _orders_alike(new.orders, old.orders)
 
 
+def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
+    """The account of `new` if it differs from the previous line's account at its place only
+    in what moves from line to line (its time, balance and P&L), each of them given on both
+    lines or left out on both; else None (`_account` builds it). Everything else is the
+    previous account's: its values (checked then; the same text, not a str subclass from
+    Python data), its positions and orders (the same objects, zeros' signs checked as
+    `_account_alike` does) and its fields set, which the same fields given make the same."""
+    if (new.updated_at is UNSET) is not (previous.updated_at is UNSET) or \
+            (new.balance is UNSET) is not (previous.balance is UNSET) or \
+            (new.realized_pnl is UNSET) is not (previous.realized_pnl is UNSET) or \
+            (new.unrealized_pnl is UNSET) is not (previous.unrealized_pnl is UNSET):
+        return None
+    rest = _replace(new, updated_at=previous.updated_at, balance=previous.balance,
+                    realized_pnl=previous.realized_pnl, unrealized_pnl=previous.unrealized_pnl)
+    if rest != previous or not _account_alike(rest, previous):
+        return None
+    values = old.__dict__.copy()
+    if (updated_at := new.updated_at) is not UNSET:
+        values["updated_at"] = None if updated_at is None else _time(updated_at)
+    if (balance := new.balance) is not UNSET:
+        values["balance"] = balance
+    if (realized := new.realized_pnl) is not UNSET:
+        values["realized_pnl"] = realized
+    if (unrealized := new.unrealized_pnl) is not UNSET:
+        values["unrealized_pnl"] = unrealized
+    return _build(Account, values, old.__pydantic_fields_set__)
+
+
 class FastReader:
     """Reads timeline lines fast, or says to read them strictly (`read` returns None).
 
@@ -484,7 +515,8 @@ class FastReader:
                 if previous == struct and _account_alike(struct, previous):
                     account = old[i]
                 else:
-                    account = self._account(struct, previous, old[i])
+                    account = _moved(struct, previous, old[i]) or \
+                        self._account(struct, previous, old[i])
                     if same_ids and (struct.id != previous.id or struct.role != previous.role
                                      or struct.leader != previous.leader):
                         same_ids = False

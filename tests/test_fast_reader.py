@@ -436,6 +436,74 @@ def test_an_unchanged_position_of_a_changed_account_is_the_same_object() -> None
     assert third.accounts[1].positions[1].qty == 2
 
 
+@pytest.mark.parametrize("change", [
+    {"balance": 49000.0, "realized_pnl": -12.5, "unrealized_pnl": 3.0},  # given on both lines
+    {"updated_at": "2026-03-02T14:30:59Z"},
+    {"updated_at": None},  # a time, then none
+    {"unrealized_pnl": -0.0},
+    {"balance": 0.0, "realized_pnl": -0.0},
+])
+def test_an_account_whose_money_alone_moved_keeps_its_positions_and_orders(
+        change: dict[str, Any]) -> None:
+    # the follower's time, balance or P&L move, nothing else: a new account of the new
+    # values, the previous one's positions and orders (the same objects), read as strictly
+    lines = [dumps(valid_line(1)), dumps(valid_line(2))]
+    data = valid_line(3)
+    data["accounts"][1].update(change)
+    lines.append(dumps(data))
+    fast, strict = both_ways(lines)
+    assert fast == strict
+    reader = fastread.FastReader(default_catalog())
+    first, second, third = (reader.read(line) for line in lines)
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    assert third.accounts[0] is first.accounts[0]
+    moved, before = third.accounts[1], second.accounts[1]
+    assert moved is not before
+    assert moved.positions is first.accounts[1].positions
+    assert moved.orders is first.accounts[1].orders
+    assert canonical(moved) == canonical(Snapshot.model_validate_json(lines[2]).accounts[1])
+    for name, value in change.items():
+        assert repr(getattr(moved, name)) == repr(
+            None if value is None else datetime.fromisoformat(value) if name == "updated_at"
+            else value)
+
+
+LEFT_OUT = object()
+
+
+@pytest.mark.parametrize("lines", [
+    # a money field or the time given on one line, left out on the next (the fields set
+    # differs) or null
+    [{"realized_pnl": 5.0}, {"realized_pnl": LEFT_OUT}],
+    [{"balance": LEFT_OUT}, {"balance": 5.0}],
+    [{"updated_at": "2026-03-02T14:30:00Z"}, {"updated_at": LEFT_OUT}],
+    [{"updated_at": LEFT_OUT}, {"updated_at": "2026-03-02T14:30:00Z"}],
+    [{"updated_at": None}, {"updated_at": "2026-03-02T14:30:00Z"}],
+    [{"balance": 10.0}, {"balance": 11.0, "connected": False}],  # more than money moved
+    [{"balance": 10.0}, {"balance": 11.0, "positions": []}],
+    [{"balance": 10.0}, {"balance": 11.0, "ratio": 3}],
+])
+def test_an_account_whose_money_moved_with_more_reads_the_same_both_ways(
+        lines: list[dict[str, Any]]) -> None:
+    texts = []
+    for i, change in enumerate(lines):
+        data = valid_line(i)
+        follower = data["accounts"][1]
+        for name, value in change.items():
+            if value is LEFT_OUT:
+                follower.pop(name, None)
+            else:
+                follower[name] = value
+        texts.append(dumps(data))
+    fast, strict = both_ways(texts)
+    assert fast == strict
+    assert strict[1] is None
+    reader = fastread.FastReader(default_catalog())
+    assert all(reader.read(text) is not None for text in texts)
+
+
 @pytest.mark.parametrize("path", [("accounts", 1, "positions", 1, "avg_price"),
                                   ("accounts", 1, "orders", 1, "limit_price"),
                                   ("accounts", 1, "balance"), ("quotes", "NQH6", "last")])
