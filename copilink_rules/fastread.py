@@ -390,8 +390,9 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
     in what moves from line to line (its time, balance and P&L), each of them given on both
     lines or left out on both; else None (`_account` builds it). Everything else is the
     previous account's: its values (checked then; the same text, not a str subclass from
-    Python data), its positions and orders (the same objects, zeros' signs checked as
-    `_account_alike` does) and its fields set, which the same fields given make the same."""
+    Python data), its positions and orders (the same objects, their zeros' signs checked as
+    `_account_alike` checks them) and its fields set, which the same fields given make the
+    same."""
     if (new.updated_at is UNSET) is not (previous.updated_at is UNSET) or \
             (new.balance is UNSET) is not (previous.balance is UNSET) or \
             (new.realized_pnl is UNSET) is not (previous.realized_pnl is UNSET) or \
@@ -399,7 +400,13 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
         return None
     rest = _replace(new, updated_at=previous.updated_at, balance=previous.balance,
                     realized_pnl=previous.realized_pnl, unrealized_pnl=previous.unrealized_pnl)
-    if rest != previous or not _account_alike(rest, previous):
+    if rest != previous:
+        return None
+    # the zeros' signs of what is kept (the money is this line's own, taken as it is)
+    positions, orders = new.positions, new.orders
+    if (positions and previous.positions and
+            not _positions_alike(positions, previous.positions)) or \
+            (orders and previous.orders and not _orders_alike(orders, previous.orders)):
         return None
     values = old.__dict__.copy()
     if (updated_at := new.updated_at) is not UNSET:
