@@ -10,9 +10,13 @@ For each workload of bench_tick.py (`shipped`, `shipped-steady`, `shipped-live`,
 `synthetic`), one process evaluates 2 ticks and another 2 + --ticks, on the same prepared
 snapshots, with PYTHONHASHSEED=0 (string hashes, and so dict and set orders, fixed); the
 difference of their instruction counts divided by --ticks is what one tick costs, start-up and
-setting up excluded. Compare two versions by running the script in each checkout, best
-exported in turn to the same directory: a count still moves by 1-4% from run to run (memory
-layout: the checkout's path, the address space), so run each version more than once.
+setting up excluded. Two rows count the snapshot's making instead of the tick, the same way:
+`read`, one line of bench_replay.py's timeline (its accounts, its lines: every follower's P&L
+moves from line to line) read by the fast reader as `replay` reads it; `build`, one snapshot
+of shipped-live's data built by an adapter's SnapshotBuilder, as `run` builds each tick's.
+Compare two versions by running the script in each checkout, best exported in turn to the
+same directory: a count still moves by 1-4% from run to run (memory layout: the checkout's
+path, the address space), so run each version more than once.
 """
 
 from __future__ import annotations
@@ -39,20 +43,43 @@ from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
 import tempfile, pathlib
 kind, accounts, ticks = {kind!r}, {accounts}, {ticks}
-if kind.startswith("shipped"):
+if kind == "read":  # bench_replay.py's lines, read as `replay` reads them
+    import json
+    from _workload import T0, snapshot_dict
+    from copilink_rules.fastread import FastReader
+    from copilink_rules.instruments import default_catalog
+    rng = random.Random(11)
+    lines = []
+    for i in range(50):  # as many in every run: only the reading differs
+        moment = T0 + timedelta(milliseconds=250 * i)
+        lines.append(json.dumps(snapshot_dict(accounts, moment, rng, True,
+                                              T0 + timedelta(seconds=30)),
+                                separators=(",", ":")))
+    reader = FastReader(default_catalog())
+    gc.disable()
+    for line in lines[:ticks]:
+        assert reader.read(line) is not None
+    sys.exit(0)
+if kind.startswith("shipped") or kind == "build":
     policy = shipped_policy()
 else:
     policy = load_bench_policy(pathlib.Path(tempfile.mkdtemp()))
 rng = random.Random(7)
 distinct = 4
-datas = [MAKERS[kind](accounts, START + timedelta(milliseconds=250 * i), rng, True)
-         for i in range(distinct)]
+datas = [MAKERS["shipped-live" if kind == "build" else kind](
+    accounts, START + timedelta(milliseconds=250 * i), rng, True) for i in range(distinct)]
 snapshots = [Snapshot.model_validate(data) for data in datas]
 builder = SnapshotBuilder()
 engine = Engine(policy)
 for snapshot in snapshots[:3]:
     engine.evaluate(snapshot)
 cycle = timedelta(milliseconds=250 * distinct)
+if kind == "build":  # each tick's snapshot built from the adapter's data, as `run` builds it
+    gc.disable()
+    for i in range(ticks):
+        builder(sent_again(datas[i % distinct], START + cycle * (1 + i // distinct)
+                           + timedelta(milliseconds=250 * (i % distinct))))
+    sys.exit(0)
 if kind == "shipped-live":
     batch = [builder(sent_again(datas[i % distinct], s.time + cycle * (1 + i // distinct)))
              for i, s in enumerate(snapshots * 13)]
@@ -85,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rules", default="shipped-steady,shipped",
                         help="comma-separated: shipped, shipped-steady, shipped-live, "
-                        "synthetic")
+                        "synthetic; read, build (the snapshot's making: above)")
     parser.add_argument("--accounts", default="100", help="comma-separated account counts")
     parser.add_argument("--ticks", type=int, default=16, help="timed ticks (at most 48)")
     args = parser.parse_args()
@@ -94,15 +121,16 @@ def main() -> None:
     if not 1 <= args.ticks <= 48:
         raise SystemExit("--ticks must be between 1 and 48")
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "synthetic"})
+    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "synthetic",
+                                   "read", "build"})
     if unknown:
         raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
-                         "shipped-live or synthetic")
+                         "shipped-live, synthetic, read or build")
     package = subprocess.run(
         [sys.executable, "-c", "import copilink_rules; print(copilink_rules.__file__)"],
         capture_output=True, text=True, cwd=HERE.parent, check=False).stdout.strip()
     print(f"instructions per Engine.evaluate tick (callgrind; {args.ticks} ticks counted; "
-          f"{Path(package).parent})")
+          f"{Path(package).parent}); for read and build: per line read, per snapshot built")
     print("| rules | accounts | instructions per tick | per account |")
     print("|---|---|---|---|")
     for kind in kinds:
