@@ -257,8 +257,10 @@ def test_a_line_with_one_edit_reads_the_same_both_ways(at: int, what: str, how: 
                                            "accounts.1.unrealized_pnl", "quotes.NQH6.bid",
                                            "accounts.0.positions.0.avg_price",
                                            "accounts.1.orders.0.stop_price",
-                                           "accounts.1.positions.0.qty"]),
-                          st.sampled_from([0.0, -0.0, 0, 1.5, -2.25, 2, None])),
+                                           "accounts.1.positions.0.qty",
+                                           "accounts.1.updated_at"]),
+                          st.sampled_from([0.0, -0.0, 0, 1.5, -2.25, 2, None,
+                                           "2026-03-02T14:30:30Z"])),
                 max_size=3), st.integers(1, 3))
 @example([("accounts.0.balance", -0.0)], 1)
 @example([("quotes.NQH6.bid", -0.0)], 2)
