@@ -374,15 +374,20 @@ def _orders_alike(new: tuple[_Order, ...], old: tuple[_Order, ...]) -> bool:
     return True
 
 
+def _items_alike(new: _Account, old: _Account) -> bool:
+    """Whether two accounts' equal positions and orders agree on every zero's sign."""
+    if new.positions and old.positions and not _positions_alike(new.positions, old.positions):
+        return False
+    return not (new.orders and old.orders) or _orders_alike(new.orders, old.orders)
+
+
 def _account_alike(new: _Account, old: _Account) -> bool:
     """Whether two equal account structs agree on every zero's sign, in positions and orders
     too."""
     if (new.balance == 0.0 or new.realized_pnl == 0.0 or new.unrealized_pnl == 0.0) and \
             not _zeros_agree(new, old, _ACCOUNT_FLOATS):
         return False
-    if new.positions and old.positions and not _positions_alike(new.positions, old.positions):
-        return False
-    return not (new.orders and old.orders) or _orders_alike(new.orders, old.orders)
+    return _items_alike(new, old)
 
 
 def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
@@ -390,9 +395,8 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
     in what moves from line to line (its time, balance and P&L), each of them given on both
     lines or left out on both; else None (`_account` builds it). Everything else is the
     previous account's: its values (checked then; the same text, not a str subclass from
-    Python data), its positions and orders (the same objects, their zeros' signs checked as
-    `_account_alike` checks them) and its fields set, which the same fields given make the
-    same."""
+    Python data), its positions and orders (the same objects, their zeros' signs checked:
+    `_items_alike`) and its fields set, which the same fields given make the same."""
     if (new.updated_at is UNSET) is not (previous.updated_at is UNSET) or \
             (new.balance is UNSET) is not (previous.balance is UNSET) or \
             (new.realized_pnl is UNSET) is not (previous.realized_pnl is UNSET) or \
@@ -400,13 +404,8 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
         return None
     rest = _replace(new, updated_at=previous.updated_at, balance=previous.balance,
                     realized_pnl=previous.realized_pnl, unrealized_pnl=previous.unrealized_pnl)
-    if rest != previous:
-        return None
     # the zeros' signs of what is kept (the money is this line's own, taken as it is)
-    positions, orders = new.positions, new.orders
-    if (positions and previous.positions and
-            not _positions_alike(positions, previous.positions)) or \
-            (orders and previous.orders and not _orders_alike(orders, previous.orders)):
+    if rest != previous or not _items_alike(new, previous):
         return None
     values = old.__dict__.copy()
     if (updated_at := new.updated_at) is not UNSET:
