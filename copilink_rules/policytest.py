@@ -299,9 +299,11 @@ def run_test_files(paths: Iterable[str | Path],
                 policy = _loaded(policies, (tuple(rules), tuple(sorted(overrides.items()))),
                                  partial(load_policy, rules, overrides))
                 calendar_file = case.calendar or spec.calendar
-                calendar = _loaded(calendars, path.parent / calendar_file,
-                                   partial(load_calendar, path.parent / calendar_file, catalog)) \
-                    if calendar_file else None
+                calendar = None
+                if calendar_file:
+                    calendar_path = path.parent / calendar_file
+                    calendar = _loaded(calendars, calendar_path,
+                                       partial(load_calendar, calendar_path, catalog))
                 engine = Engine(policy, catalog, calendar)
                 _, result.failures = run_case(
                     engine, case, _snapshots(case, index, path, lines, catalog))
