@@ -13,7 +13,9 @@ difference of their instruction counts divided by --ticks is what one tick costs
 setting up excluded. Two rows count the snapshot's making instead of the tick, the same way:
 `read`, one line of bench_replay.py's timeline (its accounts, its lines: every follower's P&L
 moves from line to line) read by the fast reader as `replay` reads it; `build`, one snapshot
-of shipped-live's data built by an adapter's SnapshotBuilder, as `run` builds each tick's.
+of shipped-live's data built by an adapter's SnapshotBuilder, as `run` builds each tick's. One
+row counts both: `replay`, one line of that timeline read and evaluated with desync.yaml, as
+bench_replay.py replays it.
 Compare two versions by running the script in each checkout, best exported in turn to the
 same directory: a count still moves by 1-4% from run to run (memory layout: the checkout's
 path, the address space), so run each version more than once.
@@ -42,23 +44,30 @@ from _workload import refreshed, shipped_policy, load_bench_policy
 from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
 import tempfile, pathlib
-kind, accounts, ticks = {kind!r}, {accounts}, {ticks}
-if kind == "read":  # bench_replay.py's lines, read as `replay` reads them
+kind, accounts, ticks, made = {kind!r}, {accounts}, {ticks}, {made}
+if kind in ("read", "replay"):  # bench_replay.py's lines, read as `replay` reads them
     import json
-    from _workload import T0, snapshot_dict
+    from _workload import REPO, T0, snapshot_dict
     from copilink_rules.fastread import FastReader
     from copilink_rules.instruments import default_catalog
+    from copilink_rules.rules import load_policy
     rng = random.Random(11)
     lines = []
-    for i in range(50):  # as many in every run: only the reading differs
+    for i in range(made):  # as many in every run: only the reading differs
         moment = T0 + timedelta(milliseconds=250 * i)
         lines.append(json.dumps(snapshot_dict(accounts, moment, rng, True,
                                               T0 + timedelta(seconds=30)),
                                 separators=(",", ":")))
     reader = FastReader(default_catalog())
+    # replay: each line read and evaluated with desync.yaml, as bench_replay.py replays it
+    engine = Engine(load_policy([REPO / "rules" / "desync.yaml"])) if kind == "replay" \
+        else None
     gc.disable()
     for line in lines[:ticks]:
-        assert reader.read(line) is not None
+        snapshot = reader.read(line)
+        assert snapshot is not None
+        if engine is not None:
+            engine.evaluate(snapshot)
     sys.exit(0)
 if kind.startswith("shipped") or kind == "build":
     policy = shipped_policy()
@@ -93,9 +102,10 @@ for snapshot in batch[:ticks]:
 """
 
 
-def count(kind: str, accounts: int, ticks: int) -> int:
-    """Instructions callgrind counts for the whole child process."""
-    code = CHILD.format(here=str(HERE), kind=kind, accounts=accounts, ticks=ticks)
+def count(kind: str, accounts: int, ticks: int, made: int) -> int:
+    """Instructions callgrind counts for the whole child process (`made`: timeline lines
+    generated, for read and replay: as many in both processes)."""
+    code = CHILD.format(here=str(HERE), kind=kind, accounts=accounts, ticks=ticks, made=made)
     result = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
          "-c", code],
@@ -112,31 +122,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rules", default="shipped-steady,shipped",
                         help="comma-separated: shipped, shipped-steady, shipped-live, "
-                        "synthetic; read, build (the snapshot's making: above)")
+                        "synthetic; read, build (the snapshot's making), replay (above)")
     parser.add_argument("--accounts", default="100", help="comma-separated account counts")
-    parser.add_argument("--ticks", type=int, default=16, help="timed ticks (at most 48)")
+    parser.add_argument("--ticks", type=int, default=16,
+                        help="timed ticks (at most 48; lines or snapshots for read, build and "
+                        "replay: at most 1000)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions.py needs valgrind (apt install valgrind)")
-    if not 1 <= args.ticks <= 48:
-        raise SystemExit("--ticks must be between 1 and 48")
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
+    most = 1000 if set(kinds) <= {"read", "build", "replay"} else 48
+    if not 1 <= args.ticks <= most:
+        raise SystemExit(f"--ticks must be between 1 and {most}"
+                         + (" (48 for the tick rows)" if most == 48 else ""))
     unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "synthetic",
-                                   "read", "build"})
+                                   "read", "build", "replay"})
     if unknown:
         raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
-                         "shipped-live, synthetic, read or build")
+                         "shipped-live, synthetic, read, build or replay")
     package = subprocess.run(
         [sys.executable, "-c", "import copilink_rules; print(copilink_rules.__file__)"],
         capture_output=True, text=True, cwd=HERE.parent, check=False).stdout.strip()
     print(f"instructions per Engine.evaluate tick (callgrind; {args.ticks} ticks counted; "
-          f"{Path(package).parent}); for read and build: per line read, per snapshot built")
+          f"{Path(package).parent}); for read, build and replay: per line read, per "
+          "snapshot built, per line read and evaluated")
     print("| rules | accounts | instructions per tick | per account |")
     print("|---|---|---|---|")
     for kind in kinds:
         for accounts in [int(n) for n in args.accounts.split(",") if n.strip()]:
-            per_tick = (count(kind, accounts, 2 + args.ticks) - count(kind, accounts, 2)) \
-                / args.ticks
+            made = max(50, 2 + args.ticks)
+            per_tick = (count(kind, accounts, 2 + args.ticks, made)
+                        - count(kind, accounts, 2, made)) / args.ticks
             print(f"| {kind} | {accounts:,} | {per_tick:,.0f} | {per_tick / accounts:,.0f} |",
                   flush=True)
 
