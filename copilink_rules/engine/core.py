@@ -61,6 +61,9 @@ from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
 DEFAULT_STALE_AFTER = 5.0
 _DECISION_FIELDS = frozenset(Decision.model_fields)  # a decision sets every one
 _FIRM = attrgetter("firm")
+_NO_COUNTS: Counter[str | None] = Counter()  # accounts per firm when no rule reads them (read-only)
+_BUILDERS = {"account": "_account_targets", "pair": "_pair_targets", "global": "_global_targets"}
+_MAX_QUOTE_VIEWS = 4096  # quote views kept between ticks (a snapshot has a few dozen)
 _UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule applies)
 
 
@@ -89,6 +92,14 @@ class Engine:
         self._groups = {stage: _groups([r for r in policy.rules if r.stage == stage],
                                        max_subsets)
                         for stage in ("session", "pre_session")}
+        # the scopes whose targets a stage's groups are evaluated against, in a fixed order
+        self._scopes = {stage: sorted({g.scope for g in groups})
+                        for stage, groups in self._groups.items()}
+        # this tick's local time, date and weekday in a group's zone (zone -> them)
+        self._local: dict[Any, tuple[datetime, Any, int]] | None = None
+        # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
+        # its quote is the same object (a reader reuses an unchanged quote)
+        self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = policy.mentions("hedged")
         # rules with an order among their actions: held (all their actions) while unreachable
@@ -121,13 +132,13 @@ class Engine:
             raise StateError(f"snapshot time {now.isoformat()} is earlier than the previous "
                              f"one ({self.last_time.isoformat()}); the engine's time cannot go "
                              "back")
-        self._expire_locks(now)
+        if self.lock_book:
+            self._expire_locks(now)
         infos = self._accounts(snapshot, now)
         groups = self._groups[stage]
-        scopes = {g.scope for g in groups}
-        build = {"account": self._account_targets, "pair": self._pair_targets,
-                 "global": self._global_targets}
-        targets_by_scope = {scope: build[scope](snapshot, infos, now) for scope in scopes}
+        targets_by_scope = {scope: getattr(self, _BUILDERS[scope])(snapshot, infos, now)
+                            for scope in self._scopes[stage]}
+        self._local = None  # the groups' local times of this tick (_evaluate_group)
         proposals: list[_Proposal] = []
         errors: list[tuple[int, int, Decision]] = []
         live_keys: dict[str, set[str]] = {}  # scope -> its targets' keys, once some rule has state
@@ -271,7 +282,7 @@ class Engine:
         first_seen, catalog = self._first_seen, self.catalog
         # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
         firm_counts = self._firm_counts
-        at_firm = Counter(map(_FIRM, snapshot.accounts)) if firm_counts else Counter()  # in C
+        at_firm = Counter(map(_FIRM, snapshot.accounts)) if firm_counts else _NO_COUNTS  # in C
         # facts of the previous tick, reused for an account whose positions (orders) are the
         # same; only accounts of this snapshot are kept, so one that is gone for a tick is
         # derived again (its first-seen times were dropped meanwhile)
@@ -555,9 +566,19 @@ class Engine:
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
         """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""
         out = {}
+        known = self._quote_views
         for symbol, quote in snapshot.quotes.items():
-            canonical = self.catalog.parse(symbol).symbol
-            out[canonical] = QuoteView(canonical, quote.bid, quote.ask, quote.last)
+            last = known.get(symbol)
+            if last is not None and last[0] is quote:  # a Quote is frozen: the same view
+                canonical, view = last[1], last[2]
+            else:
+                canonical = self.catalog.parse(symbol).symbol
+                view = QuoteView(canonical, quote.bid, quote.ask, quote.last)
+                if self.reuse:
+                    if len(known) >= _MAX_QUOTE_VIEWS:  # symbols come and go: keep it bounded
+                        known.clear()
+                    known[symbol] = (quote, canonical, view)
+            out[canonical] = view
         return out
 
     def _instrument_view(self, instrument: Instrument) -> Any:
@@ -578,8 +599,14 @@ class Engine:
         rules = group.rules
         states_of, errors_of = self._states, self._errors
         # local time is per rule set's zone: set on each target's env as it is evaluated
-        local = now.astimezone(group.zone)
-        now_local, weekday = local.time(), local.weekday()
+        zones = self._local
+        if zones is None:
+            zones = self._local = {}
+        found = zones.get(group.zone)
+        if found is None:
+            local = now.astimezone(group.zone)
+            found = zones[group.zone] = (local, local.time(), local.weekday())
+        local, now_local, weekday = found
         # rules whose per-target state must be cleared when their condition is false
         tracked = [i for i, (_, rule) in enumerate(rules)
                    if states_of[rule.id] or errors_of[rule.id]]
