@@ -4,8 +4,10 @@ state, and time taken only from snapshots."""
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from freezegun import freeze_time
 from copilink_rules.engine import Engine
 from copilink_rules.errors import RuleFileError, StateError
 from copilink_rules.model import Decision, Snapshot
+from copilink_rules.rules import load_policy
 from copilink_rules.snapshots import load_timeline
 
 from .conftest import REPO, account, at, pos, snap
@@ -285,6 +288,48 @@ def test_local_time_follows_daylight_saving_changes(engine_of: EngineOf) -> None
     assert at_utc("2026-10-30T20:59:00") == ["flatten"]
     assert at_utc("2026-11-02T20:59:00") == []
     assert at_utc("2026-11-02T21:59:00") == ["flatten"]
+
+
+def test_one_engine_moves_its_local_times_every_tick_in_each_zone(tmp_path: Path) -> None:
+    """A tick works out a zone's local time once for all the groups in that zone: the next
+    tick must see its own, in every zone, across a daylight-saving change (the test above
+    starts a fresh engine for each moment)."""
+    (tmp_path / "ny.yaml").write_text(textwrap.dedent("""\
+        ruleset: ny
+        timezone: America/New_York
+        rules:
+          - id: ny-account
+            when: now_local >= time("16:59") and not account.flat
+            then: [alert]
+          - id: ny-pair
+            scope: pair
+            when: now_local >= time("16:59") and not follower.flat
+            then: [alert]
+        """))
+    (tmp_path / "chicago.yaml").write_text(textwrap.dedent("""\
+        ruleset: chicago
+        timezone: America/Chicago
+        rules:
+          - id: chicago-account
+            when: now_local >= time("15:59") and not account.flat
+            then: [alert]
+        """))
+    engine = Engine(load_policy([tmp_path / "ny.yaml", tmp_path / "chicago.yaml"]))
+
+    def tick(text: str) -> list[str]:
+        moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
+        s = snap(moment, account("LEAD", "leader"), account("F1", positions=[pos("NQH6", 1)]))
+        return sorted(f"{d.rule} {d.account}" for d in engine.evaluate(s))
+
+    fired_all = ["chicago-account F1", "ny-account F1", "ny-pair F1"]
+    # Friday 2026-03-06, EST (UTC-5) and CST (UTC-6): 16:59 New York, 15:59 Chicago is 21:59 UTC
+    assert tick("2026-03-06T21:58:59") == []
+    assert tick("2026-03-06T21:59:00") == fired_all
+    # Monday morning: false again, each episode ends
+    assert tick("2026-03-09T14:00:00") == []
+    # after the spring change, EDT (UTC-4) and CDT (UTC-5): 20:59 UTC
+    assert tick("2026-03-09T20:58:59") == []
+    assert tick("2026-03-09T20:59:00") == fired_all
 
 
 def test_micro_against_mini_is_an_opposite_position_but_another_index_is_not(
