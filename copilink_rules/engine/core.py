@@ -95,7 +95,7 @@ class Engine:
         # the scopes whose targets a stage's groups are evaluated against, in a fixed order
         self._scopes = {stage: sorted({g.scope for g in groups})
                         for stage, groups in self._groups.items()}
-        # this tick's local time, date and weekday in a group's zone (zone -> them)
+        # this tick's local time, time of day and weekday in each zone its groups use
         self._local: dict[Any, tuple[datetime, Any, int]] | None = None
         # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
         # its quote is the same object (a reader reuses an unchanged quote)
