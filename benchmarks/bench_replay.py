@@ -2,9 +2,12 @@
 through `copilink-rules replay`'s code path: read JSON Lines, validate, evaluate (SPEC section 8
 target: under 10 s). Replayed twice: with desync.yaml alone, and with desync.yaml and a firm
 file (firms/apex.yaml, which extends desync); each run prints its reading (decoding and
-validating the line) and evaluating parts. Last, the floor under the reading: the same lines
-decoded alone by the fast reader's msgspec decoder, into its structs, with none of its checks
-and no snapshot built (what reading would cost if the snapshot were those structs).
+validating the line) and evaluating parts. Then two floors. Under the reading: the same lines
+decoded alone by the fast reader's msgspec decoder, into its structs (msgspec's checks of types
+and bounds, none of the reader's own) and no snapshot built: what reading would cost if the
+snapshot were those structs. Under the whole replay (with desync.yaml, when it is replayed):
+hand-written Python doing desync's work on those structs (hand_replay.py), its decisions
+checked against the engine's, alert messages included, before it is timed.
 
     python benchmarks/bench_replay.py [--snapshots 100800] [--accounts 20]
                                       [--reader fast|strict|both] [--rules desync|apex|both]
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import msgspec
 from _workload import REPO, T0, snapshot_dict
+from hand_replay import Decided, HandReplay
 
 from copilink_rules import fastread
 from copilink_rules.engine import Engine
@@ -37,9 +41,11 @@ RULES = {
 }
 
 
-def replay(path: Path, rules: str, reader: str) -> None:
+def replay(path: Path, rules: str, reader: str) -> list[Decided]:
+    """Replays the timeline; returns its decisions in HandReplay's form."""
     engine = Engine(load_policy(RULES[rules]))
     decisions = 0
+    decided: list[Decided] = []
     parse = 0.0
     count = 0
     iterator = iter_timeline(path, fast=reader == "fast")
@@ -51,7 +57,11 @@ def replay(path: Path, rules: str, reader: str) -> None:
         if snapshot is None:
             break
         count += 1
-        decisions += len(engine.evaluate(snapshot))
+        made = engine.evaluate(snapshot)
+        decisions += len(made)
+        decided.extend((d.time, d.rule, d.account or "", d.action,
+                        str(d.args.get("message", "")) if d.action == "alert" else "")
+                       for d in made)
     total = time.perf_counter() - start
     label = "desync" if rules == "desync" else "desync + firms/apex"
     print(f"replay ({label}, {reader} reader): {count} snapshots in {total:.2f} s "
@@ -59,6 +69,39 @@ def replay(path: Path, rules: str, reader: str) -> None:
           f"{parse / count * 1e6:.0f} µs a line, evaluating {total - parse:.2f} s = "
           f"{(total - parse) / count * 1e6:.0f} µs a line), {decisions} decisions   "
           "(target: 100k snapshots under 10 s)", flush=True)
+    return decided
+
+
+def hand_replay(path: Path, engine_decided: list[Decided]) -> None:
+    """The floor: hand_replay.py's hand-written desync over the same lines; its decisions are
+    checked against the engine's before it is timed."""
+    check = HandReplay()
+    with path.open() as handle:  # text, as the timeline is read
+        decided = [d for line in handle for d in check(check.decode(line))]
+    if sorted(decided) != sorted(engine_decided):
+        missing = sorted(set(engine_decided) - set(decided))[:3]
+        extra = sorted(set(decided) - set(engine_decided))[:3]
+        raise SystemExit(f"the hand-written replay decides otherwise than the engine "
+                         f"({len(decided)} against {len(engine_decided)} decisions; only the "
+                         f"engine's: {missing}; only the hand-written: {extra})")
+    hand = HandReplay()
+    decode, parse, evaluate = hand.decode, 0.0, 0.0
+    count = 0
+    with path.open() as handle:
+        start = time.perf_counter()
+        for line in handle:
+            t0 = time.perf_counter()
+            raw = decode(line)
+            t1 = time.perf_counter()
+            hand(raw)
+            evaluate += time.perf_counter() - t1
+            parse += t1 - t0
+            count += 1
+        total = time.perf_counter() - start
+    print(f"replay (desync, hand-written, the same {len(decided)} decisions): {count} lines in "
+          f"{total:.2f} s (decoding into the reader's structs {parse:.2f} s = "
+          f"{parse / count * 1e6:.0f} µs a line, evaluating by hand {evaluate:.2f} s = "
+          f"{evaluate / count * 1e6:.0f} µs a line)", flush=True)
 
 
 def decode_floor(path: Path) -> None:
@@ -72,7 +115,8 @@ def decode_floor(path: Path) -> None:
             decode(line)
             taken += time.perf_counter() - t0
             count += 1
-    print(f"decoding alone (msgspec into the reader's structs, no checks, no snapshot built): "
+    print(f"decoding alone (msgspec into the reader's structs: its type and bound checks, none "
+          f"of the reader's, no snapshot built): "
           f"{count} lines in {taken:.2f} s = {taken / count * 1e6:.0f} µs a line", flush=True)
 
 
@@ -99,10 +143,15 @@ def main() -> None:
         print(f"generated {args.snapshots} snapshots x {args.accounts} accounts "
               f"({size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s", flush=True)
         readers = ["strict", "fast"] if args.reader == "both" else [args.reader]
+        engine_decided: list[Decided] | None = None
         for rules in (["desync", "apex"] if args.rules == "both" else [args.rules]):
             for reader in readers:
-                replay(path, rules, reader)
+                decided = replay(path, rules, reader)
+                if rules == "desync":
+                    engine_decided = decided
         decode_floor(path)
+        if engine_decided is not None:
+            hand_replay(path, engine_decided)
 
 
 if __name__ == "__main__":
