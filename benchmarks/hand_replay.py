@@ -13,7 +13,10 @@ once for the same positions (here: equal positions, looked up by value) and a le
 label once. It does not resolve conflicts between rules (none arise in this timeline), it
 handles only what the timeline holds (every follower names its leader), and its decisions are
 tuples where the engine's are Decision models. In this timeline only stuck-follower and
-missed-entry-skip fire; every rule's condition is worked out on every line.
+missed-entry-skip fire; every rule's condition is worked out on every line. It keeps no account
+metrics (equity, day P&L, peaks) and builds no views: no desync rule reads them, where the
+engine keeps the metrics of every account (for the firm rules a reload may add, and its saved
+state) and builds each account's and pair's view every line.
 """
 
 from __future__ import annotations
