@@ -96,7 +96,7 @@ class Engine:
         self._scopes = {stage: sorted({g.scope for g in groups})
                         for stage, groups in self._groups.items()}
         # this tick's local time, time of day and weekday in each zone its groups use
-        self._local: dict[Any, tuple[datetime, Any, int]] | None = None
+        self._local: dict[Any, tuple[datetime, Any, int]] = {}
         # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
         # its quote is the same object (a reader reuses an unchanged quote)
         self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
@@ -138,7 +138,7 @@ class Engine:
         groups = self._groups[stage]
         targets_by_scope = {scope: getattr(self, _BUILDERS[scope])(snapshot, infos, now)
                             for scope in self._scopes[stage]}
-        self._local = None  # the groups' local times of this tick (_evaluate_group)
+        self._local = {}  # the groups' local times of this tick (_evaluate_group)
         proposals: list[_Proposal] = []
         errors: list[tuple[int, int, Decision]] = []
         live_keys: dict[str, set[str]] = {}  # scope -> its targets' keys, once some rule has state
@@ -600,8 +600,6 @@ class Engine:
         states_of, errors_of = self._states, self._errors
         # local time is per rule set's zone: set on each target's env as it is evaluated
         zones = self._local
-        if zones is None:
-            zones = self._local = {}
         found = zones.get(group.zone)
         if found is None:
             local = now.astimezone(group.zone)
