@@ -144,11 +144,8 @@ class PositionFacts:
     micros: int
     undeclared: int
     first_seen: tuple[str, ...]  # keys of the engine's first-seen table these facts use
+    family_names: Any  # families.keys() (a live view): what an account target's rules are about
     overnight_families: Any = None  # families declared overnight (pair views), on first use
-    family_names: Any = None  # families.keys(): what an account target's rules are about
-
-    def __post_init__(self) -> None:
-        self.family_names = self.families.keys()  # a live view of the same dict
 
     def overnight_set(self, catalog: Catalog) -> Any:
         found = self.overnight_families
@@ -237,31 +234,32 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
     dated by when the engine first saw it (side included), recorded in `first_seen`."""
     families = family_exposure(positions, catalog)
     minis = micros = 0
-    for family in families.values():
+    seen: tuple[str, ...] = ()
+    for name, family in families.items():
         minis += family.minis
         micros += family.micros
-    held = [p for p in positions if p.__dict__["qty"] != 0]
-    if overnight_symbols:
-        parse = catalog.parse
-        overnight = {parse(s).symbol for s in overnight_symbols}
-        undeclared = sum(1 for p in held
-                         if parse(p.__dict__["instrument"]).symbol not in overnight)
-    else:
-        undeclared = len(held)
-    seen = []
-    for name, family in families.items():
         if family.opened_at is not None:
             continue
         # the broker did not say when the position opened: use when we first saw it
         key = f"{account_id}|{name}"
-        seen.append(key)
+        seen += (key,)
         side = (family.equiv > 0) - (family.equiv < 0)
         first = first_seen.get(key)
         if first is None or first[0] != side:
             first = first_seen[key] = (side, now)
         family.opened_at = first[1]
+    if overnight_symbols:
+        parse = catalog.parse
+        overnight = {parse(s).symbol for s in overnight_symbols}
+        undeclared = sum(1 for p in positions if p.__dict__["qty"] != 0 and
+                         parse(p.__dict__["instrument"]).symbol not in overnight)
+    else:  # every position held (a loop: cheaper than a comprehension for one or two)
+        undeclared = 0
+        for position in positions:
+            if position.__dict__["qty"] != 0:
+                undeclared += 1
     return PositionFacts(firm, positions, overnight_symbols, families, minis + micros, minis,
-                         micros, undeclared, tuple(seen))
+                         micros, undeclared, seen, families.keys())
 
 
 @dataclass(slots=True)

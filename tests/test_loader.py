@@ -411,3 +411,66 @@ def test_a_rule_set_defined_twice_or_a_param_retyped_is_an_error(tmp_path: Path)
     assert [str(p) for p in caught.value.problems] == [
         f"{tmp_path / 'other' / 'copy.yaml'}:1: rule set 'base' is also defined in "
         f"{tmp_path / 'base.yaml'}"]
+
+
+# --- a message is written by one function, as it reads part by part ---------------------------
+
+def test_a_message_written_whole_reads_as_written_part_by_part(
+        write_rules: Callable[..., Path]) -> None:
+    """Template.render writes a message with one compiled function (compile_template); part by
+    part (what it falls back on when a hole fails) must read the same: every kind of value a
+    hole shows, escaped braces, holes side by side, a message past the length limit."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from copilink_rules.rules.loader import MAX_MESSAGE_LENGTH  # noqa: PLC0415
+
+    from .test_expressions import env  # noqa: PLC0415
+
+    messages = [
+        "{account.id} holds {account.contracts} contracts, P&L {account.pnl / 3}",  # str, int, float
+        "{{literal}} {account.flat}{account.connected} at {now} ({now_local})",  # bools, times
+        "{account.pnl * 1e300} {account.pnl * 0} {-0.0} {round(account.pnl)}",  # big, zero signs
+        "{account.id}{account.id}{'x' * 3000} tail",  # past the limit
+        "no holes at all",
+    ]
+    rules = "".join(f"  - {{id: r{i}, when: account.contracts > 0, then: [{{alert: "
+                    f"{{message: {json.dumps(text)}}}}}]}}\n" for i, text in enumerate(messages))
+    policy = load_policy([write_rules("ruleset: messages\nrules:\n" + rules)])
+    templates = [rule.templates[0] for rule in policy.rules]
+    assert len(templates) == len(messages)
+    for moment in (None, timedelta(hours=7)):
+        e = env() if moment is None else env(now=env().now + moment)
+        for template in templates:
+            assert template is not None
+            written = template.render(e)
+            assert callable(template._whole)  # written by the compiled function
+            assert written == template._render_parts(e)
+    long = templates[3].render(env())
+    assert len(long) == MAX_MESSAGE_LENGTH and long.startswith("F1F1xxx")
+    assert templates[0].render(env()) == "F1 holds 3 contracts, P&L -40.16666667"
+    assert templates[1].render(env()) == \
+        "{literal} falsetrue at 2026-03-02T20:58:00+00:00 (15:58:00)"
+
+
+def test_a_message_whose_hole_fails_shows_the_failure_in_its_place(
+        write_rules: Callable[..., Path]) -> None:
+    """The compiled message aborts on a failing hole; the message is then written part by
+    part, the failure shown where the hole was, the other holes as they are."""
+    from copilink_rules.namespace import MissingQuote  # noqa: PLC0415
+
+    from .test_expressions import env  # noqa: PLC0415
+
+    path = write_rules("""
+        ruleset: messages
+        rules:
+          - id: r
+            scope: pair
+            when: leader.qty > 0
+            then: [{alert: {message: "{account.id} at {quote.last} ({leader.qty})"}}]
+    """)
+    (rule,) = load_policy([path]).rules
+    template = rule.templates[0]
+    assert template is not None
+    assert template.render(env()) == "F1 at 18001 (2)"
+    assert template.render(env(quote=MissingQuote("ESH26"))) == \
+        "F1 at <quote.last: no quote for ESH26 in this snapshot> (2)"

@@ -47,7 +47,7 @@ from copilink_rules.namespace import (
 from copilink_rules.rules.loader import CompiledRule, Policy
 
 from .episodes import _Group, _groups, _Subset, account_kind
-from .resolve import DEFAULT_SEVERITY, ENTRY_PRECEDENCE, _Proposal, _rank, _stronger
+from .resolve import ENTRY_PRECEDENCE, _Proposal, _rank, _Step, _stronger, plan, rank_of
 from .state import (
     STATE_VERSION,
     _count_trades,
@@ -65,6 +65,9 @@ _NO_COUNTS: Counter[str | None] = Counter()  # accounts per firm when no rule re
 _BUILDERS = {"account": "_account_targets", "pair": "_pair_targets", "global": "_global_targets"}
 _MAX_QUOTE_VIEWS = 4096  # quote views kept between ticks (a snapshot has a few dozen)
 _UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule applies)
+_KEY = attrgetter("key")  # how conflicts rank a proposal (_Proposal.key)
+_OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stronger can override
+_NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
 
 
 class Engine:
@@ -105,6 +108,11 @@ class Engine:
         # rules with an order among their actions: held (all their actions) while unreachable
         self._order_rules = {r.id for r in policy.rules
                              if any(a.name in ORDER_ACTIONS for a in r.actions)}
+        # each rule's default reason and its actions as proposals take them (resolve.plan),
+        # its order that of its stage's rules (what conflicts fall back on)
+        self._plans = {r.id: plan(r, order)
+                       for stage in ("session", "pre_session")
+                       for order, r in enumerate(x for x in policy.rules if x.stage == stage)}
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
         self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
@@ -466,7 +474,7 @@ class Engine:
         catalog, entries = self.catalog, self._entries
         # a follower's pair targets of the last tick, reused (their time, quote and episode
         # fields refreshed) while its and its leader's positions are the same; this tick's
-        # are kept (the reference path too: `_trades_of` reads them)
+        # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
         for info in infos.values():
@@ -557,11 +565,6 @@ class Engine:
             for key in [k for k in entries if k not in live]:
                 del entries[key]
         return targets
-
-    def _trades_of(self, follower: str) -> list[tuple[str, str, str]]:
-        """(pair key, family, leader trade) of each of a follower's pairs this tick."""
-        pairs = self._pair_sets.get(follower)
-        return pairs.trades if pairs is not None else []
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
         """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""
@@ -721,15 +724,25 @@ class Engine:
             # building them (rendering their messages) first. `reuse=False` builds them.
             return
         state.fired = True
-        for action, template in zip(rule.actions, rule.templates, strict=True):
-            proposal = self._proposal(rule, order, target, action.name, dict(action.args),
-                                      template, held, as_if_held)
+        default, steps = self._plans[rule.id]
+        if rule.hold > 0:
+            said = (f" (as if held for {rule.hold:g}s: a single snapshot has no history)"
+                    if as_if_held and held < rule.hold else f" (held {held:.1f}s)")
+        else:
+            said = ""
+        for step in steps:
+            proposal = self._proposal(rule, order, target, step, default, said, held)
             proposal.target_index = index
             proposals.append(proposal)
 
-    def _proposal(self, rule: CompiledRule, order: int, target: _Target, action: str,
-                  args: dict[str, Any], template: Any, held: float,
-                  as_if_held: bool) -> _Proposal:
+    def _proposal(self, rule: CompiledRule, order: int, target: _Target, step: _Step,
+                  default: str, said: str, held: float) -> _Proposal:
+        """A proposal of one of `rule`'s actions (`step`): its args, and the reason it gives
+        (an alert's message, else `default`, the rule's; then what `said` adds: how long the
+        condition held)."""
+        args = dict(step.args)
+        action = step.action
+        template = step.template
         if template is not None:
             args["message"] = template.render(target.env)
         if action == "catch_up":
@@ -738,11 +751,9 @@ class Engine:
             if target.stop_price is not None:
                 args["stop_price"] = target.stop_price
         message = args.get("message") if action == "alert" else None
-        reason = str(message or rule.description or f"when: {rule.when.source}")
-        if rule.hold > 0:
-            reason += (f" (as if held for {rule.hold:g}s: a single snapshot has no history)"
-                       if as_if_held and held < rule.hold else f" (held {held:.1f}s)")
-        return _Proposal(rule, order, target, action, args, str(reason), held)
+        reason = str(message) + said if message else default + said
+        return _Proposal(rule, order, target, action, args, reason, held, None, 0, step.key,
+                         step.severity)
 
     def _error_decision(self, rule: CompiledRule, target: _Target, now: datetime,
                         message: str) -> Decision:
@@ -770,23 +781,26 @@ class Engine:
                 p.suppressed = "rule mode is warn: alert only"
                 if not any(a.name == "alert" for a in p.rule.actions) and \
                         not any(e.rule is p.rule and e.target is p.target for e in extra):
+                    severity = p.rule.severity or "warning"
                     extra.append(_Proposal(
-                        p.rule, p.order, p.target, "alert",
-                        {"severity": p.rule.severity or "warning"},
+                        p.rule, p.order, p.target, "alert", {"severity": severity},
                         f"would {', '.join(a.name for a in p.rule.actions)}: {p.reason}",
-                        p.held_for))
+                        p.held_for, None, 0,
+                        (-rank_of("alert", {}), -p.rule.priority, p.order), severity))
             else:
                 active.append(p)
         proposals = proposals + extra
         active.extend(extra)
 
-        ranked = sorted(active, key=lambda p: (-_rank(p), -p.rule.priority, p.order))
+        ranked = sorted(active, key=_KEY)
         winners: dict[tuple[str | None, str, str | None], _Proposal] = {}
         kept: dict[str | None, list[_Proposal]] = {}
+        entries = self._entries
         for p in ranked:
-            account = p.target.account.id if p.target.account else None
-            if p.action != "alert":
-                same = (account, p.action, p.target.family)
+            target, action = p.target, p.action
+            account = target.account.id if target.account else None
+            if action != "alert":
+                same = (account, action, target.family)
                 first = winners.get(same)
                 if first is not None:  # ranks differ only for halted vs reducing locks
                     p.suppressed = (
@@ -796,22 +810,29 @@ class Engine:
                         f"(priority {first.rule.priority})")
                     continue
                 winners[same] = p
-            stronger = _stronger(p, kept.get(account, []), self._entries)
+            # only these actions can be overridden by what an account has already (_stronger)
+            stronger = _stronger(p, kept.get(account, _NONE_KEPT), entries) \
+                if action in _OVERRIDABLE else None
             lock = self.lock_book.get(account) if stronger is None and \
-                p.action == "catch_up" and account is not None else None
+                action == "catch_up" and account is not None else None
             if lock is not None:
                 stronger = (f"account is locked ({lock.state}) by rule {lock.rule} until "
                             f"{lock.until.isoformat()}: no new exposure")
             if stronger:
                 p.suppressed = stronger
                 continue
-            kept.setdefault(account, []).append(p)
+            found = kept.get(account)
+            if found is None:
+                kept[account] = [p]
+            else:
+                found.append(p)
 
+        record, decision = self._record, self._decision
         decisions = []
         for p in proposals:
             if p.suppressed is None:
-                self._record(p, now)
-            decisions.append(self._decision(p, now))
+                record(p, now)
+            decisions.append(decision(p, now))
         return decisions
 
     def _hold_unreachable(self, proposals: list[_Proposal], infos: dict[str, _AccountInfo],
@@ -855,24 +876,32 @@ class Engine:
     def _record(self, p: _Proposal, now: datetime) -> None:
         """Remember what a decision that passed means for cooldowns, locks and the leader's
         trade."""
-        if p.action == "lock_account" and p.target.account is not None:
+        action, rule, target = p.action, p.rule, p.target
+        if action == "alert":  # the most common: no order, no lock, no trade
+            if rule.cooldown > 0:
+                self._last_fired[rule.id][target.key] = now
+            return
+        if action == "lock_account" and target.account is not None:
             self._lock(p, now)
-        if p.action in ORDER_ACTIONS:
-            state = self._states[p.rule.id].get(p.target.key)
+        if action in ORDER_ACTIONS:
+            state = self._states[rule.id].get(target.key)
             if state is not None:
                 state.held = False  # a later disconnect in this episode is reported again
-        if p.rule.cooldown > 0:
-            self._last_fired[p.rule.id][p.target.key] = now
-        if p.action not in ENTRY_PRECEDENCE:
+        if rule.cooldown > 0:
+            self._last_fired[rule.id][target.key] = now
+        if action not in ENTRY_PRECEDENCE:
             return
-        if p.target.trade:  # a pair target: its leader trade
-            episodes = [(p.target.key, p.target.trade)]
-        elif p.action == "flatten" and p.target.account is not None:
+        if target.trade:  # a pair target: its leader trade
+            episodes = [(target.key, target.trade)]
+        elif action == "flatten" and target.account is not None:
             # an account-wide flatten (a firm rule: no hedging, a loss limit) ends the
             # follower's part in each leader trade it touches, as a pair flatten does
-            episodes = [(key, trade) for key, family, trade in
-                        self._trades_of(p.target.account.id)
-                        if trade and p.target.family in (None, family)]
+            pairs = self._pair_sets.get(target.account.id)  # its pairs' trades, this tick
+            if pairs is None:
+                return
+            family_of = target.family
+            episodes = [(key, trade) for key, family, trade in pairs.trades
+                        if trade and family_of in (None, family)]
         else:
             return
         for key, trade in episodes:
@@ -952,9 +981,10 @@ class Engine:
         p.args["until_time"] = lock.until.isoformat()
 
     def _decision(self, p: _Proposal, now: datetime) -> Decision:
-        severity = (p.args.get("severity") if p.action == "alert" else None) or \
-            p.rule.severity or DEFAULT_SEVERITY.get(p.action, "warning")
-        args = {k: v for k, v in p.args.items() if v is not None}
+        args = p.args  # the proposal's own: handed over, without the args that are None
+        severity = (args.get("severity") if p.action == "alert" else None) or p.severity
+        if None in args.values():
+            args = {k: v for k, v in args.items() if v is not None}
         rule, target = p.rule, p.target
         # every value is the engine's own or a rule file's, checked when the rules loaded (the
         # severities are the spec's literals): built without validating them again, with every

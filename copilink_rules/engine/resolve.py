@@ -35,12 +35,43 @@ class _Proposal:
     held_for: float
     suppressed: str | None = None
     target_index: int = 0
+    # how conflicts rank it, first by rank (most restrictive first), then the rule's priority,
+    # then the rule's order: all fixed by the rule's file (`_Plan`), so found once per action
+    key: tuple[int, int, int] = (0, 0, 0)
+    severity: str = "warning"  # the rule's severity for this action, or the action's default
 
 
 def _rank(p: _Proposal) -> int:
-    if p.action == "lock_account":
-        return RANK[f"lock_account:{p.args.get('state', 'halted')}"]
-    return RANK.get(p.action, 0)
+    return -p.key[0]
+
+
+def rank_of(action: str, args: dict[str, Any]) -> int:
+    """How restrictive `action` with these args is (RANK)."""
+    if action == "lock_account":
+        return RANK[f"lock_account:{args.get('state', 'halted')}"]
+    return RANK.get(action, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One action of a rule, with what a proposal of it takes from the rule file alone."""
+
+    action: str
+    args: dict[str, Any]  # copied into each proposal (a proposal adds to its own)
+    template: Any  # its message template, or None
+    key: tuple[int, int, int]  # _Proposal.key
+    severity: str  # the decision's severity (an alert's own `severity` arg goes first)
+
+
+def plan(rule: CompiledRule, order: int) -> tuple[str, tuple[_Step, ...]]:
+    """A rule's default reason (when no alert message says more) and its actions' steps."""
+    reason = str(rule.description or f"when: {rule.when.source}")
+    steps = tuple(
+        _Step(action.name, dict(action.args), template,
+              (-rank_of(action.name, action.args), -rule.priority, order),
+              rule.severity or DEFAULT_SEVERITY.get(action.name, "warning"))
+        for action, template in zip(rule.actions, rule.templates, strict=True))
+    return reason, steps
 
 
 def _stronger(p: _Proposal, kept: list[_Proposal],

@@ -65,28 +65,32 @@ class _AccountInfo(msgspec.Struct, gc=False):
 
 def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
     """Flag accounts holding the other side of a family than another account at their firm."""
-    sides: dict[tuple[str, str], dict[int, list[str]]] = {}
-    for info in infos.values():
-        firm = info.account.firm
+    # (firm, family, long) -> the accounts holding that side of that family at that firm (a
+    # family whose contracts net to nothing counts as short, as Family.side takes it)
+    holders: dict[tuple[str, str, bool], list[str]] = {}
+    for account_id, info in infos.items():
+        firm = info.kind[2]  # (id, role, firm): the firm without a model attribute lookup
         if not firm:
             continue
         for family, held in info.families.items():
-            side = held.side
-            sides.setdefault((firm, family), {}).setdefault(side, []).append(info.account.id)
-    for (firm, family), by_side in sides.items():
-        if len(by_side) < 2:
+            key = (firm, family, held.equiv > 0)
+            found = holders.get(key)
+            if found is None:
+                holders[key] = [account_id]
+            else:
+                found.append(account_id)
+    for (firm, family, long), accounts in holders.items():
+        others = holders.get((firm, family, not long))
+        if others is None:  # one side only at this firm: no hedge
             continue
-        del firm, family
-        for side, accounts in by_side.items():
-            others = by_side.get(-side, [])
-            joined: str | None = None  # the other side, once: hundreds of accounts at a firm
-            for account in accounts:
-                view = infos[account].view
-                view.hedged = True
-                if not view.hedged_with:  # hedged nowhere else (yet): just the other side
-                    if joined is None:
-                        joined = ",".join(sorted(set(others)))
-                    view.hedged_with = joined
-                    continue
-                known = [a for a in view.hedged_with.split(",") if a]
-                view.hedged_with = ",".join(sorted(set(known) | set(others)))
+        joined: str | None = None  # the other side, once: hundreds of accounts at a firm
+        for account in accounts:
+            view = infos[account].view
+            view.hedged = True
+            if not view.hedged_with:  # hedged nowhere else (yet): just the other side
+                if joined is None:
+                    joined = ",".join(sorted(set(others)))
+                view.hedged_with = joined
+                continue
+            known = [a for a in view.hedged_with.split(",") if a]
+            view.hedged_with = ",".join(sorted(set(known) | set(others)))

@@ -868,6 +868,36 @@ def compile_batch(conditions: list[CompiledExpression], label: str,
     return batch
 
 
+def compile_template(parts: tuple[str | CompiledExpression, ...], show: Callable[[Any], str],
+                     label: str) -> Callable[[Env], str]:
+    """One function writing a whole message: its literal parts and each hole's value, shown by
+    `show`, joined, as a message template renders them one part at a time. Any exception in a
+    hole aborts it (the template then renders part by part, to show which hole failed)."""
+    constants: dict[str, Any] = {}
+    pieces: list[ast.expr] = []
+    for part in parts:
+        if isinstance(part, str):
+            pieces.append(ast.Constant(part))
+            continue
+        constants.update(part.constants)
+        pieces.append(ast.Call(ast.Name("__cl_show", ast.Load()), [part.tree], []))
+    body = ast.Call(ast.Attribute(ast.Constant(""), "join", ast.Load()),
+                    [ast.Tuple(pieces, ast.Load())], [])
+    function = ast.Expression(body=ast.Lambda(
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=ENV)], kwonlyargs=[],
+                           kw_defaults=[], defaults=[]),
+        body=body))
+    ast.fix_missing_locations(function)
+    try:
+        code = compile(function, f"<{label}>", "eval")
+    except RecursionError:
+        raise ExpressionError("the message is nested too deeply") from None
+    # every hole's tree was checked by _Checker; the function runs with no builtins
+    result: Callable[[Env], str] = eval(  # noqa: S307
+        code, {**_GLOBALS_BASE, **constants, "__cl_show": show})
+    return result
+
+
 def check_reference(path: str, scope: str, params: dict[str, str]) -> None:
     """Check a `{account.id}`-style template reference the way an expression would be."""
     compile_expression(path, scope, params)

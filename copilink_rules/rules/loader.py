@@ -25,7 +25,7 @@ from copilink_rules.errors import ExpressionError, ParamError, Problem, RuleFile
 from copilink_rules.namespace import BOOL, NUM, STR
 from copilink_rules.sources import LineMap, YamlSyntaxError, clip, echo, load_yaml
 
-from .expressions import CompiledExpression, compile_expression, did_you_mean
+from .expressions import CompiledExpression, compile_expression, compile_template, did_you_mean
 from .spec import (
     DEFAULT_ALERT_COOLDOWN,
     PARAM_PATTERN,
@@ -85,8 +85,30 @@ class Template:
     """An alert message: literal text with compiled `{expression}` holes."""
 
     parts: tuple[str | CompiledExpression, ...]
+    # the whole message written by one function (compile_template), made on first render
+    _whole: Any = field(default=None, compare=False, repr=False)
 
     def render(self, env: Any) -> str:
+        whole = self._whole
+        if whole is None:
+            whole = self._compile()
+        if whole is not False:
+            try:
+                return clip(whole(env), MAX_MESSAGE_LENGTH)
+            except Exception:  # noqa: BLE001, S110 - a hole failed: part by part, below
+                pass
+        return self._render_parts(env)
+
+    def _compile(self) -> Any:
+        try:
+            whole: Any = compile_template(self.parts, _show, "message")
+        except Exception:  # noqa: BLE001 - cannot happen for checked holes; parts still work
+            whole = False
+        object.__setattr__(self, "_whole", whole)  # a cache of what `parts` say
+        return whole
+
+    def _render_parts(self, env: Any) -> str:
+        """The message one part at a time: a hole that fails shows its error in its place."""
         out = []
         length = 0  # of what is in `out`
         for part in self.parts:
