@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.engine import Engine, _mark_hedges
+from copilink_rules.engine.core import _OVERRIDABLE
+from copilink_rules.engine.resolve import RANK, _Proposal, _stronger
 from copilink_rules.errors import EvaluationError
 from copilink_rules.model import Decision
 from copilink_rules.rules.expressions import compile_batch, compile_expression, fn_tier
@@ -238,3 +241,24 @@ def test_a_subset_batch_answers_in_the_groups_bits() -> None:
     batch = compile_batch(conditions, "account rules", positions=[3, 7, 12])
     assert batch(e) == (1 << 3) | (1 << 12)
     assert compile_batch(conditions, "account rules")(e) == 0b101
+
+
+# --- conflicts: only some actions are ever overridden by what an account already has ---------
+
+def test_only_the_overridable_actions_are_ever_overridden() -> None:
+    """Engine._resolve asks `_stronger` only about the actions in `_OVERRIDABLE`; for every
+    other action it must answer None whatever else the account has, families and trades
+    included (a lock, a pause, a flatten of every instrument, a skipped entry)."""
+    actions = sorted({name.split(":")[0] for name in RANK})
+    rule = SimpleNamespace(id="r", priority=0)
+
+    def proposal(action: str, family: str | None) -> _Proposal:
+        target = SimpleNamespace(family=family, key="F1|L1|NQ", trade="1@t",
+                                 account=SimpleNamespace(id="F1"))
+        return _Proposal(rule, 0, target, action, {"state": "halted"}, "why", 0.0)  # type: ignore[arg-type]
+
+    kept = [proposal(a, f) for a in actions for f in (None, "NQ")]
+    entries = {"F1|L1|NQ": ("1@t", "flatten")}
+    overridden = {a for a in actions for f in (None, "NQ")
+                  if _stronger(proposal(a, f), kept, entries) is not None}
+    assert overridden == set(_OVERRIDABLE)

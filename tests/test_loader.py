@@ -7,6 +7,7 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import jsonschema
@@ -16,11 +17,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.errors import ParamError, RuleFileError
+from copilink_rules.namespace import MissingQuote
 from copilink_rules.rules import load_policy
-from copilink_rules.rules.loader import parse_duration, parse_overrides
+from copilink_rules.rules.loader import MAX_MESSAGE_LENGTH, parse_duration, parse_overrides
 from copilink_rules.rules.spec import RuleSetFile, ruleset_json_schema, ruleset_json_schema_text
 
 from .conftest import REPO
+from .test_expressions import env
 
 GOOD = """
     ruleset: demo
@@ -420,14 +423,8 @@ def test_a_message_written_whole_reads_as_written_part_by_part(
     """Template.render writes a message with one compiled function (compile_template); part by
     part (what it falls back on when a hole fails) must read the same: every kind of value a
     hole shows, escaped braces, holes side by side, a message past the length limit."""
-    from datetime import timedelta  # noqa: PLC0415
-
-    from copilink_rules.rules.loader import MAX_MESSAGE_LENGTH  # noqa: PLC0415
-
-    from .test_expressions import env  # noqa: PLC0415
-
     messages = [
-        "{account.id} holds {account.contracts} contracts, P&L {account.pnl / 3}",  # str, int, float
+        "{account.id} holds {account.contracts} contracts, P&L {account.pnl / 3}",  # str, int, num
         "{{literal}} {account.flat}{account.connected} at {now} ({now_local})",  # bools, times
         "{account.pnl * 1e300} {account.pnl * 0} {-0.0} {round(account.pnl)}",  # big, zero signs
         "{account.id}{account.id}{'x' * 3000} tail",  # past the limit
@@ -446,7 +443,8 @@ def test_a_message_written_whole_reads_as_written_part_by_part(
             assert callable(template._whole)  # written by the compiled function
             assert written == template._render_parts(e)
     long = templates[3].render(env())
-    assert len(long) == MAX_MESSAGE_LENGTH and long.startswith("F1F1xxx")
+    assert len(long) == MAX_MESSAGE_LENGTH
+    assert long.startswith("F1F1xxx")
     assert templates[0].render(env()) == "F1 holds 3 contracts, P&L -40.16666667"
     assert templates[1].render(env()) == \
         "{literal} falsetrue at 2026-03-02T20:58:00+00:00 (15:58:00)"
@@ -456,10 +454,6 @@ def test_a_message_whose_hole_fails_shows_the_failure_in_its_place(
         write_rules: Callable[..., Path]) -> None:
     """The compiled message aborts on a failing hole; the message is then written part by
     part, the failure shown where the hole was, the other holes as they are."""
-    from copilink_rules.namespace import MissingQuote  # noqa: PLC0415
-
-    from .test_expressions import env  # noqa: PLC0415
-
     path = write_rules("""
         ruleset: messages
         rules:
