@@ -255,7 +255,8 @@ def test_only_the_overridable_actions_are_ever_overridden() -> None:
     def proposal(action: str, family: str | None) -> _Proposal:
         target = SimpleNamespace(family=family, key="F1|L1|NQ", trade="1@t",
                                  account=SimpleNamespace(id="F1"))
-        return _Proposal(rule, 0, target, action, {"state": "halted"}, "why", 0.0)  # type: ignore[arg-type]
+        return _Proposal(rule, 0, target, action, {"state": "halted"}, "why", 0.0,  # type: ignore[arg-type]
+                         (0, 0, 0), "warning")
 
     kept = [proposal(a, f) for a in actions for f in (None, "NQ")]
     entries = {"F1|L1|NQ": ("1@t", "flatten")}

@@ -752,7 +752,7 @@ class Engine:
                 args["stop_price"] = target.stop_price
         message = args.get("message") if action == "alert" else None
         reason = str(message) + said if message else default + said
-        return _Proposal(rule, order, target, action, args, reason, held, None, 0, step.key,
+        return _Proposal(rule, order, target, action, args, reason, held, step.key,
                          step.severity)
 
     def _error_decision(self, rule: CompiledRule, target: _Target, now: datetime,
@@ -785,8 +785,8 @@ class Engine:
                     extra.append(_Proposal(
                         p.rule, p.order, p.target, "alert", {"severity": severity},
                         f"would {', '.join(a.name for a in p.rule.actions)}: {p.reason}",
-                        p.held_for, None, 0,
-                        (-rank_of("alert", {}), -p.rule.priority, p.order), severity))
+                        p.held_for, (-rank_of("alert", {}), -p.rule.priority, p.order),
+                        severity))
             else:
                 active.append(p)
         proposals = proposals + extra

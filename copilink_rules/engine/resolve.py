@@ -33,12 +33,13 @@ class _Proposal:
     args: dict[str, Any]
     reason: str
     held_for: float
+    # how conflicts rank it, first by rank (most restrictive first), then the rule's priority,
+    # then the rule's order: all fixed by the rule's file, so worked out once per action
+    # (`plan`, `_Step.key`)
+    key: tuple[int, int, int]
+    severity: str  # the rule's severity for this action, or the action's default
     suppressed: str | None = None
     target_index: int = 0
-    # how conflicts rank it, first by rank (most restrictive first), then the rule's priority,
-    # then the rule's order: all fixed by the rule's file (`_Plan`), so found once per action
-    key: tuple[int, int, int] = (0, 0, 0)
-    severity: str = "warning"  # the rule's severity for this action, or the action's default
 
 
 def _rank(p: _Proposal) -> int:
