@@ -103,8 +103,11 @@ if kind == "build":  # each tick's snapshot built from the adapter's data, as `r
                            + timedelta(milliseconds=250 * (i % distinct))))
     sys.exit(0)
 if kind in ("shipped-live", "shipped-cycle"):
+    # built as bench_tick builds them; as many in both processes of a row, whatever `ticks`
+    # (slow at 1,000 accounts: two laps of the cycle, or the 50 ticks --ticks may take)
+    needed = max(50, 2 * distinct) if cycling else 13 * distinct
     batch = [builder(sent_again(datas[i % distinct], s.time + cycle * (1 + i // distinct)))
-             for i, s in enumerate(snapshots * 13)]
+             for i, s in enumerate((snapshots * (needed // distinct + 1))[:needed])]
 else:
     batch = [refreshed(s, s.time + cycle * (1 + i // distinct)) if kind == "shipped-steady"
              else s.model_copy(update={{"time": s.time + cycle * (1 + i // distinct)}})
