@@ -79,18 +79,28 @@ def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
                 holders[key] = [account_id]
             else:
                 found.append(account_id)
+    # account -> the other side's holders of each family it is hedged in (lists shared)
+    hedged: dict[str, list[list[str]]] = {}
     for (firm, family, long), accounts in holders.items():
         others = holders.get((firm, family, not long))
         if others is None:  # one side only at this firm: no hedge
             continue
-        joined: str | None = None  # the other side, once: hundreds of accounts at a firm
         for account in accounts:
-            view = infos[account].view
-            view.hedged = True
-            if not view.hedged_with:  # hedged nowhere else (yet): just the other side
-                if joined is None:
-                    joined = ",".join(sorted(set(others)))
-                view.hedged_with = joined
-                continue
-            known = [a for a in view.hedged_with.split(",") if a]
-            view.hedged_with = ",".join(sorted(set(known) | set(others)))
+            sides = hedged.get(account)
+            if sides is None:
+                hedged[account] = [others]
+            else:
+                sides.append(others)
+    # the other side joined once per family (hundreds of accounts at a firm share it); an
+    # account hedged in several families gets them all, each id whole (an id may hold a comma)
+    joined: dict[int, str] = {}
+    for account, lists in hedged.items():
+        view = infos[account].view
+        view.hedged = True
+        if len(lists) == 1:
+            text = joined.get(id(lists[0]))
+            if text is None:
+                text = joined[id(lists[0])] = ",".join(sorted(set(lists[0])))
+        else:
+            text = ",".join(sorted(set().union(*lists)))
+        view.hedged_with = text
