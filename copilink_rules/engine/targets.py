@@ -79,28 +79,30 @@ def _mark_hedges(infos: dict[str, _AccountInfo]) -> None:
                 holders[key] = [account_id]
             else:
                 found.append(account_id)
-    # account -> the other side's holders of each family it is hedged in (lists shared)
-    hedged: dict[str, list[list[str]]] = {}
+    # each account marked with the other side of the first family it is hedged in, joined once
+    # per family (hundreds of accounts at a firm share it); one hedged in several families is
+    # then given them all, each id whole (an id may hold a comma)
+    first: dict[str, list[str]] = {}  # account -> the other side it was marked with
+    more: dict[str, list[list[str]]] = {}  # account -> every other side, when several
     for (firm, family, long), accounts in holders.items():
         others = holders.get((firm, family, not long))
         if others is None:  # one side only at this firm: no hedge
             continue
+        joined: str | None = None
         for account in accounts:
-            sides = hedged.get(account)
-            if sides is None:
-                hedged[account] = [others]
+            marked = first.get(account)
+            if marked is None:
+                first[account] = others
+                if joined is None:
+                    joined = ",".join(sorted(set(others)))
+                view = infos[account].view
+                view.hedged = True
+                view.hedged_with = joined
             else:
-                sides.append(others)
-    # the other side joined once per family (hundreds of accounts at a firm share it); an
-    # account hedged in several families gets them all, each id whole (an id may hold a comma)
-    joined: dict[int, str] = {}
-    for account, lists in hedged.items():
-        view = infos[account].view
-        view.hedged = True
-        if len(lists) == 1:
-            text = joined.get(id(lists[0]))
-            if text is None:
-                text = joined[id(lists[0])] = ",".join(sorted(set(lists[0])))
-        else:
-            text = ",".join(sorted(set().union(*lists)))
-        view.hedged_with = text
+                sides = more.get(account)
+                if sides is None:
+                    more[account] = [marked, others]
+                else:
+                    sides.append(others)
+    for account, sides in more.items():
+        infos[account].view.hedged_with = ",".join(sorted(set().union(*sides)))
