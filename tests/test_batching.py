@@ -411,3 +411,19 @@ def test_a_live_session_compiles_its_rules_at_start_not_in_its_first_tick(
         session.tick()
     assert session.ticks == 8
     assert compiled == []
+
+
+def test_prepare_compiles_the_alert_messages_too() -> None:
+    """A message is written by a function compiled on its first render, inside the tick in
+    which its rule first fires; `Engine.prepare` (what `run` calls at start) compiles them
+    ahead, so that tick does not."""
+    policy = load_policy([REPO / "rules" / "desync.yaml",
+                          *sorted((REPO / "rules" / "firms").glob("*.yaml"))],
+                         search_path=[REPO / "rules"])  # its own: templates cache their function
+    templates = [t for r in policy.rules if r.stage == "session" for t in r.templates
+                 if t is not None]
+    assert templates
+    assert not any(callable(t._whole) for t in templates)
+    snapshot = next(iter(iter_timeline(REPO / "examples" / "desync-session.jsonl")))
+    Engine(policy).prepare(snapshot)
+    assert all(callable(t._whole) for t in templates)

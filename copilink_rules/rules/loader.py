@@ -99,6 +99,11 @@ class Template:
                 pass
         return self._render_parts(env)
 
+    def prepare(self) -> None:
+        """Compile the message's function now (a tick otherwise does on its first render)."""
+        if self._whole is None:
+            self._compile()
+
     def _compile(self) -> Any:
         try:
             whole: Any = compile_template(self.parts, _show, "message")
