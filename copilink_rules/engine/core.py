@@ -109,10 +109,9 @@ class Engine:
         self._order_rules = {r.id for r in policy.rules
                              if any(a.name in ORDER_ACTIONS for a in r.actions)}
         # each rule's default reason and its actions as proposals take them (resolve.plan),
-        # its order that of its stage's rules (what conflicts fall back on)
-        self._plans = {r.id: plan(r, order)
-                       for stage in ("session", "pre_session")
-                       for order, r in enumerate(x for x in policy.rules if x.stage == stage)}
+        # with its order among its stage's rules, as its group holds it (conflicts' last key)
+        self._plans = {rule.id: plan(rule, order) for groups in self._groups.values()
+                       for group in groups for order, rule in group.rules}
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
         self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
