@@ -41,6 +41,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_tick import cycle_length
+
 HERE = Path(__file__).resolve().parent
 
 # The child: set up as bench_tick.py does, then evaluate `ticks` snapshots of a fixed batch.
@@ -48,7 +50,7 @@ CHILD = """
 import gc, random, sys
 sys.path.insert(0, {here!r})
 from datetime import timedelta
-from bench_tick import MAKERS, START, sent_again
+from bench_tick import MAKERS, START, cycle_length, sent_again
 from copilink_rules.adapters.base import SnapshotBuilder
 from _workload import refreshed, shipped_policy, load_bench_policy
 from copilink_rules.engine import Engine
@@ -86,7 +88,7 @@ else:
 rng = random.Random(7)
 # shipped-cycle: bench_tick.py's cycle of shipped-live snapshots, the leaders flat on its last
 cycling = kind == "shipped-cycle"
-distinct = max(10, min(40, 20_000 // accounts)) if cycling else 4
+distinct = cycle_length(accounts) if cycling else 4
 datas = [MAKERS["shipped-live" if kind in ("build", "shipped-cycle") else kind](
     accounts, START + timedelta(milliseconds=250 * i), rng, not cycling or i != distinct - 1)
     for i in range(distinct)]
@@ -181,8 +183,7 @@ def main() -> None:
         raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
                          "shipped-live, shipped-cycle, synthetic, read, build or replay")
     if at:
-        distinct = [max(10, min(40, 20_000 // int(n))) for n in args.accounts.split(",")
-                    if n.strip()]
+        distinct = [cycle_length(int(n)) for n in args.accounts.split(",") if n.strip()]
         if kinds != ["shipped-cycle"] or not all(0 <= i < min(distinct) for i in at):
             raise SystemExit("--at counts ticks of the shipped-cycle workload alone: use "
                              "--rules shipped-cycle and ticks from 0 to "

@@ -77,6 +77,12 @@ MAKERS: dict[str, Callable[[int, Any, random.Random, bool], dict[str, Any]]] = {
 MAKERS["shipped-live"] = MAKERS["shipped-steady"]
 
 
+def cycle_length(accounts: int) -> int:
+    """Distinct snapshots a cell cycles through: fewer the more accounts (building them is
+    slow), the leaders flat on the last."""
+    return max(10, min(40, 20_000 // accounts))
+
+
 def sent_again(data: dict[str, Any], moment: Any) -> dict[str, Any]:
     """A snapshot's data as an adapter hands it over again at `moment`: every account
     refreshed then, its positions and orders the same values."""
@@ -91,7 +97,7 @@ def run_cell(policy: Policy, kind: str, accounts: int, seconds: float, max_ticks
     they run between the ticks, never inside one)."""
     rng = random.Random(7)
     start = START
-    distinct = max(10, min(40, 20_000 // accounts))  # snapshots to build (pydantic is slow)
+    distinct = cycle_length(accounts)
     make = MAKERS[kind]
     datas = [make(accounts, start + timedelta(milliseconds=250 * i), rng, i != distinct - 1)
              for i in range(distinct)]
