@@ -38,6 +38,10 @@ from pydantic import BaseModel
 from .errors import InstrumentError
 from .instruments import Catalog
 from .model import (
+    _SET_DICT,
+    _SET_EXTRA,
+    _SET_FIELDS_SET,
+    _SET_PRIVATE,
     MAX_AMOUNT,
     MAX_QTY,
     MAX_RATIO,
@@ -52,6 +56,9 @@ from .model import (
 )
 
 _build = build_model
+_new = object.__new__
+_set_dict, _set_fields_set = _SET_DICT, _SET_FIELDS_SET
+_set_extra, _set_private = _SET_EXTRA, _SET_PRIVATE
 log = logging.getLogger(__name__)
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
@@ -332,7 +339,7 @@ _SNAPSHOT = _Maker(Snapshot, _Snapshot, _snapshot_values)
 _QUOTE_FLOATS = ("bid", "ask", "last")
 _POSITION_FLOATS = ("avg_price",)
 _ORDER_FLOATS = ("limit_price", "stop_price")
-_ACCOUNT_FLOATS = ("balance", "realized_pnl", "unrealized_pnl")  # ratio and size are > 0
+_MONEY_FLOATS = ("balance", "realized_pnl", "unrealized_pnl")  # an account's (ratio, size > 0)
 
 
 def _zeros_agree(new: Struct, old: Struct, names: tuple[str, ...]) -> bool:
@@ -374,49 +381,55 @@ def _orders_alike(new: tuple[_Order, ...], old: tuple[_Order, ...]) -> bool:
     return True
 
 
-def _items_alike(new: _Account, old: _Account) -> bool:
-    """Whether two accounts' equal positions and orders agree on every zero's sign."""
-    if new.positions and old.positions and not _positions_alike(new.positions, old.positions):
-        return False
-    return not (new.orders and old.orders) or _orders_alike(new.orders, old.orders)
-
-
-def _account_alike(new: _Account, old: _Account) -> bool:
-    """Whether two equal account structs agree on every zero's sign, in positions and orders
-    too."""
-    if (new.balance == 0.0 or new.realized_pnl == 0.0 or new.unrealized_pnl == 0.0) and \
-            not _zeros_agree(new, old, _ACCOUNT_FLOATS):
-        return False
-    return _items_alike(new, old)
-
-
 def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
-    """The account of `new` if it differs from the previous line's account at its place only
-    in what moves from line to line (its time, balance and P&L), each of them given on both
-    lines or left out on both; else None (`_account` builds it). Everything else is the
-    previous account's: its values (checked then; the same text, not a str subclass from
-    Python data), its positions and orders (the same objects, their zeros' signs checked:
-    `_items_alike`) and its fields set, which the same fields given make the same."""
-    if (new.updated_at is UNSET) is not (previous.updated_at is UNSET) or \
-            (new.balance is UNSET) is not (previous.balance is UNSET) or \
-            (new.realized_pnl is UNSET) is not (previous.realized_pnl is UNSET) or \
-            (new.unrealized_pnl is UNSET) is not (previous.unrealized_pnl is UNSET):
+    """The account of `new` if it differs from the previous line's account at its place at
+    most in what moves from line to line (its time, balance and P&L), each of them given on
+    both lines or left out on both; else None (`_account` builds it). Everything else is the
+    previous account's: its values (checked here: the same text, not a str subclass from
+    Python data), its positions and orders (the same objects, their zeros' signs checked) and
+    its fields set, which the same fields given make the same. When the moving values are the
+    same too (and their zeros agree in sign, which == cannot tell), it is the previous account
+    itself."""
+    updated_at, balance = new.updated_at, new.balance
+    realized, unrealized = new.realized_pnl, new.unrealized_pnl
+    was_updated, was_balance = previous.updated_at, previous.balance
+    was_realized, was_unrealized = previous.realized_pnl, previous.unrealized_pnl
+    if (updated_at is UNSET) is not (was_updated is UNSET) or \
+            (balance is UNSET) is not (was_balance is UNSET) or \
+            (realized is UNSET) is not (was_realized is UNSET) or \
+            (unrealized is UNSET) is not (was_unrealized is UNSET):
         return None
-    rest = _replace(new, updated_at=previous.updated_at, balance=previous.balance,
-                    realized_pnl=previous.realized_pnl, unrealized_pnl=previous.unrealized_pnl)
-    # the zeros' signs of what is kept (the money is this line's own, taken as it is)
-    if rest != previous or not _items_alike(new, previous):
+    if _replace(new, updated_at=was_updated, balance=was_balance, realized_pnl=was_realized,
+                unrealized_pnl=was_unrealized) != previous:
         return None
+    # the zeros' signs of what is kept (the money is this line's own, taken as it is); the
+    # previous line's positions and orders equal these (above), so they are given too
+    if (positions := new.positions) and \
+            not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
+        return None
+    if (orders := new.orders) and \
+            not _orders_alike(orders, previous.orders):  # type: ignore[arg-type]
+        return None
+    if balance == was_balance and realized == was_realized and \
+            unrealized == was_unrealized and updated_at == was_updated and \
+            ((balance != 0.0 and realized != 0.0 and unrealized != 0.0) or
+             _zeros_agree(new, previous, _MONEY_FLOATS)):
+        return old
     values = old.__dict__.copy()
-    if (updated_at := new.updated_at) is not UNSET:
+    if updated_at is not UNSET:
         values["updated_at"] = None if updated_at is None else _time(updated_at)
-    if (balance := new.balance) is not UNSET:
+    if balance is not UNSET:
         values["balance"] = balance
-    if (realized := new.realized_pnl) is not UNSET:
+    if realized is not UNSET:
         values["realized_pnl"] = realized
-    if (unrealized := new.unrealized_pnl) is not UNSET:
+    if unrealized is not UNSET:
         values["unrealized_pnl"] = unrealized
-    return _build(Account, values, old.__pydantic_fields_set__)
+    built: Account = _new(Account)  # build_model, inlined: this runs for most accounts
+    _set_dict(built, values)
+    _set_fields_set(built, old.__pydantic_fields_set__)
+    _set_extra(built, None)
+    _set_private(built, None)
+    return built
 
 
 class FastReader:
@@ -518,11 +531,10 @@ class FastReader:
         for i, struct in enumerate(raw):
             if i < reusable:
                 previous = old_raw[i]
-                if previous == struct and _account_alike(struct, previous):
-                    account = old[i]
-                else:
-                    account = _moved(struct, previous, old[i]) or \
-                        self._account(struct, previous, old[i])
+                # the same account, or the same with its time or money moved: most of them
+                account = _moved(struct, previous, old[i])
+                if account is None:
+                    account = self._account(struct, previous, old[i])
                     if same_ids and (struct.id != previous.id or struct.role != previous.role
                                      or struct.leader != previous.leader):
                         same_ids = False
