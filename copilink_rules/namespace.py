@@ -2,8 +2,9 @@
 
 `FIELDS` is the single source of truth for the compiler's static checks (an unknown name or
 attribute is a load error) and for the README's namespace table; the view classes below carry
-exactly those attributes (a test keeps them in lockstep). Views are plain slotted objects, built
-once per account or pair per tick, so evaluating `follower.qty` costs one attribute load.
+exactly those attributes (a test keeps them in lockstep). Views are plain slotted objects, kept
+from tick to tick and stored into (an account's every field, a position's age), so evaluating
+`follower.qty` costs one attribute load.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import make_dataclass
 from datetime import datetime, time
 from types import SimpleNamespace
 from typing import Any
-
-import msgspec
 
 from .errors import EvaluationError
 
@@ -135,20 +134,16 @@ NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def _view(kind: str, *, struct: bool = False) -> Any:
+def _view(kind: str) -> Any:
     """A record class with exactly the FIELDS of `kind`, as slots, compared by identity like
-    any object. A slotted dataclass by default: a tick stores into the views it keeps (a
-    position's age, a pair's entry action) and a slot takes a store at half the cost of a
-    msgspec Struct's checked store. `struct=True` for a view built anew every tick (an
-    account's): a Struct is built in C, at about half the cost of the dataclass's __init__,
-    and, holding only numbers, strings and times, is not tracked by the garbage collector."""
-    name = f"{kind.title()}View"
-    if struct:
-        return msgspec.defstruct(name, list(FIELDS[kind]), eq=False, gc=False)
-    return make_dataclass(name, list(FIELDS[kind]), slots=True, eq=False)
+    any object: a slotted dataclass. A tick stores into the views it keeps (an account's
+    every field, a position's age, a pair's entry action): a slot takes a store at about half
+    the cost of a msgspec Struct's checked store, and an account's view updated in place costs
+    less than one built anew every tick."""
+    return make_dataclass(f"{kind.title()}View", list(FIELDS[kind]), slots=True, eq=False)
 
 
-AccountView = _view("account", struct=True)
+AccountView = _view("account")
 PositionView = _view("position")
 PairView = _view("pair")
 InstrumentView = _view("instrument")

@@ -68,6 +68,7 @@ _UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule appl
 _KEY = attrgetter("key")  # how conflicts rank a proposal (_Proposal.key)
 _OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stronger can override
 _NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
+_blank_view = object.__new__  # a view with no field set yet: `_accounts` sets every one
 
 
 class Engine:
@@ -119,6 +120,7 @@ class Engine:
         self.reuse = reuse
         self._position_facts: dict[str, PositionFacts] = {}
         self._order_facts: dict[str, OrderFacts] = {}
+        self._views: dict[str, Any] = {}  # account -> its AccountView, kept from tick to tick
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
@@ -303,6 +305,7 @@ class Engine:
         old_positions, old_orders = self._position_facts, self._order_facts
         new_positions: dict[str, PositionFacts] = {}
         new_orders: dict[str, OrderFacts] = {}
+        old_views, new_views = self._views, {}
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_positions) == len(snapshot.accounts)
@@ -357,21 +360,37 @@ class Engine:
             best_day = metrics.best_day
             lock = lock_states.get(account_id, "") if lock_states else ""
             role = a["role"]
-            view = AccountView(  # positional, in FIELDS["account"] order: this runs every tick
-                account_id, role, firm or "", a["leader"] or "",
-                a["ratio"] if role == "follower" else 1.0, connected,
-                stale, reachable, age, a["copier"], balance, realized,
-                unrealized, realized + unrealized,
-                not families, facts.contracts, len(families), order_facts.working,
-                facts.undeclared, metrics.size, equity, day_pnl, peak, metrics.peak_eod,
-                total, day_pnl if day_pnl > best_day else best_day,
-                day_pnl / total if total > 0 and day_pnl > 0 else 0.0, day, facts.minis,
-                facts.micros, False, "", lock, lock != "",
-                at_firm[firm] if firm and firm_counts else 0, metrics.trades, metrics.streak,
-            )
+            # the account's view of the last tick, its every field set again (a store costs
+            # less than building a view anew); the reference path starts from a blank one
+            view = old_views.get(account_id) if reuse else None
+            if view is None:
+                view = _blank_view(AccountView)
+            new_views[account_id] = view
+            view.id, view.role, view.firm = account_id, role, firm or ""
+            view.leader_id = a["leader"] or ""
+            view.ratio = a["ratio"] if role == "follower" else 1.0
+            view.connected, view.stale, view.reachable, view.data_age = \
+                connected, stale, reachable, age
+            view.copier = a["copier"]
+            view.balance, view.realized_pnl, view.unrealized_pnl = balance, realized, unrealized
+            view.pnl = realized + unrealized
+            view.flat = not families
+            view.contracts, view.positions = facts.contracts, len(families)
+            view.working_orders, view.undeclared_positions = order_facts.working, facts.undeclared
+            view.size, view.equity, view.day_pnl = metrics.size, equity, day_pnl
+            view.peak, view.peak_eod, view.total_profit = peak, metrics.peak_eod, total
+            view.best_day = day_pnl if day_pnl > best_day else best_day
+            view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
+            view.trading_day, view.minis, view.micros = day, facts.minis, facts.micros
+            view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
+            view.lock, view.locked = lock, lock != ""
+            view.firm_accounts = at_firm[firm] if firm and firm_counts else 0
+            view.trades_today, view.losing_streak = metrics.trades, metrics.streak
             infos[account_id] = _AccountInfo(account, view, families, facts, order_facts,
                                              (account_id, role, firm))
         self._position_facts, self._order_facts = new_positions, new_orders
+        if reuse:
+            self._views = new_views
         if seen_count != len(first_seen) or len(infos) != len(snapshot.accounts):
             # a key in use is always in the table: only when the counts differ (or an account
             # id repeats) is there anything to drop
