@@ -27,7 +27,7 @@ from typing import Any
 
 from .instruments import Catalog, Instrument
 from .model import Account, Order, Position, signed_zeros_differ
-from .namespace import FLAT_FIELDS, PositionView
+from .namespace import FLAT_FIELDS, Clock, PositionView
 
 _WORKING = ("working", "pending")
 # A flat family's view: expressions cannot write, so one flat view serves all.
@@ -54,10 +54,8 @@ class Family:
     micros: int = 0  # micro contracts held, long or short
     # derived on first use and kept while the family is reused (see `position_view`)
     trade: str | None = None  # the leader trade label: "<side>@<opened_at>"
-    view: Any = None  # its PositionView (not declared overnight), and when its age was set
-    aged: datetime | None = None
+    view: Any = None  # its PositionView (not declared overnight)
     night_view: Any = None  # the same, declared overnight
-    night_aged: datetime | None = None
 
     @property
     def side(self) -> int:
@@ -75,27 +73,21 @@ class Family:
         return label
 
 
-def position_view(family: Family | None, now: datetime, overnight: bool) -> Any:
-    """The `leader` / `follower` view of a family at `now`. Built once per family and flag;
-    a later tick only moves its `age` (the one field that depends on the time)."""
+def position_view(family: Family | None, clock: Clock, overnight: bool) -> Any:
+    """The `leader` / `follower` view of a family, built once per family and flag: its `age`
+    follows the engine's clock (`PositionView`), so a later tick changes nothing in it."""
     if family is None:
         return FLAT_VIEWS[overnight]
-    view, aged = (family.night_view, family.night_aged) if overnight else \
-        (family.view, family.aged)
-    if aged is now:
-        return view
-    opened = family.opened_at
-    age = (now - opened).total_seconds() if opened else 0.0
+    view = family.night_view if overnight else family.view
     if view is None:
         view = PositionView(  # positional, in FIELDS["position"] order
             family.qty, "long" if family.equiv > 0 else "short", False,
-            round(family.equiv, 6), family.avg_price, opened, age, family.symbol, overnight)
-    else:
-        view.age = age
-    if overnight:
-        family.night_view, family.night_aged = view, now
-    else:
-        family.view, family.aged = view, now
+            round(family.equiv, 6), family.avg_price, family.opened_at, 0.0, family.symbol,
+            overnight, clock)
+        if overnight:
+            family.night_view = view
+        else:
+            family.view = view
     return view
 
 

@@ -3,14 +3,14 @@
 `FIELDS` is the single source of truth for the compiler's static checks (an unknown name or
 attribute is a load error) and for the README's namespace table; the view classes below carry
 exactly those attributes (a test keeps them in lockstep). Views are plain slotted objects, kept
-from tick to tick and stored into (an account's every field, a position's age), so evaluating
-`follower.qty` costs one attribute load.
+from tick to tick and stored into (an account's every field), so evaluating `follower.qty`
+costs one attribute load; a position's `age` is worked out when read (`PositionView`).
 """
 
 from __future__ import annotations
 
 from dataclasses import make_dataclass
-from datetime import datetime, time
+from datetime import UTC, datetime, time
 from types import SimpleNamespace
 from typing import Any
 
@@ -137,14 +137,62 @@ NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
 def _view(kind: str) -> Any:
     """A record class with exactly the FIELDS of `kind`, as slots, compared by identity like
     any object: a slotted dataclass. A tick stores into the views it keeps (an account's
-    every field, a position's age, a pair's entry action): a slot takes a store at about half
+    every field, a pair's entry action): a slot takes a store at about half
     the cost of a msgspec Struct's checked store, and an account's view updated in place costs
     less than one built anew every tick."""
     return make_dataclass(f"{kind.title()}View", list(FIELDS[kind]), slots=True, eq=False)
 
 
+class Clock:
+    """An engine's current time (`now`), shared by the position views it builds: a view's
+    `age` follows it without being stored into every tick."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: datetime = datetime.min.replace(tzinfo=UTC)) -> None:  # noqa: B008
+        self.now = now  # the engine sets it at the start of each tick, before building views
+
+
+class PositionView:
+    """A position's view: FIELDS["position"], with `age` worked out when it is read. A view
+    the engine builds follows its clock (`age` is the seconds from `opened_at` to the clock's
+    `now`), so a position held for an hour is one view with nothing stored into it from tick
+    to tick; a view given no clock keeps the `age` it was made with."""
+
+    __slots__ = (
+        "_age",
+        "_clock",
+        "avg_price",
+        "equiv",
+        "flat",
+        "instrument",
+        "opened_at",
+        "overnight",
+        "qty",
+        "side",
+    )
+
+    def __init__(self, qty: int, side: str, flat: bool, equiv: float, avg_price: float,
+                 opened_at: datetime | None, age: float, instrument: str, overnight: bool,
+                 clock: Clock | None = None) -> None:
+        self.qty, self.side, self.flat, self.equiv = qty, side, flat, equiv
+        self.avg_price, self.opened_at, self.instrument = avg_price, opened_at, instrument
+        self.overnight, self._age, self._clock = overnight, age, clock
+
+    def __repr__(self) -> str:  # as a dataclass's, `age` as read now
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS["position"])
+        return f"PositionView({fields})"
+
+    @property
+    def age(self) -> float:
+        clock = self._clock
+        if clock is None:
+            return self._age
+        opened = self.opened_at
+        return (clock.now - opened).total_seconds() if opened else 0.0
+
+
 AccountView = _view("account")
-PositionView = _view("position")
 PairView = _view("pair")
 InstrumentView = _view("instrument")
 AccountsView = _view("accounts")

@@ -38,6 +38,7 @@ from copilink_rules.model import ORDER_ACTIONS, Account, Decision, Snapshot, bui
 from copilink_rules.namespace import (
     AccountsView,
     AccountView,
+    Clock,
     Env,
     InstrumentView,
     MissingQuote,
@@ -122,6 +123,7 @@ class Engine:
         self._order_facts: dict[str, OrderFacts] = {}
         self._views: dict[str, Any] = {}  # account -> its AccountView, kept from tick to tick
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
+        self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
@@ -495,7 +497,8 @@ class Engine:
         quotes = self._quotes(snapshot)
         targets: list[_Target] = []
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
-        catalog, entries = self.catalog, self._entries
+        catalog, entries, clock = self.catalog, self._entries, self._clock
+        clock.now = now  # what the ages of the position views (built here) follow
         # a follower's pair targets of the last tick, reused (their time, quote and episode
         # fields refreshed) while its and its leader's positions are the same; this tick's
         # are kept (the reference path too: `_record` reads their trades)
@@ -519,7 +522,7 @@ class Engine:
                     pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
                 new_sets[follower_id] = pairs
                 stops = orders.stops
-                for target, lead, foll, overnight in pairs.items:
+                for target in pairs.targets:
                     pair_key, family = target.key, target.family
                     entry = entries.get(pair_key) if entries else None
                     if entry is not None and entry[0] != target.trade:
@@ -528,10 +531,8 @@ class Engine:
                     env = target.env
                     env.now = now
                     env.account, env.leader_account = account_view, leader_view
-                    # a leader's family view is shared by its followers: aged once a tick
-                    env.leader = lead.view if lead is not None and lead.aged is now else \
-                        position_view(lead, now, False)
-                    env.follower = position_view(foll, now, overnight)
+                    # env.leader, env.follower: the same families' views, their ages following
+                    # the engine's clock (PositionView)
                     env.pair.entry_action = entry[1] if entry else ""
                     symbol = target.quote_symbol
                     env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
@@ -553,7 +554,7 @@ class Engine:
                 lead = lead_families.get(family)
                 foll = foll_families.get(family)
                 # a leader's view of a family is shared by all its followers (facts.py)
-                lead_view = position_view(lead, now, False)
+                lead_view = position_view(lead, clock, False)
                 trade = lead.trade_label() if lead else ""
                 pair_key = f"{follower_id}|{leader_id}|{family}"
                 entry = entries.get(pair_key)
@@ -569,7 +570,7 @@ class Engine:
                 env.account = account_view
                 env.leader_account = leader_view
                 env.leader = lead_view
-                env.follower = position_view(foll, now, overnight)
+                env.follower = position_view(foll, clock, overnight)
                 env.pair = PairView(family, ratio, expected,
                                     entry[1] if entry else "")  # FIELDS["pair"] order
                 env.instrument = instrument_views.get(instrument.symbol) or \
@@ -580,7 +581,7 @@ class Engine:
                 target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
                                  orders.stop(family, catalog), instrument.symbol, info.kind)
                 targets.append(target)
-                pairs.items.append((target, lead, foll, overnight))
+                pairs.targets.append(target)
                 pairs.keys.append(pair_key)
                 pairs.trades.append((pair_key, family, trade))
         self._pair_sets = new_sets

@@ -37,7 +37,7 @@ class _PairSet:
     leader: PositionFacts
     leader_id: str
     ratio: float
-    items: list[tuple[_Target, Family | None, Family | None, bool]]  # target, lead, foll, overnight
+    targets: list[_Target]
     keys: list[str]  # the targets' keys
     trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
 
