@@ -1,6 +1,7 @@
 """The engine's shortcuts decide exactly as the plain path: `tier()` compiled inline gives what
-the library function gives, an order on hold is not built again while it stays on hold, and
-hedges marked with the other side joined once are the hedges marked one by one."""
+the library function gives, an order on hold is not built again while it stays on hold,
+hedges marked with the other side joined once are the hedges marked one by one, and the pairs'
+entries are checked against the live pairs whenever one may be gone."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from copilink_rules.rules.expressions import compile_batch, compile_expression, 
 from copilink_rules.snapshots import load_timeline
 
 from .conftest import REPO, account, at, pos, snap
+from .test_engine_fuzz import CALENDAR
+from .test_engine_fuzz import POLICY as FUZZ_POLICY
 from .test_expressions import env
 from .test_facts import DESYNC, both
 
@@ -267,3 +270,41 @@ def test_only_the_overridable_actions_are_ever_overridden() -> None:
     overridden = {a for a in actions for f in (None, "NQ")
                   if _stronger(proposal(a, f), kept, entries) is not None}
     assert overridden == set(_OVERRIDABLE)
+
+
+def test_an_entry_taken_in_from_the_journal_for_a_gone_pair_is_dropped_at_the_next_tick() -> None:
+    """The pairs' entries are checked against the live pairs only when some follower's pair
+    targets were built anew, or when entries came from outside a tick (replay_decisions):
+    an entry for a pair that is gone does not outlive the next tick either way."""
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 1)])
+    follow = account("F1", positions=[pos("NQH6", 1)])
+    engines = [Engine(DESYNC), Engine(DESYNC, reuse=False)]
+    for engine in engines:
+        engine.evaluate(snap(at(0), lead, follow))
+        engine.evaluate(snap(at(1), lead, follow))  # every pair target reused
+        [(key, _, trade)] = engine._pair_sets["F1"].trades
+        assert key == "F1|LEAD|NQ"
+        taken = engine.replay_decisions([
+            {"action": "skip_entry", "args": {"episodes": [[key, trade]]}},
+            {"action": "skip_entry", "args": {"episodes": [["F1|LEAD|ES", "1@x"]]}},
+        ])
+        assert taken == 2
+        engine.evaluate(snap(at(2), lead, follow))  # again every pair target reused
+        assert engine.save_state()["entries"] == {key: [trade, "skip_entry"]}
+        # and the live pair reads its entry
+        assert engine._pair_sets["F1"].targets[0].env.pair.entry_action == "skip_entry"
+
+
+def test_a_gone_followers_entries_end_with_it_in_both_paths() -> None:
+    """Found by the hypothesis test of test_facts.py: an account-wide flatten records the
+    follower's entries; when the follower is gone at the next tick (no pair targets at all
+    then, none built anew), its entries end, in the reference path as in the reusing one."""
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 0), pos("NQH6", 1)])
+    follow = account("F0", firm="apex", positions=[pos("NQH6", 0), pos("NQH6", 5)])
+    for engine in (Engine(FUZZ_POLICY, calendar=CALENDAR),
+                   Engine(FUZZ_POLICY, calendar=CALENDAR, reuse=False)):
+        made = engine.evaluate(snap(at(0), lead, follow))
+        assert [(d.rule, d.action) for d in made][:1] == [("apex-max-contracts", "flatten")]
+        assert list(engine.save_state()["entries"]) == ["F0|LEAD|NQ"]
+        assert engine.evaluate(snap(at(0), lead)) == []
+        assert engine.save_state()["entries"] == {}

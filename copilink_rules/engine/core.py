@@ -125,6 +125,7 @@ class Engine:
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
+        self._entries_unchecked = False  # entries taken in from outside a tick (journal)
         self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
@@ -493,7 +494,7 @@ class Engine:
 
     def _pair_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                       now: datetime) -> list[_Target]:
-        leaders = [i for i in infos.values() if i.account.role == "leader"]
+        leaders = [i for i in infos.values() if i.kind[1] == "leader"]  # kind: (id, role, firm)
         quotes = self._quotes(snapshot)
         targets: list[_Target] = []
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
@@ -504,6 +505,7 @@ class Engine:
         # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
+        rebuilt = False  # some follower's pair targets built anew
         for info in infos.values():
             follower = info.account
             f = follower.__dict__  # hot path: see _accounts
@@ -521,28 +523,36 @@ class Engine:
                     pairs.leader is leader.facts and pairs.leader_id == leader_id and \
                     pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
                 new_sets[follower_id] = pairs
-                stops = orders.stops
+                kind = info.kind
+                if orders is not pairs.orders:  # the leader's orders changed: its stops
+                    pairs.orders, stops = orders, orders.stops
+                    for target in pairs.targets:
+                        family = target.family
+                        target.stop_price = stops[family] if family in stops else \
+                            orders.stop(family, catalog)  # type: ignore[arg-type]
                 for target in pairs.targets:
-                    pair_key, family = target.key, target.family
-                    entry = entries.get(pair_key) if entries else None
-                    if entry is not None and entry[0] != target.trade:
-                        del entries[pair_key]
-                        entry = None
                     env = target.env
                     env.now = now
-                    env.account, env.leader_account = account_view, leader_view
                     # env.leader, env.follower: the same families' views, their ages following
                     # the engine's clock (PositionView)
-                    env.pair.entry_action = entry[1] if entry else ""
+                    env.account, env.leader_account = account_view, leader_view
                     symbol = target.quote_symbol
                     env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
-                    target.account, target.kind = follower, info.kind
-                    target.stop_price = stops[family] if family in stops else \
-                        orders.stop(family, catalog)  # type: ignore[arg-type]
-                    targets.append(target)
+                    target.account, target.kind = follower, kind
+                    if entries:
+                        pair_key = target.key
+                        entry = entries.get(pair_key)
+                        if entry is not None and entry[0] != target.trade:
+                            del entries[pair_key]
+                            entry = None
+                        env.pair.entry_action = entry[1] if entry else ""
+                    else:
+                        env.pair.entry_action = ""
+                targets.extend(pairs.targets)
                 continue
+            rebuilt = True
             pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
-                                                     ratio, [], [], [])
+                                                     ratio, orders, [], [], [])
             overnight_families = info.facts.overnight_set(catalog)
             if not foll_families or foll_families.keys() == lead_families.keys():
                 families: Iterable[str] = sorted(lead_families)
@@ -584,11 +594,16 @@ class Engine:
                 pairs.targets.append(target)
                 pairs.keys.append(pair_key)
                 pairs.trades.append((pair_key, family, trade))
-        self._pair_sets = new_sets
-        if entries:  # a pair that is gone (flat on both sides) ends its leader trade's entry
+        # a pair that is gone (flat on both sides) ends its leader trade's entry; while every
+        # follower's pair targets are last tick's (as many, none built anew), the pairs are
+        # too, and each entry was recorded for one of them, unless replay_decisions took it in
+        if entries and (rebuilt or len(new_sets) != len(self._pair_sets) or
+                        self._entries_unchecked):
             live = {key for pairs in new_sets.values() for key in pairs.keys}
             for key in [k for k in entries if k not in live]:
                 del entries[key]
+        self._entries_unchecked = False
+        self._pair_sets = new_sets
         return targets
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
@@ -600,8 +615,9 @@ class Engine:
             if last is not None and last[0] is quote:  # a Quote is frozen: the same view
                 canonical, view = last[1], last[2]
             else:
-                canonical = self.catalog.parse(symbol).symbol
-                view = QuoteView(canonical, quote.bid, quote.ask, quote.last)
+                canonical = last[1] if last is not None else self.catalog.parse(symbol).symbol
+                q = quote.__dict__  # hot path: see _accounts
+                view = QuoteView(canonical, q["bid"], q["ask"], q["last"])
                 if self.reuse:
                     if len(known) >= _MAX_QUOTE_VIEWS:  # symbols come and go: keep it bounded
                         known.clear()
@@ -992,6 +1008,7 @@ class Engine:
                 if isinstance(episode, list) and len(episode) == 2 and \
                         all(isinstance(v, str) for v in episode):
                     self._entry(episode[0], episode[1], str(action))
+                    self._entries_unchecked = True  # its pair may be gone: checked next tick
                     count += 1
         return count
 

@@ -37,6 +37,7 @@ class _PairSet:
     leader: PositionFacts
     leader_id: str
     ratio: float
+    orders: OrderFacts  # the leader's, which the targets' stop prices were taken from
     targets: list[_Target]
     keys: list[str]  # the targets' keys
     trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
