@@ -121,12 +121,11 @@ class Engine:
         self.reuse = reuse
         self._position_facts: dict[str, PositionFacts] = {}
         self._order_facts: dict[str, OrderFacts] = {}
-        self._views: dict[str, Any] = {}  # account -> its AccountView, kept from tick to tick
+        self._infos: dict[str, _AccountInfo] = {}  # kept from tick to tick, as their views
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._entries_unchecked = False  # entries taken in from outside a tick (journal)
-        self._account_targets_of: dict[str, _Target] = {}  # account -> its target, last tick
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
@@ -308,7 +307,7 @@ class Engine:
         old_positions, old_orders = self._position_facts, self._order_facts
         new_positions: dict[str, PositionFacts] = {}
         new_orders: dict[str, OrderFacts] = {}
-        old_views, new_views = self._views, {}
+        old_infos = self._infos  # only accounts of the last snapshot: see the facts above
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_positions) == len(snapshot.accounts)
@@ -363,12 +362,21 @@ class Engine:
             best_day = metrics.best_day
             lock = lock_states.get(account_id, "") if lock_states else ""
             role = a["role"]
-            # the account's view of the last tick, its every field set again (a store costs
-            # less than building a view anew); the reference path starts from a blank one
-            view = old_views.get(account_id) if reuse else None
-            if view is None:
+            # the account's info and view of the last tick, their every field set again (a
+            # store costs less than building anew); the reference path starts from blank ones
+            info = old_infos.get(account_id) if reuse else None
+            if info is None:
                 view = _blank_view(AccountView)
-            new_views[account_id] = view
+                info = _AccountInfo(account, view, families, facts, order_facts,
+                                    (account_id, role, firm))
+            else:
+                view = info.view
+                info.account, info.families, info.facts, info.orders = \
+                    account, families, facts, order_facts
+                kind = info.kind  # (id, role, firm): a new key only when role or firm moved
+                if kind[1] != role or kind[2] != firm:
+                    info.kind = (account_id, role, firm)
+            infos[account_id] = info
             view.id, view.role, view.firm = account_id, role, firm or ""
             view.leader_id = a["leader"] or ""
             view.ratio = a["ratio"] if role == "follower" else 1.0
@@ -389,11 +397,9 @@ class Engine:
             view.lock, view.locked = lock, lock != ""
             view.firm_accounts = at_firm[firm] if firm and firm_counts else 0
             view.trades_today, view.losing_streak = metrics.trades, metrics.streak
-            infos[account_id] = _AccountInfo(account, view, families, facts, order_facts,
-                                             (account_id, role, firm))
         self._position_facts, self._order_facts = new_positions, new_orders
         if reuse:
-            self._views = new_views
+            self._infos = infos
         if seen_count != len(first_seen) or len(infos) != len(snapshot.accounts):
             # a key in use is always in the table: only when the counts differ (or an account
             # id repeats) is there anything to drop
@@ -455,27 +461,23 @@ class Engine:
     def _account_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                          now: datetime) -> list[_Target]:
         targets = []
-        params, calendar = self.params, self.calendar
-        # each account's target of the last tick, its env refreshed (the same fields are set
-        # in every tick, so nothing of the last one is left); the reference path builds anew
-        old = self._account_targets_of if self.reuse else {}
-        new: dict[str, _Target] = {}
+        # each account's target of the last tick (its info's), its env refreshed: what a tick
+        # changes is set in every tick, so nothing of the last one is left; an info of the
+        # reference path is new every tick, so is its target
         for account_id, info in infos.items():
-            target = old.get(account_id)
+            target = info.target
             if target is None:
                 env = Env()  # the hot path: _env() inlined
-                target = _Target(account_id, info.account, env)
+                env.params, env.calendar = self.params, self.calendar
+                target = info.target = _Target(account_id, info.account, env)
             else:
                 env = target.env
                 target.account = info.account
             target.kind = info.kind
-            env.params, env.now, env.calendar = params, now, calendar
+            env.now = now
             env.families = info.facts.family_names
             env.account = info.view
-            new[account_id] = target
             targets.append(target)
-        if self.reuse:
-            self._account_targets_of = new
         return targets
 
     def _global_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],

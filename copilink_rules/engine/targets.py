@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import msgspec
-
 from copilink_rules.facts import Family, OrderFacts, PositionFacts
 from copilink_rules.model import Account
 from copilink_rules.namespace import AccountView, Env
@@ -43,9 +41,11 @@ class _PairSet:
     trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
 
 
-class _AccountInfo(msgspec.Struct, gc=False):
-    """One account this tick: the snapshot's record, its view and its facts. (A Struct: built
-    in C for every account every tick; it refers to nothing that refers back to it.)"""
+@dataclass(slots=True, eq=False)
+class _AccountInfo:
+    """One account this tick: the snapshot's record, its view, its facts and its account
+    target. Kept from tick to tick while the account is in each snapshot, as its view is, and
+    every field set by each tick (the reference path makes one anew every tick)."""
 
     account: Account
     view: AccountView
@@ -53,6 +53,7 @@ class _AccountInfo(msgspec.Struct, gc=False):
     facts: PositionFacts
     orders: OrderFacts
     kind: tuple[str, str, str | None]  # (id, role, firm): the key of a group's rule subset
+    target: _Target | None = None  # its account-scope target, once one was built
 
     @property
     def why_unreachable(self) -> str:
