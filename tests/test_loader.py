@@ -388,6 +388,7 @@ yaml_pieces = st.sampled_from([
 @given(st.lists(yaml_pieces | st.text(max_size=5), max_size=25).map("".join))
 @example("&a :")  # a null key: once a TypeError ("unknown key" took len() of None)
 @example("1: x\n")
+@example("0ruleset: x\n?")  # a text key and a null key: once a TypeError (sorting the two)
 def test_hostile_rule_files_only_ever_raise_our_own_errors(text: str) -> None:
     import tempfile
 

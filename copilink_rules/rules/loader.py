@@ -323,13 +323,15 @@ def _schema_problems(data: Any, file: str, lines: LineMap) -> list[Problem]:
     return problems
 
 
-def _extra_keys(error: jsonschema.ValidationError) -> list[str]:
-    """The keys an additionalProperties error is about."""
+def _extra_keys(error: jsonschema.ValidationError) -> list[object]:
+    """The keys an additionalProperties error is about: the text keys in order, then those
+    YAML read as another type (a null key, a number), by how they read."""
     schema: Any = error.schema
     instance: Any = error.instance
     if not isinstance(schema, dict) or not isinstance(instance, dict):
         return []
-    return sorted(set(instance) - set(schema.get("properties", {})))
+    return sorted(set(instance) - set(schema.get("properties", {})),
+                  key=lambda key: (not isinstance(key, str), str(key)))
 
 
 def _schema_message(error: jsonschema.ValidationError, data: Any, path: list[Any]) -> str | None:
