@@ -404,9 +404,12 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
         return None
     # the zeros' signs of what is kept (the money is this line's own, taken as it is); the
     # previous line's positions and orders equal these (above), so they are given too
-    if (positions := new.positions) and \
-            not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
-        return None
+    if positions := new.positions:
+        for one in positions:  # mostly no zero at all (_positions_alike, inlined)
+            if one.avg_price == 0.0:
+                if not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
+                    return None
+                break
     if (orders := new.orders) and \
             not _orders_alike(orders, previous.orders):  # type: ignore[arg-type]
         return None
@@ -505,7 +508,8 @@ class FastReader:
         symbols = self._symbols
         quotes: dict[str, Quote] = {}
         for name, quote in raw.items():
-            _plain_text(name)
+            if type(name) is not str:  # _plain_text, inlined
+                raise _Fallback
             previous = old_raw.get(name)
             if previous is not None and previous == quote and _quote_alike(quote, previous):
                 quotes[name] = old[name]
