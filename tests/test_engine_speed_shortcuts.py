@@ -6,6 +6,7 @@ entries are checked against the live pairs whenever one may be gone."""
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -308,3 +309,19 @@ def test_a_gone_followers_entries_end_with_it_in_both_paths() -> None:
         assert list(engine.save_state()["entries"]) == ["F0|LEAD|NQ"]
         assert engine.evaluate(snap(at(0), lead)) == []
         assert engine.save_state()["entries"] == {}
+
+
+def test_a_restored_engine_clears_the_restored_timers_not_the_ones_it_had() -> None:
+    """A group keeps its rules' tables at hand from tick to tick; restoring state gives the
+    engine new tables, and the next tick's false condition clears a timer in those."""
+    lead_flat = account("LEAD", "leader")
+    stuck = account("F1", positions=[pos("NQH6", 1)])
+    engine = Engine(DESYNC)
+    engine.evaluate(snap(at(0), lead_flat, stuck))  # stuck-follower starts its timer
+    saved = json.loads(engine.save_state_json())
+    assert saved["rules"]["stuck-follower"]
+    engine.evaluate(snap(at(0.5), lead_flat, stuck))
+    assert engine.restore_state(saved) == []
+    # the leader in the same position: the pair is still there, its condition false
+    engine.evaluate(snap(at(1), account("LEAD", "leader", positions=[pos("NQH6", 1)]), stuck))
+    assert engine.save_state()["rules"].get("stuck-follower", {}) == {}

@@ -129,6 +129,8 @@ class Engine:
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
+        # group (by id) -> its rules' state and error tables, in bit order
+        self._tables: dict[int, tuple[list[dict[str, _RuleState]], list[dict[str, str]]]] = {}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -282,6 +284,7 @@ class Engine:
         self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
         self._hedge_marks = None
         self._cleaned = {}  # the restored tables may hold any target's keys
+        self._tables = {}  # and are new dicts
         # the pair sets stay: none is reused (they were built from facts just dropped), and a
         # tick without pair rules (pre_session) still reads the follower's trades from them
         self._metrics = {a: m.live(_Metrics) for a, m in saved.metrics.items()}
@@ -652,8 +655,12 @@ class Engine:
             found = zones[group.zone] = (local, local.time(), local.weekday())
         local, now_local, weekday = found
         # rules whose per-target state must be cleared when their condition is false
-        tracked = [i for i, (_, rule) in enumerate(rules)
-                   if states_of[rule.id] or errors_of[rule.id]]
+        tables = self._tables.get(id(group))
+        if tables is None:  # the group's rules' tables, in bit order (restore_state drops them)
+            tables = self._tables[id(group)] = ([states_of[rule.id] for _, rule in rules],
+                                                [errors_of[rule.id] for _, rule in rules])
+        rule_states, rule_errors = tables
+        tracked = [i for i, states in enumerate(rule_states) if states or rule_errors[i]]
         whole = group.whole()
         filtered = group.filtered
         subset = group.subset if self.reuse else None
@@ -662,10 +669,8 @@ class Engine:
         # true mask, and above it (shifted by `width`) the mask of conditions that failed
         results: dict[str, int] | None = {} if tracked else None
         width = len(rules)
-        rule_states = [states_of[rule.id] for _, rule in rules]  # by bit
         for index, target in enumerate(targets):
-            account = target.account
-            if filtered and account is not None:
+            if filtered and (account := target.account) is not None:
                 if subset is not None:
                     kind = target.kind  # (id, role, firm), set with the account
                     if kind is None:
@@ -710,8 +715,7 @@ class Engine:
         # a condition evaluated false ends its episode; one evaluated at all clears its error
         for i in tracked:
             bit, failed_bit = 1 << i, 1 << (i + width)
-            rule_id = rules[i][1].id
-            states, errors = states_of[rule_id], errors_of[rule_id]
+            states, errors = rule_states[i], rule_errors[i]
             if states:
                 for key in [k for k in states
                             if k in results and not results[k] & (bit | failed_bit)]:
