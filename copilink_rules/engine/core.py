@@ -365,22 +365,33 @@ class Engine:
             best_day = metrics.best_day
             lock = lock_states.get(account_id, "") if lock_states else ""
             role = a["role"]
-            # the account's info and view of the last tick, their every field set again (a
-            # store costs less than building anew); the reference path starts from blank ones
+            # the account's info and view of the last tick, stored into (which costs less
+            # than building anew): what its facts say only when they are other facts, its id,
+            # role and firm only when they moved, the rest every tick; the reference path
+            # starts from blank ones
             info = old_infos.get(account_id) if reuse else None
             if info is None:
                 view = _blank_view(AccountView)
                 info = _AccountInfo(account, view, families, facts, order_facts,
                                     (account_id, role, firm))
+                view.id, view.role, view.firm = account_id, role, firm or ""
+                derived = True
             else:
                 view = info.view
+                derived = info.facts is not facts or info.orders is not order_facts
                 info.account, info.families, info.facts, info.orders = \
                     account, families, facts, order_facts
                 kind = info.kind  # (id, role, firm): a new key only when role or firm moved
                 if kind[1] != role or kind[2] != firm:
                     info.kind = (account_id, role, firm)
+                    view.role, view.firm = role, firm or ""
             infos[account_id] = info
-            view.id, view.role, view.firm = account_id, role, firm or ""
+            if derived:  # the same facts say the same
+                view.flat = not families
+                view.contracts, view.positions = facts.contracts, len(families)
+                view.working_orders = order_facts.working
+                view.undeclared_positions = facts.undeclared
+                view.minis, view.micros = facts.minis, facts.micros
             view.leader_id = a["leader"] or ""
             view.ratio = a["ratio"] if role == "follower" else 1.0
             view.connected, view.stale, view.reachable, view.data_age = \
@@ -388,14 +399,11 @@ class Engine:
             view.copier = a["copier"]
             view.balance, view.realized_pnl, view.unrealized_pnl = balance, realized, unrealized
             view.pnl = realized + unrealized
-            view.flat = not families
-            view.contracts, view.positions = facts.contracts, len(families)
-            view.working_orders, view.undeclared_positions = order_facts.working, facts.undeclared
             view.size, view.equity, view.day_pnl = metrics.size, equity, day_pnl
             view.peak, view.peak_eod, view.total_profit = peak, metrics.peak_eod, total
             view.best_day = day_pnl if day_pnl > best_day else best_day
             view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
-            view.trading_day, view.minis, view.micros = day, facts.minis, facts.micros
+            view.trading_day = day
             view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
             view.lock, view.locked = lock, lock != ""
             view.firm_accounts = at_firm[firm] if firm and firm_counts else 0
