@@ -298,6 +298,8 @@ class Engine:
         seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, metrics_of = self.stale_after, self._metrics
+        # an account whose data has no time: its facts depend only on its connection
+        undated = {up: staleness(up, None, now, stale_after) for up in (True, False)}
         lock_states = self.lock_book.states() if len(self.lock_book) else {}
         first_seen, catalog = self._first_seen, self.catalog
         # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
@@ -343,7 +345,9 @@ class Engine:
             if orders:
                 new_orders[account_id] = order_facts
             families = facts.families
-            age, stale, reachable = staleness(connected, a["updated_at"], now, stale_after)
+            updated_at = a["updated_at"]
+            age, stale, reachable = staleness(connected, updated_at, now, stale_after) \
+                if updated_at is not None else undated[connected]
             equity = balance + unrealized
             day = days.get(firm)
             if day is None:
