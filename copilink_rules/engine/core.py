@@ -169,6 +169,9 @@ class Engine:
                 self._drop_gone(group, targets, live_keys)
             if self.reuse:
                 cleaned[id(group)] = targets
+        if not proposals and not errors and not self._notes:  # most ticks: nothing to say
+            self.last_time = now
+            return []
         errors.sort(key=lambda e: (e[0], e[1]))
         proposals.sort(key=lambda p: (p.order, p.target_index))
         decisions = self._notes + [decision for _, _, decision in errors]
@@ -298,8 +301,10 @@ class Engine:
         seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, metrics_of = self.stale_after, self._metrics
-        # an account whose data has no time: its facts depend only on its connection
-        undated = {up: staleness(up, None, now, stale_after) for up in (True, False)}
+        # an account whose data has no time: its facts depend only on its connection (by
+        # whether it is connected: False, True)
+        undated = (staleness(False, None, now, stale_after),
+                   staleness(True, None, now, stale_after))
         lock_states = self.lock_book.states() if len(self.lock_book) else {}
         first_seen, catalog = self._first_seen, self.catalog
         # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
@@ -511,7 +516,7 @@ class Engine:
 
     def _pair_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                       now: datetime) -> list[_Target]:
-        leaders = [i for i in infos.values() if i.kind[1] == "leader"]  # kind: (id, role, firm)
+        leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
         quotes = self._quotes(snapshot)
         targets: list[_Target] = []
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
@@ -528,8 +533,12 @@ class Engine:
             f = follower.__dict__  # hot path: see _accounts
             if f["role"] != "follower":
                 continue
-            leader = infos.get(f["leader"]) if f["leader"] else (
-                leaders[0] if len(leaders) == 1 else None)
+            if f["leader"]:
+                leader = infos.get(f["leader"])
+            else:  # the only leader, if there is one
+                if leaders is None:
+                    leaders = [i for i in infos.values() if i.kind[1] == "leader"]  # (id, role, _)
+                leader = leaders[0] if len(leaders) == 1 else None
             if leader is None:
                 continue
             ratio, follower_id, leader_id = f["ratio"], f["id"], leader.view.id
