@@ -69,6 +69,7 @@ _UNKNOWN: Any = object()  # a rule subset not looked for yet (None: no rule appl
 _KEY = attrgetter("key")  # how conflicts rank a proposal (_Proposal.key)
 _OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stronger can override
 _NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
+_NONE_TRACKED: list[int] = []  # no rule of a group has state to clear (read-only)
 _blank_view = object.__new__  # a view with no field set yet: `_accounts` sets every one
 
 
@@ -129,8 +130,9 @@ class Engine:
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
-        # group (by id) -> its rules' state and error tables, in bit order
-        self._tables: dict[int, tuple[list[dict[str, _RuleState]], list[dict[str, str]]]] = {}
+        # group (by id) -> its rules' state and error tables, in bit order, and its whole subset
+        self._tables: dict[int, tuple[list[dict[str, _RuleState]], list[dict[str, str]],
+                                      _Subset]] = {}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -677,12 +679,14 @@ class Engine:
         local, now_local, weekday = found
         # rules whose per-target state must be cleared when their condition is false
         tables = self._tables.get(id(group))
-        if tables is None:  # the group's rules' tables, in bit order (restore_state drops them)
+        if tables is None:  # the group's rules' tables, in bit order (restore_state drops
+            # them), and the subset of all its rules
             tables = self._tables[id(group)] = ([states_of[rule.id] for _, rule in rules],
-                                                [errors_of[rule.id] for _, rule in rules])
-        rule_states, rule_errors = tables
-        tracked = [i for i, states in enumerate(rule_states) if states or rule_errors[i]]
-        whole = group.whole()
+                                                [errors_of[rule.id] for _, rule in rules],
+                                                group.whole())
+        rule_states, rule_errors, whole = tables
+        tracked = [i for i, states in enumerate(rule_states) if states or rule_errors[i]] \
+            if any(rule_states) or any(rule_errors) else _NONE_TRACKED
         filtered = group.filtered
         subset = group.subset if self.reuse else None
         known = group.known_subsets  # what `subset` found already, looked up without a call
