@@ -38,9 +38,9 @@ FLAT_VIEWS = {flag: PositionView(**{**FLAT_FIELDS, "overnight": flag}) for flag 
 class Family:
     """One account's exposure in one instrument family (`family_exposure`).
 
-    Facts are slotted dataclasses, as views are (namespace.py): a tick stores into them (a
-    view's age, the positions they were derived from), and a slot takes a store at half the
-    cost of a msgspec Struct (whose stores are checked)."""
+    Facts are slotted dataclasses, as views are (namespace.py): a tick stores into them (the
+    positions they were derived from, a view on first use), and a slot takes a store at half
+    the cost of a msgspec Struct (whose stores are checked)."""
 
     qty: int  # signed contracts, of whatever sizes
     equiv: float  # signed size in full-size contracts
