@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from copilink_rules.engine import Engine, _mark_hedges
 from copilink_rules.engine.core import _OVERRIDABLE
 from copilink_rules.engine.resolve import RANK, _Proposal, _stronger
-from copilink_rules.errors import EvaluationError
+from copilink_rules.errors import EvaluationError, InstrumentError
 from copilink_rules.model import Decision
 from copilink_rules.rules.expressions import compile_batch, compile_expression, fn_tier
 from copilink_rules.snapshots import load_timeline
@@ -325,3 +325,46 @@ def test_a_restored_engine_clears_the_restored_timers_not_the_ones_it_had() -> N
     # the leader in the same position: the pair is still there, its condition false
     engine.evaluate(snap(at(1), account("LEAD", "leader", positions=[pos("NQH6", 1)]), stuck))
     assert engine.save_state()["rules"].get("stuck-follower", {}) == {}
+
+
+def test_restored_entries_of_a_gone_pair_end_at_the_first_tick_even_without_pairs() -> None:
+    """Found by a review: restore_state takes entries in as replay_decisions does, so the first
+    tick checks them against the live pairs even when no pair target is built anew (here no
+    pair at all: the follower is missing for a tick). The leader's trade is then open again to
+    the follower's rules, as before this round's shortcuts."""
+    lead = account("LEAD", "leader", positions=[pos("NQH6", 1, opened_at=at(-100).isoformat())])
+    flat = account("F1")
+    for reuse in (True, False):
+        engine = Engine(DESYNC, reuse=reuse)
+        for t in range(6):
+            engine.evaluate(snap(at(t), lead, flat))  # missed-entry-skip decides at t=3
+        saved = engine.save_state()
+        assert list(saved["entries"]) == ["F1|LEAD|NQ"]
+        restarted = Engine(DESYNC, reuse=reuse)
+        restarted.restore_state(saved)
+        restarted.evaluate(snap(at(10), lead))  # F1 missing: no pair at all
+        assert restarted.save_state()["entries"] == {}
+        fired = [d.rule for t in range(11, 18) for d in restarted.evaluate(snap(at(t), lead, flat))]
+        assert "missed-entry-skip" in fired
+
+
+def test_a_tick_that_fails_on_a_stop_order_fails_again_at_the_next() -> None:
+    """Found by a review: a reused pair takes the leader's new stop prices before it records
+    which orders they came from, so a tick that raises on one (a stop order on a symbol the
+    catalog does not know) leaves them to be taken again, and the next tick fails the same
+    way, as the reference path does, instead of going on with the old stop price."""
+    def leader(orders: list[dict[str, Any]]) -> dict[str, Any]:
+        return account("LEAD", "leader", positions=[pos("NQH6", 1, opened_at=at(-1).isoformat())],
+                       orders=orders)
+
+    def stop(symbol: str, price: float, id_: str) -> dict[str, Any]:
+        return {"id": id_, "instrument": symbol, "side": "sell", "qty": 1, "type": "stop",
+                "stop_price": price, "status": "working"}
+
+    for reuse in (True, False):
+        engine = Engine(DESYNC, reuse=reuse)
+        engine.evaluate(snap(at(0), leader([stop("NQH6", 17950.0, "a")]), account("F1")))
+        unknown = leader([stop("XYZH6", 1.0, "x"), stop("NQH6", 17900.0, "b")])
+        for t in (1, 2):
+            with pytest.raises(InstrumentError):
+                engine.evaluate(snap(at(t), unknown, account("F1")))

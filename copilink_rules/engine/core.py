@@ -290,6 +290,7 @@ class Engine:
         self._hedge_marks = None
         self._cleaned = {}  # the restored tables may hold any target's keys
         self._tables = {}  # and are new dicts
+        self._entries_unchecked = True  # and the restored entries' pairs may be gone
         # the pair sets stay: none is reused (they were built from facts just dropped), and a
         # tick without pair rules (pre_session) still reads the follower's trades from them
         self._metrics = {a: m.live(_Metrics) for a, m in saved.metrics.items()}
@@ -553,11 +554,12 @@ class Engine:
                 new_sets[follower_id] = pairs
                 kind = info.kind
                 if orders is not pairs.orders:  # the leader's orders changed: its stops
-                    pairs.orders, stops = orders, orders.stops
+                    stops = orders.stops
                     for target in pairs.targets:
                         family = target.family
                         target.stop_price = stops[family] if family in stops else \
                             orders.stop(family, catalog)  # type: ignore[arg-type]
+                    pairs.orders = orders  # only once all are taken (a symbol may raise)
                 for target in pairs.targets:
                     env = target.env
                     env.now = now
