@@ -1,7 +1,8 @@
 """The engine's shortcuts decide exactly as the plain path: `tier()` compiled inline gives what
 the library function gives, an order on hold is not built again while it stays on hold,
-hedges marked with the other side joined once are the hedges marked one by one, and the pairs'
-entries are checked against the live pairs whenever one may be gone."""
+hedges marked with the other side joined once are the hedges marked one by one, the pairs'
+entries are checked against the live pairs whenever one may be gone, a restored engine works
+on the tables and entries it restored, and a tick that fails leaves nothing half taken."""
 
 from __future__ import annotations
 
