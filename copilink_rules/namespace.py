@@ -137,9 +137,9 @@ NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
 def _view(kind: str) -> Any:
     """A record class with exactly the FIELDS of `kind`, as slots, compared by identity like
     any object: a slotted dataclass. A tick stores into the views it keeps (an account's
-    every field, a pair's entry action): a slot takes a store at about half
-    the cost of a msgspec Struct's checked store, and an account's view updated in place costs
-    less than one built anew every tick."""
+    fields, a pair's entry action): a slot takes a store at about half the cost of a msgspec
+    Struct's checked store, and an account's view updated in place costs less than one built
+    anew every tick."""
     return make_dataclass(f"{kind.title()}View", list(FIELDS[kind]), slots=True, eq=False)
 
 
@@ -150,7 +150,7 @@ class Clock:
     __slots__ = ("now",)
 
     def __init__(self, now: datetime = datetime.min.replace(tzinfo=UTC)) -> None:  # noqa: B008
-        self.now = now  # the engine sets it at the start of each tick, before building views
+        self.now = now  # the engine sets it each tick, before it builds or reuses pair targets
 
 
 class PositionView:
