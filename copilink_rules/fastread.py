@@ -38,10 +38,6 @@ from pydantic import BaseModel
 from .errors import InstrumentError
 from .instruments import Catalog
 from .model import (
-    _SET_DICT,
-    _SET_EXTRA,
-    _SET_FIELDS_SET,
-    _SET_PRIVATE,
     MAX_AMOUNT,
     MAX_QTY,
     MAX_RATIO,
@@ -56,9 +52,6 @@ from .model import (
 )
 
 _build = build_model
-_new = object.__new__
-_set_dict, _set_fields_set = _SET_DICT, _SET_FIELDS_SET
-_set_extra, _set_private = _SET_EXTRA, _SET_PRIVATE
 log = logging.getLogger(__name__)
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
@@ -427,12 +420,7 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
         values["realized_pnl"] = realized
     if unrealized is not UNSET:
         values["unrealized_pnl"] = unrealized
-    built: Account = _new(Account)  # build_model, inlined: this runs for most accounts
-    _set_dict(built, values)
-    _set_fields_set(built, old.__pydantic_fields_set__)
-    _set_extra(built, None)
-    _set_private(built, None)
-    return built
+    return _build(Account, values, old.__pydantic_fields_set__)
 
 
 class FastReader:
