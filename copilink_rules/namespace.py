@@ -250,12 +250,11 @@ class MissingQuote:
 class Env:
     """Everything one evaluation can see. Unused slots stay unset for the scope."""
 
-    __slots__ = (*NAMES, "local", "calendar", "families")
+    __slots__ = (*NAMES, "calendar", "families")
 
     params: SimpleNamespace
     now: datetime
     now_local: time
-    local: datetime
     weekday: int
     account: Any  # AccountView
     leader_account: Any  # AccountView

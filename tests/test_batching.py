@@ -108,8 +108,8 @@ def views(draw: st.DrawFn) -> Env:
     e = env()
     # a day and a half across New York's change to summer time (2:00 on 8 March 2026)
     e.now = datetime(2026, 3, 8, 0, tzinfo=UTC) + timedelta(minutes=draw(st.integers(0, 2160)))
-    e.local = e.now.astimezone(ZoneInfo("America/New_York"))
-    e.now_local, e.weekday = e.local.time(), e.local.weekday()
+    local = e.now.astimezone(ZoneInfo("America/New_York"))
+    e.now_local, e.weekday = local.time(), local.weekday()
     e.params = SimpleNamespace()
     fields: dict[str, Any] = dict.fromkeys(FIELDS["account"], 0)
     fields.update(

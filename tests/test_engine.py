@@ -409,7 +409,20 @@ def test_state_from_a_newer_version_or_damaged_is_refused(desync: Engine) -> Non
     assert any("gone" in n for n in notes)
 
 
-def test_account_view_fields_hold_what_their_names_say(desync: Engine) -> None:
+MONEY_RULE = """
+    ruleset: money
+    extends: [desync]
+    rules:
+      - id: equity-low
+        when: account.equity < 100
+        then: [alert]
+    """
+
+
+def test_account_view_fields_hold_what_their_names_say(
+        write_rules: Callable[..., Path]) -> None:
+    write_rules((REPO / "rules" / "desync.yaml").read_text(), "desync.yaml")
+    engine = Engine(load_policy([write_rules(MONEY_RULE)]))
     snapshot = snap(at(10), account("LEAD", "leader"), account(
         "F1", firm="apex", ratio=2.0, connected=True, copier="paused", balance=50100.0,
         realized_pnl=-50.0, unrealized_pnl=20.0, updated_at=at(7).isoformat(),
@@ -417,7 +430,7 @@ def test_account_view_fields_hold_what_their_names_say(desync: Engine) -> None:
         positions=[pos("NQH6", -2), pos("ESH6", 1, 5000.0), pos("CLJ6", 0, 70.0)],
         orders=[{"id": "o1", "instrument": "NQH6", "side": "buy", "qty": 2, "type": "stop",
                  "stop_price": 18050.0}]))
-    infos = desync._accounts(snapshot, at(10))
+    infos = engine._accounts(snapshot, at(10))
     view = infos["F1"].view
     assert {name: getattr(view, name) for name in (
         "id", "role", "firm", "leader_id", "ratio", "connected", "stale", "reachable",
@@ -430,6 +443,59 @@ def test_account_view_fields_hold_what_their_names_say(desync: Engine) -> None:
         "undeclared_positions": 1}
     assert infos["LEAD"].view.ratio == 1.0
     assert infos["LEAD"].view.flat is True
+    # first seen mid-day: the day started at balance - realized (its size, not given) and
+    # its P&L is realized + unrealized
+    assert (view.size, view.equity, view.day_pnl, view.peak) == (50150.0, 50120.0, -30.0,
+                                                                 50150.0)
+
+
+def test_money_fields_no_rule_reads_are_not_stored_but_the_metrics_are_kept(
+        desync: Engine, write_rules: Callable[..., Path]) -> None:
+    """desync.yaml reads no money field of an account: its views hold None in them (never a
+    stale value), and the metrics behind them are kept the same."""
+    write_rules((REPO / "rules" / "desync.yaml").read_text(), "desync.yaml")
+    money = Engine(load_policy([write_rules(MONEY_RULE)]))
+    for moment, equity in ((10, 50000.0), (11, 50300.0), (12, 49900.0)):
+        snapshot = snap(at(moment), account("LEAD", "leader"),
+                        account("F1", balance=equity, unrealized_pnl=0.0))
+        infos = desync._accounts(snapshot, at(moment))
+        money._accounts(snapshot, at(moment))
+    view = infos["F1"].view
+    assert (view.reachable, view.flat, view.copier) == (True, True, "active")
+    assert (view.balance, view.equity, view.day_pnl, view.peak) == (None, None, None, None)
+    assert desync._metrics["F1"] == money._metrics["F1"]
+    assert desync._metrics["F1"].peak == 50300.0
+    assert money._infos["F1"].view.peak == 50300.0
+    assert money._infos["F1"].view.day_pnl == -100.0
+
+
+@pytest.mark.parametrize(("text", "fields"), [
+    ("account.equity < 100 and account.flat", {"equity", "flat"}),
+    ("leader_account.day_pnl < 0", set()),  # another view's name
+    ("account == leader_account", None),  # the whole view: every field
+    ("min(account, 1) > 0", None),
+])
+def test_an_expression_tells_which_view_fields_it_reads(text: str,
+                                                        fields: set[str] | None) -> None:
+    from copilink_rules.rules.expressions import compile_expression
+    read = compile_expression(text, "pair", {}, condition=True).view_fields("account")
+    assert read == (None if fields is None else frozenset(fields))
+
+
+def test_a_policy_tells_which_account_fields_its_conditions_and_messages_read(
+        write_rules: Callable[..., Path]) -> None:
+    assert load_policy([REPO / "rules" / "desync.yaml"]).view_fields(
+        ("account", "leader_account")) == {"reachable", "copier", "working_orders",
+                                           "undeclared_positions", "id", "connected",
+                                           "data_age"}
+    whole = write_rules("""
+        ruleset: whole
+        rules:
+          - id: show
+            when: account.flat
+            then: [{alert: {message: "{account}"}}]
+        """)
+    assert load_policy([whole]).view_fields(("account",)) is None
 
 
 CATCH_UP_AGAINST = """

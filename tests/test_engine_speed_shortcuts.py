@@ -10,6 +10,7 @@ import ast
 import json
 import math
 import re
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -369,3 +370,50 @@ def test_a_tick_that_fails_on_a_stop_order_fails_again_at_the_next() -> None:
         for t in (1, 2):
             with pytest.raises(InstrumentError):
                 engine.evaluate(snap(at(t), unknown, account("F1")))
+
+
+# --- the local clock, stored only where it is read ----------------------------------------------
+
+CLOCK_IN_MESSAGES = """
+    ruleset: clock
+    timezone: America/New_York
+    rules:
+      - id: holds
+        when: not account.flat
+        cooldown: 0s
+        then:
+          - alert:
+              message: >-
+                {account.id} at {now_local} on day {weekday}:
+                {round(minutes_until("16:59"))} min to 16:59
+      - id: friday
+        when: weekday == 4 and not account.flat
+        cooldown: 0s
+        then: [alert]
+    """
+
+
+def test_a_message_reads_the_local_clock_of_its_own_tick(policy_of: Any) -> None:
+    """`holds` reads no clock in its condition, so its targets' environments get the local
+    time only when it fires (for its message): across New York's change to summer time
+    (2:00 on Sunday 8 March 2026) each message has its own tick's local time, never an earlier
+    tick's. `friday`'s group reads the clock in its condition; its own zone and ticks."""
+    policy = policy_of(CLOCK_IN_MESSAGES)
+    engine = Engine(policy)
+    assert [g.clock for g in engine._groups["session"]] == [True]  # one group: both rules
+    split = Engine(policy_of(CLOCK_IN_MESSAGES.replace("weekday == 4 and ", "")))
+    assert [g.clock for g in split._groups["session"]] == [False]
+    held = [pos("NQH6", 1)]
+    ticks = [(datetime(2026, 3, 8, 6, 30, tzinfo=UTC), held),  # 01:30 EST, Sunday (6)
+             (datetime(2026, 3, 8, 6, 31, tzinfo=UTC), []),
+             (datetime(2026, 3, 8, 7, 30, tzinfo=UTC), held),  # 03:30 EDT
+             (datetime(2026, 3, 13, 21, 0, tzinfo=UTC), []),
+             (datetime(2026, 3, 13, 21, 1, tzinfo=UTC), held)]  # 17:01 EDT, Friday (4)
+    for one in (engine, split):
+        messages = [d.args["message"] for moment, positions in ticks
+                    for d in one.evaluate(snap(moment, account("LEAD", "leader"),
+                                                account("F1", positions=positions)))
+                    if d.rule == "holds" and d.account == "F1"]
+        assert messages == ["F1 at 01:30:00 on day 6: 929 min to 16:59",
+                            "F1 at 03:30:00 on day 6: 809 min to 16:59",
+                            "F1 at 17:01:00 on day 4: 1438 min to 16:59"]

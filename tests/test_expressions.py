@@ -40,9 +40,9 @@ def env(**overrides: object) -> Env:
     e = Env()
     e.params = SimpleNamespace(max_contracts=10, flat_by="16:59", grace=2.0)
     e.now = now
-    e.local = now.astimezone(ZoneInfo("America/New_York"))
-    e.now_local = e.local.time()
-    e.weekday = e.local.weekday()
+    local = now.astimezone(ZoneInfo("America/New_York"))
+    e.now_local = local.time()
+    e.weekday = local.weekday()
     e.account = AccountView(**{
         **dict.fromkeys(FIELDS["account"], 0),
         "id": "F1", "role": "follower", "contracts": 3, "flat": False, "pnl": -120.5,
@@ -214,7 +214,7 @@ def test_minutes_until_counts_local_time_across_the_spring_dst_change() -> None:
     now = datetime(2026, 3, 8, 6, 30, tzinfo=UTC)
     local = now.astimezone(ZoneInfo("America/New_York"))
     assert local.hour == 1
-    e = env(now=now, local=local, now_local=local.time())
+    e = env(now=now, now_local=local.time())
     assert compile_expression('minutes_until("03:30")', "account", PARAMS).evaluate(e) == 120
     later = datetime(2026, 3, 8, 7, 30, tzinfo=UTC)  # 03:30 EDT already
     assert later.astimezone(ZoneInfo("America/New_York")).hour == 3
@@ -280,7 +280,7 @@ def test_calls_specialised_at_load_give_what_the_checked_library_gives(hour: int
     fast = compile_expression(source, "pair", PARAMS, values=values)
     assert "__cl_fn_" not in ast.unparse(fast.tree)  # really specialised
     moment = datetime(2026, 3, 2, hour, 30, tzinfo=ZoneInfo("America/New_York"))
-    e = env(now=moment.astimezone(UTC), local=moment, now_local=moment.time())
+    e = env(now=moment.astimezone(UTC), now_local=moment.time())
     call = ast.parse(source, mode="eval").body
     assert isinstance(call, ast.Call)
     assert isinstance(call.func, ast.Name)

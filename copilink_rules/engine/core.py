@@ -70,7 +70,11 @@ _KEY = attrgetter("key")  # how conflicts rank a proposal (_Proposal.key)
 _OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stronger can override
 _NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
 _NONE_TRACKED: list[int] = []  # no rule of a group has state to clear (read-only)
-_blank_view = object.__new__  # a view with no field set yet: `_accounts` sets every one
+_blank_view = object.__new__  # a view with no field set yet: `_accounts` sets each one
+# an account view's fields worked out from its money and metrics (Engine._money)
+_MONEY_FIELDS = frozenset({"balance", "realized_pnl", "unrealized_pnl", "pnl", "size", "equity",
+                           "day_pnl", "peak", "peak_eod", "total_profit", "best_day",
+                           "day_share"})
 
 
 class Engine:
@@ -102,7 +106,7 @@ class Engine:
         self._scopes = {stage: sorted({g.scope for g in groups})
                         for stage, groups in self._groups.items()}
         # this tick's local time, time of day and weekday in each zone its groups use
-        self._local: dict[Any, tuple[datetime, Any, int]] = {}
+        self._local: dict[Any, tuple[Any, int]] = {}
         # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
         # its quote is the same object (a reader reuses an unchanged quote)
         self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
@@ -116,6 +120,12 @@ class Engine:
         self._plans = {rule.id: plan(rule, order) for groups in self._groups.values()
                        for group in groups for order, rule in group.rules}
         self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
+        # an account view's money fields (_MONEY_FIELDS) are stored each tick only when some
+        # rule reads one of them (desync's do not); else they are None, never a stale value.
+        # The metrics behind them are kept either way (the saved state, a reload that adds a
+        # firm's rules).
+        read = policy.view_fields(("account", "leader_account"))
+        self._money = read is None or not read.isdisjoint(_MONEY_FIELDS)
         self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
         # same (facts.py); `reuse=False` derives everything every tick (the reference path)
@@ -303,7 +313,7 @@ class Engine:
         infos: dict[str, _AccountInfo] = {}
         seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
-        stale_after, metrics_of = self.stale_after, self._metrics
+        stale_after, metrics_of, money = self.stale_after, self._metrics, self._money
         # an account whose data has no time: its facts depend only on its connection (by
         # whether it is connected: False, True)
         undated = (staleness(False, None, now, stale_after),
@@ -372,9 +382,6 @@ class Engine:
             metrics.last_equity = equity
             if trade_counts:
                 _count_trades(metrics, families, realized)
-            day_pnl = equity - metrics.day_start
-            total = equity - metrics.size
-            best_day = metrics.best_day
             lock = lock_states.get(account_id, "") if lock_states else ""
             role = a["role"]
             # the account's info and view of the last tick, stored into (which costs less
@@ -387,6 +394,9 @@ class Engine:
                 info = _AccountInfo(account, view, families, facts, order_facts,
                                     (account_id, role, firm))
                 view.id, view.role, view.firm = account_id, role, firm or ""
+                if not money:  # never worked out (None: a sum with one fails loudly)
+                    for name in _MONEY_FIELDS:
+                        setattr(view, name, None)
                 derived = True
             else:
                 view = info.view
@@ -409,12 +419,17 @@ class Engine:
             view.connected, view.stale, view.reachable, view.data_age = \
                 connected, stale, reachable, age
             view.copier = a["copier"]
-            view.balance, view.realized_pnl, view.unrealized_pnl = balance, realized, unrealized
-            view.pnl = realized + unrealized
-            view.size, view.equity, view.day_pnl = metrics.size, equity, day_pnl
-            view.peak, view.peak_eod, view.total_profit = peak, metrics.peak_eod, total
-            view.best_day = day_pnl if day_pnl > best_day else best_day
-            view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
+            if money:  # the view's money, when a rule reads it (the metrics are kept anyway)
+                day_pnl = equity - metrics.day_start
+                total = equity - metrics.size
+                best_day = metrics.best_day
+                view.balance, view.realized_pnl, view.unrealized_pnl = \
+                    balance, realized, unrealized
+                view.pnl = realized + unrealized
+                view.size, view.equity, view.day_pnl = metrics.size, equity, day_pnl
+                view.peak, view.peak_eod, view.total_profit = peak, metrics.peak_eod, total
+                view.best_day = day_pnl if day_pnl > best_day else best_day
+                view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
             view.trading_day = day
             view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
             view.lock, view.locked = lock, lock != ""
@@ -677,8 +692,11 @@ class Engine:
         found = zones.get(group.zone)
         if found is None:
             local = now.astimezone(group.zone)
-            found = zones[group.zone] = (local, local.time(), local.weekday())
-        local, now_local, weekday = found
+            found = zones[group.zone] = (local.time(), local.weekday())
+        now_local, weekday = found
+        # stored into each target's env when the group's conditions read it (most do not);
+        # else only before a condition is evaluated alone or a rule's message is made
+        clock = group.clock
         # rules whose per-target state must be cleared when their condition is false
         tables = self._tables.get(id(group))
         if tables is None:  # the group's rules' tables, in bit order (restore_state drops
@@ -715,13 +733,15 @@ class Engine:
             else:
                 sub = whole
             env = target.env
-            env.local, env.now_local, env.weekday = local, now_local, weekday
+            if clock:
+                env.now_local, env.weekday = now_local, weekday
             # the hot path: one call evaluates the group's conditions for this target
             try:
                 mask = sub.batch(env) & sub.allowed
                 failed = 0
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001
+                env.now_local, env.weekday = now_local, weekday
                 mask, failed = self._one_by_one(group, target, index, sub.allowed, now,
                                                 errors_out)
             key = target.key
@@ -735,6 +755,7 @@ class Engine:
                 if state is not None and state.fired:
                     continue  # this episode fired already (_on_true's first test, inlined)
                 order, rule = rules[bit]
+                env.now_local, env.weekday = now_local, weekday  # its messages may read them
                 self._on_true(rule, order, target, index, now, as_if_held, proposals, infos,
                               blocked)
         if results is None:

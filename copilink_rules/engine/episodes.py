@@ -43,6 +43,7 @@ class _Group:
     zone: ZoneInfo
     rules: list[tuple[int, CompiledRule]]  # (position among the stage's rules, rule)
     filtered: bool = False
+    clock: bool = False  # some condition reads the local clock (now_local, weekday)
     max_subsets: int = 64  # distinct rule subsets compiled (beyond: the batch, masked)
     _batch: Callable[[Env], int] | None = None
     _masks: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
@@ -153,4 +154,5 @@ def _groups(rules: list[CompiledRule], max_subsets: int) -> list[_Group]:
     for group in groups.values():  # batches are compiled on first use (_Group.batch)
         group.filtered = any(r.roles is not None or r.firms is not None or r.accounts is not None
                              for _, r in group.rules)
+        group.clock = any(r.when.reads_clock() for _, r in group.rules)
     return list(groups.values())

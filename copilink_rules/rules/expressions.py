@@ -263,6 +263,11 @@ LIBRARY: dict[str, LibraryFunction] = {
                             "tier(value, upto1, result1, upto2, result2, ..., otherwise)"),
 }
 ENV_FUNCTIONS_NEED = {"ticks": "instrument"}  # functions that need a name of a certain scope
+# functions given the environment that never read its local clock (now_local, weekday)
+_CLOCKLESS = frozenset({"ticks", "seconds_since", "minutes_since", "news_blackout"})
+# the names under which the compiled code calls the others (CompiledExpression.reads_clock)
+_CLOCK_READERS = frozenset({"__cl_minutes_until", *(
+    f"__cl_fn_{name}" for name, fn in LIBRARY.items() if fn.needs_env and name not in _CLOCKLESS)})
 
 _SAFE_BINOPS: dict[type[ast.operator], str | None] = {
     ast.Add: "__cl_add", ast.Mult: "__cl_mult", ast.Pow: "__cl_pow", ast.Mod: "__cl_mod",
@@ -318,6 +323,35 @@ class CompiledExpression:
     kind: str  # static type of the result: BOOL for every `when`
     tree: ast.expr  # the checked, rewritten tree (for compile_batch)
     constants: dict[str, Any]  # values folded at load, read by `tree`
+
+    def view_fields(self, name: str) -> frozenset[str] | None:
+        """The fields of the view `name` (`account`, `leader_account`, ...) this expression
+        reads, as `account.equity` reads `equity`; None when it uses the view whole (compares
+        it, passes it to a function, shows it in a message): then it may read every field."""
+        fields: set[str] = set()
+        for node in ast.walk(self.tree):
+            for child in ast.iter_child_nodes(node):
+                if _is_view(child, name):
+                    if not (isinstance(node, ast.Attribute) and node.value is child):
+                        return None
+                    fields.add(node.attr)
+        if _is_view(self.tree, name):  # the whole expression is the view
+            return None
+        return frozenset(fields)
+
+    def reads_clock(self) -> bool:
+        """Does it read the local clock (`now_local`, `weekday`), itself or through a library
+        function? Each function given the environment counts, unless it is known not to."""
+        return any((isinstance(node, ast.Name) and node.id in _CLOCK_READERS) or
+                   _is_view(node, "now_local") or _is_view(node, "weekday")
+                   for node in ast.walk(self.tree))
+
+
+def _is_view(node: ast.AST, name: str) -> bool:
+    """Is `node` the rewritten tree's read of the environment's `name` (`__cl_env.account`,
+    `__cl_env.now_local`)?"""
+    return isinstance(node, ast.Attribute) and node.attr == name and \
+        isinstance(node.value, ast.Name) and node.value.id == ENV
 
 
 class _Checker:

@@ -261,6 +261,23 @@ class Policy:
                     return True
         return False
 
+    def view_fields(self, names: Iterable[str]) -> frozenset[str] | None:
+        """The fields of the views `names` (e.g. `account`, `leader_account`: one kind of
+        view) that the conditions and alert messages of the loaded rules read, every stage's;
+        None when one of them uses such a view whole (it may read any field)."""
+        found: set[str] = set()
+        for rule in self.rules:
+            expressions = [rule.when, *(part for template in rule.templates
+                                        if template is not None for part in template.parts
+                                        if not isinstance(part, str))]
+            for expression in expressions:
+                for name in names:
+                    fields = expression.view_fields(name)
+                    if fields is None:
+                        return None
+                    found |= fields
+        return frozenset(found)
+
     def trading_day(self, firm: str | None) -> TradingDay:
         """The trading day of `firm` (from its rule set), else 18:00 New York (CME)."""
         for info in self.rulesets:
