@@ -67,7 +67,7 @@ def test_an_unchanged_account_gets_a_fresh_data_age_and_position_age() -> None:
     # the same data, later: the facts are reused, what depends on the time is not
     later = snap(at(30), lead, follow)
     infos = engine._accounts(later, at(30))
-    assert engine._position_facts["F1"].positions is later.accounts[1].positions
+    assert engine._infos["F1"].facts.positions is later.accounts[1].positions
     view = infos["F1"].view
     assert (view.data_age, view.stale, view.reachable) == (30.0, True, False)
     pair = engine._pair_targets(later, infos, at(30))[0]
@@ -78,11 +78,11 @@ def test_an_unchanged_account_gets_a_fresh_data_age_and_position_age() -> None:
 def test_equal_positions_in_new_objects_are_reused_and_a_change_is_derived_again() -> None:
     engine = Engine(DESYNC)
     engine._accounts(snap(at(0), account("F1", positions=[pos("NQH6", 2)])), at(0))
-    facts = engine._position_facts["F1"]
+    facts = engine._infos["F1"].facts
     engine._accounts(snap(at(1), account("F1", positions=[pos("NQH6", 2)])), at(1))
-    assert engine._position_facts["F1"] is facts  # equal, though parsed again
+    assert engine._infos["F1"].facts is facts  # equal, though parsed again
     infos = engine._accounts(snap(at(2), account("F1", positions=[pos("NQH6", 3)])), at(2))
-    assert engine._position_facts["F1"] is not facts
+    assert engine._infos["F1"].facts is not facts
     assert infos["F1"].view.contracts == 3
     infos = engine._accounts(snap(at(3), account("F1", positions=[pos("NQH6", 3)],
                                                  overnight=["NQH6"])), at(3))
@@ -158,7 +158,7 @@ def test_state_saved_and_restored_mid_timeline_continues_the_same() -> None:
     other = Engine(DESYNC)
     decisions(other, snap(at(0), lead, account("F1", positions=[pos("NQH6", 5)])))
     other.restore_state(json.loads(first.save_state_json()))
-    assert other._position_facts == {}
+    assert other._infos == {}
 
 
 def test_rules_of_another_firm_are_not_evaluated_and_errors_stay_the_same(

@@ -23,7 +23,6 @@ from copilink_rules.facts import (
     NO_ORDERS,
     ORDER_FLOATS,
     POSITION_FLOATS,
-    OrderFacts,
     PositionFacts,
     contracts_for,
     derive_orders,
@@ -110,8 +109,12 @@ class Engine:
         # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
         # its quote is the same object (a reader reuses an unchanged quote)
         self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
+        # an account view used whole (`{account}` in a message) shows every field: each one
+        # is then worked out, as when a rule names it
+        read = policy.view_fields(("account", "leader_account"))
+        whole = read is None
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
-        self._hedges = policy.mentions("hedged")
+        self._hedges = whole or policy.mentions("hedged")
         # rules with an order among their actions: held (all their actions) while unreachable
         self._order_rules = {r.id for r in policy.rules
                              if any(a.name in ORDER_ACTIONS for a in r.actions)}
@@ -119,24 +122,26 @@ class Engine:
         # with its order among its stage's rules, as its group holds it (conflicts' last key)
         self._plans = {rule.id: plan(rule, order) for groups in self._groups.values()
                        for group in groups for order, rule in group.rules}
-        self._firm_counts = policy.mentions("firm_accounts")  # likewise a pass over accounts
+        # likewise a pass over accounts
+        self._firm_counts = whole or policy.mentions("firm_accounts")
         # an account view's money fields (_MONEY_FIELDS) are stored each tick only when some
         # rule reads one of them (desync's do not); else they are None, never a stale value.
         # The metrics behind them are kept either way (the saved state, a reload that adds a
         # firm's rules).
-        read = policy.view_fields(("account", "leader_account"))
-        self._money = read is None or not read.isdisjoint(_MONEY_FIELDS)
-        self._trade_counts = policy.mentions("trades_today") or policy.mentions("losing_streak")
+        self._money = whole or not read.isdisjoint(_MONEY_FIELDS)  # type: ignore[union-attr]
+        self._trade_counts = whole or policy.mentions("trades_today") or \
+            policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
         # same (facts.py); `reuse=False` derives everything every tick (the reference path)
         self.reuse = reuse
-        self._position_facts: dict[str, PositionFacts] = {}
-        self._order_facts: dict[str, OrderFacts] = {}
-        self._infos: dict[str, _AccountInfo] = {}  # kept from tick to tick, as their views
+        # each account's info (facts, view ...), kept from tick to tick
+        self._infos: dict[str, _AccountInfo] = {}
+        self._locks_shown = False  # some account's view showed a lock last tick
         self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._entries_unchecked = False  # entries taken in from outside a tick (journal)
+        self._entries_blank = False  # no entry when the last tick's pair targets were made
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
@@ -296,7 +301,7 @@ class Engine:
                 self._last_fired[rule] = dict(fired)
         self._entries = dict(saved.entries)
         self._first_seen = dict(saved.first_seen)
-        self._position_facts, self._order_facts = {}, {}  # dated by the old first-seen table
+        self._infos = {}  # their facts are dated by the old first-seen table
         self._hedge_marks = None
         self._cleaned = {}  # the restored tables may hold any target's keys
         self._tables = {}  # and are new dicts
@@ -311,7 +316,6 @@ class Engine:
 
     def _accounts(self, snapshot: Snapshot, now: datetime) -> dict[str, _AccountInfo]:
         infos: dict[str, _AccountInfo] = {}
-        seen_count = 0  # first-seen keys in use this tick
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, metrics_of, money = self.stale_after, self._metrics, self._money
         # an account whose data has no time: its facts depend only on its connection (by
@@ -319,29 +323,37 @@ class Engine:
         undated = (staleness(False, None, now, stale_after),
                    staleness(True, None, now, stale_after))
         lock_states = self.lock_book.states() if len(self.lock_book) else {}
+        # the views' locks are stored while some account has one, and once more after the
+        # last one ends (they are "" from then on)
+        show_locks = bool(lock_states) or self._locks_shown
+        self._locks_shown = bool(lock_states)
         first_seen, catalog = self._first_seen, self.catalog
-        # accounts per firm, counted only when a rule reads `firm_accounts` (else 0)
-        firm_counts = self._firm_counts
+        # what only some rules read is stored each tick only when one does: firm counts
+        # (`firm_accounts`), trade counts, hedges (_mark_hedges, below); else the view keeps
+        # what it was made with (0, 0 and no hedge)
+        firm_counts, trade_counts, hedges = self._firm_counts, self._trade_counts, self._hedges
         at_firm = Counter(map(_FIRM, snapshot.accounts)) if firm_counts else _NO_COUNTS  # in C
-        # facts of the previous tick, reused for an account whose positions (orders) are the
-        # same; only accounts of this snapshot are kept, so one that is gone for a tick is
-        # derived again (its first-seen times were dropped meanwhile)
-        reuse, trade_counts, trading_day = self.reuse, self._trade_counts, self._trading_day
-        old_positions, old_orders = self._position_facts, self._order_facts
-        new_positions: dict[str, PositionFacts] = {}
-        new_orders: dict[str, OrderFacts] = {}
-        old_infos = self._infos  # only accounts of the last snapshot: see the facts above
+        # Each account's info of the last tick (only accounts of the last snapshot) holds its
+        # facts, reused while its positions (orders) are the same: an account gone for a tick
+        # is derived again (its first-seen times were dropped meanwhile). The reference path
+        # (`reuse=False`) derives everything every tick.
+        reuse, trading_day = self.reuse, self._trading_day
+        old_infos = self._infos if reuse else {}
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         # every account the same as last tick (positions, firm), none new, none gone?
-        same = len(old_positions) == len(snapshot.accounts)
+        same = len(old_infos) == len(snapshot.accounts)
         for account in snapshot.accounts:
             # Hot path: read fields from the model's __dict__, several times faster than
             # attribute access on a pydantic model (whose class defines __getattr__).
             a = account.__dict__
-            account_id, firm, connected = a["id"], a["firm"], a["connected"]
-            balance, realized, unrealized = a["balance"], a["realized_pnl"], a["unrealized_pnl"]
-            positions, overnight, orders = a["positions"], a["overnight"], a["orders"]
-            facts = old_positions.get(account_id) if reuse else None
+            account_id, firm, positions, orders = a["id"], a["firm"], a["positions"], a["orders"]
+            info = old_infos.get(account_id)
+            if info is None:
+                last_facts = last_orders = None
+            else:
+                last_facts, last_orders = info.facts, info.orders
+            facts = last_facts
+            overnight = a["overnight"]
             if facts is None or overnight != facts.overnight or firm != facts.firm or \
                     (positions is not facts.positions and
                      not same_records(positions, facts.positions, POSITION_FLOATS)):
@@ -350,22 +362,21 @@ class Engine:
                 same = False
             else:  # the same again: next time, tell so by identity
                 facts.positions = positions
-            new_positions[account_id] = facts
             used.append(facts)
-            seen_count += len(facts.first_seen)
-            order_facts = old_orders.get(account_id) if reuse and orders else None
-            if order_facts is None or (orders is not order_facts.orders and
-                                       not same_records(orders, order_facts.orders,
-                                                        ORDER_FLOATS)):
-                order_facts = derive_orders(orders) if orders else NO_ORDERS
-            else:
+            if not orders:
+                order_facts = NO_ORDERS
+            elif last_orders is None or (orders is not last_orders.orders and
+                                         not same_records(orders, last_orders.orders,
+                                                          ORDER_FLOATS)):
+                order_facts = derive_orders(orders)
+            else:  # (never NO_ORDERS here: its orders are none)
+                order_facts = last_orders
                 order_facts.orders = orders
-            if orders:
-                new_orders[account_id] = order_facts
             families = facts.families
-            updated_at = a["updated_at"]
+            updated_at, connected = a["updated_at"], a["connected"]
             age, stale, reachable = staleness(connected, updated_at, now, stale_after) \
                 if updated_at is not None else undated[connected]
+            balance, unrealized = a["balance"], a["unrealized_pnl"]
             equity = balance + unrealized
             day = days.get(firm)
             if day is None:
@@ -381,14 +392,12 @@ class Engine:
                 peak = metrics.peak = equity
             metrics.last_equity = equity
             if trade_counts:
-                _count_trades(metrics, families, realized)
-            lock = lock_states.get(account_id, "") if lock_states else ""
+                _count_trades(metrics, families, a["realized_pnl"])
             role = a["role"]
             # the account's info and view of the last tick, stored into (which costs less
             # than building anew): what its facts say only when they are other facts, its id,
             # role and firm only when they moved, the rest every tick; the reference path
             # starts from blank ones
-            info = old_infos.get(account_id) if reuse else None
             if info is None:
                 view = _blank_view(AccountView)
                 info = _AccountInfo(account, view, families, facts, order_facts,
@@ -397,10 +406,13 @@ class Engine:
                 if not money:  # never worked out (None: a sum with one fails loudly)
                     for name in _MONEY_FIELDS:
                         setattr(view, name, None)
+                view.lock, view.locked, view.firm_accounts = "", False, 0
+                view.trades_today = view.losing_streak = 0
+                view.hedged, view.hedged_with = False, ""
                 derived = True
             else:
                 view = info.view
-                derived = info.facts is not facts or info.orders is not order_facts
+                derived = facts is not last_facts or order_facts is not last_orders
                 info.account, info.families, info.facts, info.orders = \
                     account, families, facts, order_facts
                 kind = info.kind  # (id, role, firm): a new key only when role or firm moved
@@ -420,6 +432,7 @@ class Engine:
                 connected, stale, reachable, age
             view.copier = a["copier"]
             if money:  # the view's money, when a rule reads it (the metrics are kept anyway)
+                realized = a["realized_pnl"]
                 day_pnl = equity - metrics.day_start
                 total = equity - metrics.size
                 best_day = metrics.best_day
@@ -431,20 +444,27 @@ class Engine:
                 view.best_day = day_pnl if day_pnl > best_day else best_day
                 view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
             view.trading_day = day
-            view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
-            view.lock, view.locked = lock, lock != ""
-            view.firm_accounts = at_firm[firm] if firm and firm_counts else 0
-            view.trades_today, view.losing_streak = metrics.trades, metrics.streak
-        self._position_facts, self._order_facts = new_positions, new_orders
+            if hedges:
+                view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
+            if show_locks:
+                lock = lock_states.get(account_id, "")
+                view.lock, view.locked = lock, lock != ""
+            if firm_counts:
+                view.firm_accounts = at_firm[firm] if firm else 0
+            if trade_counts:
+                view.trades_today, view.losing_streak = metrics.trades, metrics.streak
         if reuse:
             self._infos = infos
-        if seen_count != len(first_seen) or len(infos) != len(snapshot.accounts):
-            # a key in use is always in the table: only when the counts differ (or an account
-            # id repeats) is there anything to drop
+        # first-seen keys no facts use any more are dropped: only when some facts are new (or
+        # an account is gone, or an id repeats), and then only when the counts differ (a key
+        # in use is always in the table)
+        if (not same or len(infos) != len(used)) and \
+                (sum(len(facts.first_seen) for facts in used) != len(first_seen) or
+                 len(infos) != len(used)):
             seen_keys = {key for facts in used for key in facts.first_seen}
             for key in [k for k in first_seen if k not in seen_keys]:
                 del first_seen[key]
-        if self._hedges:
+        if hedges:
             # hedges follow from the accounts' firms and positions alone: while none changed,
             # last tick's marks stand
             marks = self._hedge_marks if same and len(infos) == len(used) else None
@@ -507,6 +527,7 @@ class Engine:
             if target is None:
                 env = Env()  # the hot path: _env() inlined
                 env.params, env.calendar = self.params, self.calendar
+                env.account = info.view  # the info's view, stored into from tick to tick
                 target = info.target = _Target(account_id, info.account, env)
             else:
                 env = target.env
@@ -514,7 +535,6 @@ class Engine:
             target.kind = info.kind
             env.now = now
             env.families = info.facts.family_names
-            env.account = info.view
             targets.append(target)
         return targets
 
@@ -545,6 +565,9 @@ class Engine:
         # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
+        # no entry now, and none when the last tick's targets were made: every reused target's
+        # entry_action is "" already
+        blank = not entries and self._entries_blank
         rebuilt = False  # some follower's pair targets built anew
         for info in infos.values():
             follower = info.account
@@ -565,9 +588,12 @@ class Engine:
             pairs = old_sets.get(follower_id)
             if pairs is not None and pairs.follower is info.facts and \
                     pairs.leader is leader.facts and pairs.leader_id == leader_id and \
-                    pairs.ratio == ratio and type(pairs.ratio) is type(ratio):
+                    (pairs.ratio is ratio or (pairs.ratio == ratio and
+                                              type(pairs.ratio) is type(ratio))):
+                # The same facts are the same infos (an account's facts live in its info, and
+                # a new info derives new ones): the targets' envs hold these views already,
+                # and the follower's kind (id, role, firm: its firm is its facts').
                 new_sets[follower_id] = pairs
-                kind = info.kind
                 if orders is not pairs.orders:  # the leader's orders changed: its stops
                     stops = orders.stops
                     for target in pairs.targets:
@@ -580,10 +606,9 @@ class Engine:
                     env.now = now
                     # env.leader, env.follower: the same families' views, their ages following
                     # the engine's clock (PositionView)
-                    env.account, env.leader_account = account_view, leader_view
                     symbol = target.quote_symbol
                     env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
-                    target.account, target.kind = follower, kind
+                    target.account = follower
                     if entries:
                         pair_key = target.key
                         entry = entries.get(pair_key)
@@ -591,7 +616,7 @@ class Engine:
                             del entries[pair_key]
                             entry = None
                         env.pair.entry_action = entry[1] if entry else ""
-                    else:
+                    elif not blank:
                         env.pair.entry_action = ""
                 targets.extend(pairs.targets)
                 continue
@@ -648,6 +673,7 @@ class Engine:
             for key in [k for k in entries if k not in live]:
                 del entries[key]
         self._entries_unchecked = False
+        self._entries_blank = not entries  # so each target's entry_action is ""
         self._pair_sets = new_sets
         return targets
 
