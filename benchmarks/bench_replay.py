@@ -4,8 +4,9 @@ target: under 10 s). Replayed twice: with desync.yaml alone, and with desync.yam
 file (firms/apex.yaml, which extends desync); each run prints its reading (decoding and
 validating the line) and evaluating parts. Then two floors. Under the reading: the same lines
 decoded alone by the fast reader's msgspec decoder, into its structs (msgspec's checks of types
-and bounds, none of the reader's own) and no snapshot built: what reading would cost if the
-snapshot were those structs. Under the whole replay (with desync.yaml, when it is replayed):
+and bounds, none of the reader's own; an account's positions and orders left as text, which
+the reader decodes only when it changed) and no snapshot built: what reading would cost if
+the snapshot were those structs. Under the whole replay (with desync.yaml, when it is replayed):
 hand-written Python doing desync's work on those structs (hand_replay.py), its decisions
 checked against the engine's, alert messages included, before it is timed.
 
@@ -106,7 +107,7 @@ def hand_replay(path: Path, engine_decided: list[Decided]) -> None:
 
 def decode_floor(path: Path) -> None:
     """msgspec's decoding alone, of every line, into the fast reader's structs."""
-    decode = msgspec.json.Decoder(fastread._Snapshot).decode
+    decode = msgspec.json.Decoder(fastread._LineSnapshot).decode
     count = 0
     taken = 0.0
     with path.open() as handle:  # text, as the timeline is read
@@ -116,7 +117,7 @@ def decode_floor(path: Path) -> None:
             taken += time.perf_counter() - t0
             count += 1
     print(f"decoding alone (msgspec into the reader's structs: its type and bound checks, none "
-          f"of the reader's, no snapshot built): "
+          f"of the reader's, positions and orders left as text, no snapshot built): "
           f"{count} lines in {taken:.2f} s = {taken / count * 1e6:.0f} µs a line", flush=True)
 
 

@@ -2,10 +2,12 @@
 decisions as `Engine.evaluate` under desync.yaml (bench_replay.py checks that, alert messages
 included, before it times anything).
 
-Reading is msgspec decoding each line into the fast reader's structs (fastread._Snapshot: the
-types and bounds checked in C), with none of the reader's other checks (times, ids, leaders,
-signs of zeros) and no snapshot models built. Evaluating is desync.yaml's session rules written
-out by hand, in the shape of the engine's work: each account's reachability and each
+Reading is msgspec decoding each line into the fast reader's structs (fastread._LineSnapshot:
+the types and bounds checked in C; an account's positions kept as text and decoded only when
+that text differs from the account's on the previous line, as the reader does), with none of
+the reader's other checks (times, ids, leaders, signs of zeros) and no snapshot models built.
+Evaluating is desync.yaml's session rules written out by hand, in the shape of the engine's
+work: each account's reachability and each
 follower/leader pair's exposure per instrument family derived from the line, the five
 conditions, their `for` episodes, the one cooldown, the leader-trade bookkeeping
 (`pair.entry_action`) and the alert messages. Like the engine, it derives an account's families
@@ -58,7 +60,10 @@ class HandReplay:
     """desync.yaml's session rules over decoded lines, by hand."""
 
     def __init__(self) -> None:
-        self.decode = msgspec.json.Decoder(fastread._Snapshot).decode
+        self.decode = msgspec.json.Decoder(fastread._LineSnapshot).decode
+        self.decode_positions = msgspec.json.Decoder(tuple[fastread._Position, ...]).decode
+        # account -> the text of its positions on the previous line, and their families
+        self.last_positions: dict[str, tuple[Any, dict[str, _Family]]] = {}
         self.parse = default_catalog().parse
         self.times: dict[str, datetime] = {}  # a position's opening time, parsed once
         self.families_of: dict[Any, dict[str, _Family]] = {}  # positions -> their families
@@ -147,7 +152,14 @@ class HandReplay:
         since = self.since
         families: dict[str, dict[str, _Family]] = {}
         for a in accounts:
-            families[a.id] = self._families(a.positions)
+            text = a.positions
+            last = self.last_positions.get(a.id)
+            if last is not None and last[0] == text:  # the same text: the same positions
+                families[a.id] = last[1]
+            else:
+                found = self._families(UNSET if text is UNSET else self.decode_positions(text))
+                families[a.id] = found
+                self.last_positions[a.id] = (text, found)
             # account-unreachable: not account.reachable, for 1 s, cooldown 60 s
             updated = self._time(a.updated_at)
             age = (now - updated).total_seconds() if updated else 0.0

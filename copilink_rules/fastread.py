@@ -18,9 +18,10 @@ What the previous line had unchanged at the same place is reused, not built agai
 whose data did not change is the same `Account` object as on the previous line, a position held
 for an hour one `Position` while its account's P&L moves (equal field for field, the sign of a
 zero included). An account whose time, balance or P&L alone moved (most accounts on most lines)
-is the previous account's values with those replaced (`_moved`). The models are frozen, so
-sharing is invisible except to `is`; the engine may use that to keep what it derived from an
-account.
+is the previous account's values with those replaced (`_moved`). An account's positions and
+orders are kept as the line's text (msgspec.Raw) and decoded only when that text changed: the
+same text is the same records, their zeros' signs included. The models are frozen, so sharing
+is invisible except to `is`; the engine may use that to keep what it derived from an account.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from msgspec.structs import replace as _replace
 from pydantic import BaseModel
 
@@ -116,6 +117,29 @@ class _Snapshot(Struct, forbid_unknown_fields=True, gc=False):
     time: str
     quotes: dict[str, _Quote] | UnsetType = UNSET
     accounts: tuple[_Account, ...] | UnsetType = UNSET
+
+
+def _unparsed(struct: type[Struct], names: tuple[str, ...], name: str,
+              **types: Any) -> type[Struct]:
+    """`struct` with the fields `names` left unparsed (msgspec.Raw: the line's own text of
+    them) and those of `types` of another type, for reading lines: what a line repeats from the
+    previous one (an account's positions and orders) is then compared as text and decoded only
+    when it changed (FastReader._records). The same fields in the same order, the same
+    constraints on the rest; `FastReader.convert` (Python data, where msgspec has no text to
+    keep) uses `struct` itself."""
+    specs: list[Any] = []
+    for field in msgspec.structs.fields(struct):
+        kind = (Raw | UnsetType) if field.name in names else types.get(field.name, field.type)
+        specs.append((field.name, kind) if field.required else
+                     (field.name, kind, field.default))
+    config = struct.__struct_config__
+    return msgspec.defstruct(name, specs, forbid_unknown_fields=config.forbid_unknown_fields,
+                             frozen=config.frozen, gc=config.gc)
+
+
+_LineAccount = _unparsed(_Account, ("positions", "orders"), "_LineAccount")
+_LineSnapshot = _unparsed(_Snapshot, (), "_LineSnapshot",
+                          accounts=tuple[_LineAccount, ...] | UnsetType)  # type: ignore[valid-type]
 
 
 class _Fallback(Exception):  # noqa: N818 - a signal, not an error: read the line strictly
@@ -396,14 +420,15 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
                 unrealized_pnl=was_unrealized) != previous:
         return None
     # the zeros' signs of what is kept (the money is this line's own, taken as it is); the
-    # previous line's positions and orders equal these (above), so they are given too
-    if positions := new.positions:
+    # previous line's positions and orders equal these (above), so they are given too. A
+    # line's are its text (msgspec.Raw): the same text, the same signs.
+    if (positions := new.positions) and type(positions) is tuple:
         for one in positions:  # mostly no zero at all (_positions_alike, inlined)
             if one.avg_price == 0.0:
                 if not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
                     return None
                 break
-    if (orders := new.orders) and \
+    if (orders := new.orders) and type(orders) is tuple and \
             not _orders_alike(orders, previous.orders):  # type: ignore[arg-type]
         return None
     if balance == was_balance and realized == was_realized and \
@@ -432,7 +457,11 @@ class FastReader:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self._decoder = msgspec.json.Decoder(_Snapshot)
+        # the line's structs: _Snapshot's, its accounts' positions and orders left as text
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_LineSnapshot)
+        # a line's positions and orders, decoded when their text changed (_records)
+        self._decode_positions = msgspec.json.Decoder(tuple[_Position, ...]).decode
+        self._decode_orders = msgspec.json.Decoder(tuple[_Order, ...]).decode
         self._symbols: set[str] = set()
         self._last: tuple[_Snapshot, Snapshot] | None = None  # the structs and the snapshot
         self._warned = False  # convert() said once that it failed unexpectedly
@@ -554,27 +583,44 @@ class FastReader:
             raise _Fallback  # the model's own validator refuses it
         if (updated_at := values["updated_at"]) is not None:
             values["updated_at"] = _time(updated_at)
-        if positions := raw.positions:
-            old_positions = old_raw.positions if old_raw is not None else ()
-            if old is not None and old_positions == positions and \
-                    _positions_alike(positions, old_positions):
-                values["positions"] = old.positions
-            else:
-                values["positions"] = self._positions(
-                    positions, old_positions or (), old.positions if old is not None else ())
-        if orders := raw.orders:
-            old_orders = old_raw.orders if old_raw is not None else ()
-            if old is not None and old_orders == orders and _orders_alike(orders, old_orders):
-                values["orders"] = old.orders
-            else:
-                values["orders"] = self._orders(
-                    orders, old_orders or (), old.orders if old is not None else ())
+        if (positions := raw.positions) is not UNSET:
+            values["positions"] = self._records(
+                positions, UNSET if old_raw is None else old_raw.positions,
+                None if old is None else old.positions, self._decode_positions,
+                _positions_alike, self._positions)
+        if (orders := raw.orders) is not UNSET:
+            values["orders"] = self._records(
+                orders, UNSET if old_raw is None else old_raw.orders,
+                None if old is None else old.orders, self._decode_orders, _orders_alike,
+                self._orders)
         if raw.overnight:
             for text in raw.overnight:
                 _plain_text(text)
                 if text not in self._symbols:
                     self._symbol(text)
         return _build(Account, values, given)
+
+    def _records(self, given: Any, old_given: Any, old: tuple[Any, ...] | None,
+                 decode: Callable[[Any], tuple[Any, ...]], alike: Callable[[Any, Any], bool],
+                 build: Callable[[Any, Any, Any], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """A changed account's positions (orders): `given` as the line has them (its text,
+        msgspec.Raw, or from `convert` structs), the previous line's account's at its place
+        (`old_given`, `old`: its models; None for a new account). The previous ones when the
+        same (the same text, or equal structs whose zeros agree in sign); else decoded and
+        built (`build`: _positions, _orders), each one unchanged at its place reused."""
+        if old is not None and old_given == given and \
+                (type(given) is not tuple or alike(given, old_given)):
+            return old
+        try:
+            structs = decode(given) if type(given) is not tuple else given
+            old_structs = decode(old_given) if type(old_given) is Raw else old_given
+        except (msgspec.MsgspecError, ValueError, RecursionError):
+            raise _Fallback from None  # the strict path says what is wrong with them
+        if not structs:
+            return structs  # (), as the model holds it
+        if old is None or old_structs is UNSET:
+            old, old_structs = (), ()
+        return build(structs, old_structs, old)
 
     def _positions(self, raw: tuple[_Position, ...], old_raw: tuple[_Position, ...],
                    old: tuple[Position, ...]) -> tuple[Position, ...]:

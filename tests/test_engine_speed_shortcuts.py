@@ -417,3 +417,61 @@ def test_a_message_reads_the_local_clock_of_its_own_tick(policy_of: Any) -> None
         assert messages == ["F1 at 01:30:00 on day 6: 929 min to 16:59",
                             "F1 at 03:30:00 on day 6: 809 min to 16:59",
                             "F1 at 17:01:00 on day 4: 1438 min to 16:59"]
+
+
+# --- view fields stored only while they can change ----------------------------------------------
+
+LOCK_SEEN = """
+    ruleset: locks-seen
+    rules:
+      - id: sees-lock
+        when: account.locked
+        cooldown: 0s
+        then:
+          - alert: {message: "{account.id} is {account.lock}"}
+    """
+
+
+def test_a_lock_placed_between_ticks_shows_and_its_end_clears_the_view(policy_of: Any) -> None:
+    """The enforcer places locks in the engine's book between ticks: a view shows a lock from
+    the next tick, and shows none again once it ends (the views are stored into only while
+    some lock is in force, and once after the last one ends)."""
+    policy = policy_of(LOCK_SEEN)
+    reusing, fresh = Engine(policy), Engine(policy, reuse=False)
+    said: dict[int, list[list[str]]] = {0: [], 1: []}
+    for t in range(8):
+        for n, engine in enumerate((reusing, fresh)):
+            if t == 2:  # F1 halted until t=5, F2 reducing until t=6
+                engine.lock_book.place("F1", "halted", at(5), "test", None)
+                engine.lock_book.place("F2", "reducing", at(6), "test", None)
+            made = engine.evaluate(snap(at(t), account("LEAD", "leader"), account("F1"),
+                                        account("F2")))
+            said[n].append(sorted(d.args["message"] for d in made if d.rule == "sees-lock"))
+            infos = engine._accounts(snap(at(t), account("LEAD", "leader"), account("F1"),
+                                          account("F2")), at(t)) if t in (3, 7) else None
+            if infos is not None:
+                locks = {i: (infos[i].view.lock, infos[i].view.locked) for i in ("F1", "F2")}
+                assert locks == ({"F1": ("halted", True), "F2": ("reducing", True)} if t == 3
+                                 else {"F1": ("", False), "F2": ("", False)})
+    assert said[0] == said[1] == [[], [], ["F1 is halted", "F2 is reducing"], [], [], [],
+                                  [], []]
+
+
+def test_an_account_shown_whole_in_a_message_has_every_field_worked_out(
+        policy_of: Any) -> None:
+    """`{account}` shows the whole view: its money, counts and hedges are worked out as when
+    a rule names them, never None or a blank left from its making."""
+    engine = Engine(policy_of("""
+        ruleset: whole
+        rules:
+          - id: show
+            when: not account.flat
+            then: [{alert: {message: "{account}"}}]
+        """))
+    made = engine.evaluate(snap(at(0), account("LEAD", "leader"), account(
+        "F1", balance=50100.0, unrealized_pnl=20.0, firm="apex",
+        positions=[pos("NQH6", 1)])))
+    message = next(d.args["message"] for d in made if d.account == "F1")
+    assert "equity=50120.0" in message
+    assert "firm_accounts=1" in message
+    assert "None" not in message

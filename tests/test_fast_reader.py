@@ -573,3 +573,53 @@ def test_a_follower_that_becomes_a_leader_is_checked_again() -> None:
     assert fast == strict
     assert strict[1] is not None
     assert "must name its leader (2 leader accounts" in strict[1]
+
+
+# --- an account's positions and orders, read as text -----------------------------------------
+
+def test_positions_and_orders_whose_text_is_the_same_are_not_decoded_again() -> None:
+    """A line's positions and orders are compared with the previous line's as text; only a
+    changed text is decoded, and then each record equal to the previous one at its place
+    (its zeros' signs included) is the previous object."""
+    base = valid_line(1)
+    # the same positions and orders in other text (their quantities spaced out)
+    spaced = dumps(valid_line(2)).replace('"qty":2,', '"qty":  2,')
+    assert spaced != dumps(valid_line(2))
+    signed = valid_line(3)
+    changed(signed, [("accounts.1.positions.0.avg_price", -0.0)])
+    unsigned = valid_line(4)
+    changed(unsigned, [("accounts.1.positions.0.avg_price", 0.0)])
+    lines = [dumps(base), spaced, dumps(signed), dumps(unsigned), dumps(unsigned)]
+    fast, strict = both_ways(lines)
+    assert fast == strict
+    reader = fastread.FastReader(default_catalog())
+    read = [snapshot for line in lines if (snapshot := reader.read(line)) is not None]
+    assert len(read) == len(lines)  # none declined
+    first, second, third, fourth, fifth = (snapshot.accounts[1] for snapshot in read)
+    assert second.positions[0] is first.positions[0]
+    assert second.orders[0] is first.orders[0]
+    assert repr(third.positions[0].avg_price) == "-0.0"
+    assert repr(fourth.positions[0].avg_price) == "0.0"
+    assert fifth.positions is fourth.positions
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("accounts.1.positions.0.qty", "2"),
+    ("accounts.1.positions", None),
+    ("accounts.1.positions", {"instrument": "NQH6", "qty": 1}),
+    ("accounts.1.orders.0.side", "up"),
+    ("accounts.1.positions.0.instrument", "NOPE"),
+])
+def test_positions_or_orders_gone_wrong_on_a_later_line_get_the_strict_message(
+        path: str, value: Any) -> None:
+    """Positions and orders are decoded after the line (when their text changed): a wrong one
+    on any line is read by the strict path, which says what is wrong, as on a first line."""
+    bad = valid_line(3)
+    changed(bad, [(path, value)])
+    lines = [dumps(valid_line(1)), dumps(valid_line(2)), dumps(bad)]
+    fast, strict = both_ways(lines)
+    assert fast == strict
+    assert len(fast[0]) == 2
+    assert fast[1] is not None
+    assert ":3:" in fast[1]
+    assert fastread.FastReader(default_catalog()).read(dumps(bad)) is None
