@@ -14,6 +14,7 @@ import pytest
 from freezegun import freeze_time
 
 from copilink_rules.engine import Engine
+from copilink_rules.engine.core import _MONEY_GROUPS
 from copilink_rules.errors import RuleFileError, StateError
 from copilink_rules.model import Decision, Snapshot
 from copilink_rules.rules import load_policy
@@ -414,7 +415,7 @@ MONEY_RULE = """
     extends: [desync]
     rules:
       - id: equity-low
-        when: account.equity < 100
+        when: account.equity < 100 or account.balance < 0 or account.best_day > 10**9
         then: [alert]
     """
 
@@ -449,6 +450,9 @@ def test_account_view_fields_hold_what_their_names_say(
                                                                  50150.0)
 
 
+_MONEY_FIELDS = frozenset().union(*_MONEY_GROUPS)
+
+
 def test_money_fields_no_rule_reads_are_not_stored_but_the_metrics_are_kept(
         desync: Engine, write_rules: Callable[..., Path]) -> None:
     """desync.yaml reads no money field of an account: its views hold None in them (never a
@@ -462,11 +466,33 @@ def test_money_fields_no_rule_reads_are_not_stored_but_the_metrics_are_kept(
         money._accounts(snapshot, at(moment))
     view = infos["F1"].view
     assert (view.reachable, view.flat, view.copier) == (True, True, "active")
-    assert (view.balance, view.equity, view.day_pnl, view.peak) == (None, None, None, None)
+    assert {name: getattr(view, name) for name in _MONEY_FIELDS} == dict.fromkeys(
+        _MONEY_FIELDS)
     assert desync._metrics["F1"] == money._metrics["F1"]
     assert desync._metrics["F1"].peak == 50300.0
     assert money._infos["F1"].view.peak == 50300.0
     assert money._infos["F1"].view.day_pnl == -100.0
+
+
+def test_each_group_of_money_fields_is_worked_out_when_a_rule_reads_one_of_it(
+        write_rules: Callable[..., Path]) -> None:
+    """Apex's rules read equity and its peaks: the broker's money and the profit fields are
+    left None; a rule reading one profit field gets that whole group."""
+    apex = Engine(load_policy([REPO / "rules" / "desync.yaml",
+                               REPO / "rules" / "firms" / "apex.yaml"]))
+    assert apex._money == (True, False, False)
+    snapshot = snap(at(0), account("LEAD", "leader"),
+                    account("F1", firm="apex", balance=50100.0, unrealized_pnl=20.0))
+    view = apex._accounts(snapshot, at(0))["F1"].view
+    assert (view.equity, view.peak, view.size) == (50120.0, 50120.0, 50100.0)
+    assert (view.balance, view.pnl, view.day_share) == (None, None, None)
+    write_rules((REPO / "rules" / "desync.yaml").read_text(), "desync.yaml")
+    consistency = Engine(load_policy([write_rules(MONEY_RULE.replace(
+        "account.equity < 100 or account.balance < 0 or ", ""))]))
+    assert consistency._money == (False, False, True)
+    view = consistency._accounts(snapshot, at(0))["F1"].view
+    assert (view.total_profit, view.best_day, view.day_share) == (20.0, 20.0, 1.0)
+    assert (view.equity, view.balance) == (None, None)
 
 
 @pytest.mark.parametrize(("text", "fields"), [

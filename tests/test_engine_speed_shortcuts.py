@@ -23,6 +23,7 @@ from copilink_rules.engine.core import _OVERRIDABLE
 from copilink_rules.engine.resolve import RANK, _Proposal, _stronger
 from copilink_rules.errors import EvaluationError, InstrumentError
 from copilink_rules.model import Decision
+from copilink_rules.rules import load_policy
 from copilink_rules.rules.expressions import compile_batch, compile_expression, fn_tier
 from copilink_rules.snapshots import load_timeline
 
@@ -475,3 +476,81 @@ def test_an_account_shown_whole_in_a_message_has_every_field_worked_out(
     assert "equity=50120.0" in message
     assert "firm_accounts=1" in message
     assert "None" not in message
+
+
+# --- a tick that fails while the accounts are taken in --------------------------------------------
+
+def _side_by_side(policy: Any, ticks: list[Any]) -> list[list[Any]]:
+    """Each tick's decisions (or the error it raised) from an engine reusing what it derived
+    and from one deriving everything every tick (`reuse=False`): they must be the same."""
+    out: list[list[Any]] = [[], []]
+    engines = (Engine(policy), Engine(policy, reuse=False))
+    for snapshot in ticks:
+        for seen, engine in zip(out, engines, strict=True):
+            try:
+                seen.append([(d.rule, d.action, d.account, d.reason)
+                             for d in engine.evaluate(snapshot)])
+            except InstrumentError as exc:
+                seen.append(["raised", str(exc)])
+    assert out[0] == out[1]
+    return out[0]
+
+
+UNKNOWN = [pos("ZZZH6", 1)]  # a symbol the catalog does not know: the tick fails
+
+
+def test_hedges_after_a_failed_tick_are_marked_anew() -> None:
+    """F2 turns short against F1 (both at Apex) in a tick that fails on another account: the
+    next ticks mark the hedge and flatten it, as a fresh engine would."""
+    policy = load_policy([REPO / "rules" / "firms" / "apex.yaml",
+                          REPO / "rules" / "desync.yaml"])
+    long_, short = [pos("NQH6", 1, opened_at=at(0))], [pos("NQH6", -1, opened_at=at(0))]
+
+    def tick(t: int, f2: list[dict[str, Any]], *extra: dict[str, Any]) -> Any:
+        return snap(at(t), *(account(i, "leader" if i == "L" else "follower", firm="apex",
+                                     size=50000, balance=50000.0, positions=p,
+                                     updated_at=at(t).isoformat(),
+                                     **({} if i == "L" else {"leader": "L"}))
+                             for i, p in (("L", long_), ("F1", long_), ("F2", f2))),
+                    *extra)
+
+    seen = _side_by_side(policy, [tick(0, []), tick(1, short, account("X", positions=UNKNOWN)),
+                                  tick(2, short), tick(3, short)])
+    assert seen[1][0] == "raised"
+    assert any(rule == "apex-no-hedging" and action == "flatten"
+               for tick_seen in seen[2:] for rule, action, *_ in tick_seen)
+
+
+def test_a_lock_that_ends_in_a_failed_tick_is_gone_from_the_views(policy_of: Any) -> None:
+    policy = policy_of("""
+        ruleset: locky
+        rules:
+          - id: too-big
+            when: account.contracts > 2
+            then: [{lock_account: {state: halted, until: 30s}}]
+          - id: trading-unlocked
+            when: not account.locked and account.contracts > 0
+            then: [{alert: {message: "{account.id} trading, unlocked"}}]
+        """)
+    seen = _side_by_side(policy, [
+        snap(at(t), account("X", "leader", positions=p)) for t, p in (
+            (0, [pos("NQH6", 3)]), (10, []), (40, UNKNOWN), (50, []), (60, [pos("NQH6", 1)]))])
+    assert seen[2][0] == "raised"
+    assert [d[0] for d in seen[4]] == ["trading-unlocked"]
+
+
+def test_first_seen_times_of_a_failed_tick_are_dropped_with_their_account() -> None:
+    """A leader's position with no opening time is dated when first seen; seen in a tick
+    that fails, then gone, then back much later: it is dated anew (a fresh entry the
+    follower may catch up), not from the failed tick."""
+    nq = [pos("NQH6", 1)]
+    ticks = [snap(at(0), account("F", leader="X")),
+             snap(at(10), account("X", "leader", positions=nq),
+                  account("F", leader="X", positions=UNKNOWN)),
+             snap(at(20), account("F", leader="X")),
+             *(snap(at(300 + k), account("X", "leader", positions=nq),
+                    account("F", leader="X")) for k in range(6))]
+    seen = _side_by_side(DESYNC, ticks)
+    assert seen[1][0] == "raised"
+    assert [d[:2] for tick in seen[3:] for d in tick] == [
+        ("missed-entry-catch-up", "catch_up"), ("missed-entry-catch-up", "alert")]

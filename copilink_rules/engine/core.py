@@ -70,10 +70,13 @@ _OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stro
 _NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
 _NONE_TRACKED: list[int] = []  # no rule of a group has state to clear (read-only)
 _blank_view = object.__new__  # a view with no field set yet: `_accounts` sets each one
-# an account view's fields worked out from its money and metrics (Engine._money)
-_MONEY_FIELDS = frozenset({"balance", "realized_pnl", "unrealized_pnl", "pnl", "size", "equity",
-                           "day_pnl", "peak", "peak_eod", "total_profit", "best_day",
-                           "day_share"})
+# an account view's fields worked out from its money and metrics, in three groups, each stored
+# only when some rule reads one of its fields (Engine._money): equity and its peaks (what a
+# trailing drawdown reads), the broker's money, and profit (what a consistency rule reads)
+_EQUITY_FIELDS = frozenset({"size", "equity", "day_pnl", "peak", "peak_eod"})
+_CASH_FIELDS = frozenset({"balance", "realized_pnl", "unrealized_pnl", "pnl"})
+_PROFIT_FIELDS = frozenset({"total_profit", "best_day", "day_share"})
+_MONEY_GROUPS = (_EQUITY_FIELDS, _CASH_FIELDS, _PROFIT_FIELDS)
 
 
 class Engine:
@@ -124,11 +127,12 @@ class Engine:
                        for group in groups for order, rule in group.rules}
         # likewise a pass over accounts
         self._firm_counts = whole or policy.mentions("firm_accounts")
-        # an account view's money fields (_MONEY_FIELDS) are stored each tick only when some
-        # rule reads one of them (desync's do not); else they are None, never a stale value.
-        # The metrics behind them are kept either way (the saved state, a reload that adds a
-        # firm's rules).
-        self._money = whole or not read.isdisjoint(_MONEY_FIELDS)  # type: ignore[union-attr]
+        # an account view's money fields (_MONEY_GROUPS) are stored each tick only when some
+        # rule reads one of their group (desync's read none, apex's the equity group); else
+        # they are None, never a stale value. The metrics behind them are kept either way
+        # (the saved state, a reload that adds a firm's rules).
+        self._money = tuple(whole or not read.isdisjoint(fields)  # type: ignore[union-attr]
+                            for fields in _MONEY_GROUPS)
         self._trade_counts = whole or policy.mentions("trades_today") or \
             policy.mentions("losing_streak")
         # each account's facts of the last tick, reused while its positions (orders) are the
@@ -141,7 +145,6 @@ class Engine:
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._entries_unchecked = False  # entries taken in from outside a tick (journal)
-        self._entries_blank = False  # no entry when the last tick's pair targets were made
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
@@ -317,7 +320,8 @@ class Engine:
     def _accounts(self, snapshot: Snapshot, now: datetime) -> dict[str, _AccountInfo]:
         infos: dict[str, _AccountInfo] = {}
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
-        stale_after, metrics_of, money = self.stale_after, self._metrics, self._money
+        stale_after, metrics_of = self.stale_after, self._metrics
+        equity_read, cash_read, profit_read = self._money
         # an account whose data has no time: its facts depend only on its connection (by
         # whether it is connected: False, True)
         undated = (staleness(False, None, now, stale_after),
@@ -326,7 +330,6 @@ class Engine:
         # the views' locks are stored while some account has one, and once more after the
         # last one ends (they are "" from then on)
         show_locks = bool(lock_states) or self._locks_shown
-        self._locks_shown = bool(lock_states)
         first_seen, catalog = self._first_seen, self.catalog
         # what only some rules read is stored each tick only when one does: firm counts
         # (`firm_accounts`), trade counts, hedges (_mark_hedges, below); else the view keeps
@@ -342,117 +345,133 @@ class Engine:
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_infos) == len(snapshot.accounts)
-        for account in snapshot.accounts:
-            # Hot path: read fields from the model's __dict__, several times faster than
-            # attribute access on a pydantic model (whose class defines __getattr__).
-            a = account.__dict__
-            account_id, firm, positions, orders = a["id"], a["firm"], a["positions"], a["orders"]
-            info = old_infos.get(account_id)
-            if info is None:
-                last_facts = last_orders = None
-            else:
-                last_facts, last_orders = info.facts, info.orders
-            facts = last_facts
-            overnight = a["overnight"]
-            if facts is None or overnight != facts.overnight or firm != facts.firm or \
-                    (positions is not facts.positions and
-                     not same_records(positions, facts.positions, POSITION_FLOATS)):
-                facts = derive_positions(account_id, firm, positions, overnight, catalog,
-                                         first_seen, now)
-                same = False
-            else:  # the same again: next time, tell so by identity
-                facts.positions = positions
-            used.append(facts)
-            if not orders:
-                order_facts = NO_ORDERS
-            elif last_orders is None or (orders is not last_orders.orders and
-                                         not same_records(orders, last_orders.orders,
-                                                          ORDER_FLOATS)):
-                order_facts = derive_orders(orders)
-            else:  # (never NO_ORDERS here: its orders are none)
-                order_facts = last_orders
-                order_facts.orders = orders
-            families = facts.families
-            updated_at, connected = a["updated_at"], a["connected"]
-            age, stale, reachable = staleness(connected, updated_at, now, stale_after) \
-                if updated_at is not None else undated[connected]
-            balance, unrealized = a["balance"], a["unrealized_pnl"]
-            equity = balance + unrealized
-            day = days.get(firm)
-            if day is None:
-                day = days[firm] = trading_day(firm, now)
-            metrics = metrics_of.get(account_id)
-            size = a["size"]
-            if metrics is None or metrics.day != day:
-                metrics = self._roll_metrics(account, equity, day)
-            elif size is not None:  # _roll_metrics' only change to the metrics of today
-                metrics.size = size
-            peak = metrics.peak
-            if equity > peak:  # max(), without the call
-                peak = metrics.peak = equity
-            metrics.last_equity = equity
-            if trade_counts:
-                _count_trades(metrics, families, a["realized_pnl"])
-            role = a["role"]
-            # the account's info and view of the last tick, stored into (which costs less
-            # than building anew): what its facts say only when they are other facts, its id,
-            # role and firm only when they moved, the rest every tick; the reference path
-            # starts from blank ones
-            if info is None:
-                view = _blank_view(AccountView)
-                info = _AccountInfo(account, view, families, facts, order_facts,
-                                    (account_id, role, firm))
-                view.id, view.role, view.firm = account_id, role, firm or ""
-                if not money:  # never worked out (None: a sum with one fails loudly)
-                    for name in _MONEY_FIELDS:
-                        setattr(view, name, None)
-                view.lock, view.locked, view.firm_accounts = "", False, 0
-                view.trades_today = view.losing_streak = 0
-                view.hedged, view.hedged_with = False, ""
-                derived = True
-            else:
-                view = info.view
-                derived = facts is not last_facts or order_facts is not last_orders
-                info.account, info.families, info.facts, info.orders = \
-                    account, families, facts, order_facts
-                kind = info.kind  # (id, role, firm): a new key only when role or firm moved
-                if kind[1] != role or kind[2] != firm:
-                    info.kind = (account_id, role, firm)
-                    view.role, view.firm = role, firm or ""
-            infos[account_id] = info
-            if derived:  # the same facts say the same
-                view.flat = not families
-                view.contracts, view.positions = facts.contracts, len(families)
-                view.working_orders = order_facts.working
-                view.undeclared_positions = facts.undeclared
-                view.minis, view.micros = facts.minis, facts.micros
-            view.leader_id = a["leader"] or ""
-            view.ratio = a["ratio"] if role == "follower" else 1.0
-            view.connected, view.stale, view.reachable, view.data_age = \
-                connected, stale, reachable, age
-            view.copier = a["copier"]
-            if money:  # the view's money, when a rule reads it (the metrics are kept anyway)
-                realized = a["realized_pnl"]
-                day_pnl = equity - metrics.day_start
-                total = equity - metrics.size
-                best_day = metrics.best_day
-                view.balance, view.realized_pnl, view.unrealized_pnl = \
-                    balance, realized, unrealized
-                view.pnl = realized + unrealized
-                view.size, view.equity, view.day_pnl = metrics.size, equity, day_pnl
-                view.peak, view.peak_eod, view.total_profit = peak, metrics.peak_eod, total
-                view.best_day = day_pnl if day_pnl > best_day else best_day
-                view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
-            view.trading_day = day
-            if hedges:
-                view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
-            if show_locks:
-                lock = lock_states.get(account_id, "")
-                view.lock, view.locked = lock, lock != ""
-            if firm_counts:
-                view.firm_accounts = at_firm[firm] if firm else 0
-            if trade_counts:
-                view.trades_today, view.losing_streak = metrics.trades, metrics.streak
+        try:
+            for account in snapshot.accounts:
+                # Hot path: read fields from the model's __dict__, several times faster than
+                # attribute access on a pydantic model (whose class defines __getattr__).
+                a = account.__dict__
+                account_id, firm = a["id"], a["firm"]
+                positions, orders = a["positions"], a["orders"]
+                info = old_infos.get(account_id)
+                if info is None:
+                    last_facts = last_orders = None
+                else:
+                    last_facts, last_orders = info.facts, info.orders
+                facts = last_facts
+                overnight = a["overnight"]
+                if facts is None or overnight != facts.overnight or firm != facts.firm or \
+                        (positions is not facts.positions and
+                         not same_records(positions, facts.positions, POSITION_FLOATS)):
+                    facts = derive_positions(account_id, firm, positions, overnight, catalog,
+                                             first_seen, now)
+                    same = False
+                else:  # the same again: next time, tell so by identity
+                    facts.positions = positions
+                used.append(facts)
+                if not orders:
+                    order_facts = NO_ORDERS
+                elif last_orders is None or (orders is not last_orders.orders and
+                                             not same_records(orders, last_orders.orders,
+                                                              ORDER_FLOATS)):
+                    order_facts = derive_orders(orders)
+                else:  # (never NO_ORDERS here: its orders are none)
+                    order_facts = last_orders
+                    order_facts.orders = orders
+                families = facts.families
+                updated_at, connected = a["updated_at"], a["connected"]
+                age, stale, reachable = staleness(connected, updated_at, now, stale_after) \
+                    if updated_at is not None else undated[connected]
+                balance, unrealized = a["balance"], a["unrealized_pnl"]
+                equity = balance + unrealized
+                day = days.get(firm)
+                if day is None:
+                    day = days[firm] = trading_day(firm, now)
+                metrics = metrics_of.get(account_id)
+                size = a["size"]
+                if metrics is None or metrics.day != day:
+                    metrics = self._roll_metrics(account, equity, day)
+                elif size is not None:  # _roll_metrics' only change to the metrics of today
+                    metrics.size = size
+                peak = metrics.peak
+                if equity > peak:  # max(), without the call
+                    peak = metrics.peak = equity
+                metrics.last_equity = equity
+                if trade_counts:
+                    _count_trades(metrics, families, a["realized_pnl"])
+                role = a["role"]
+                # the account's info and view of the last tick, stored into (which costs less
+                # than building anew): what its facts say only when they are other facts, its id,
+                # role and firm only when they moved, the rest every tick; the reference path
+                # starts from blank ones
+                if info is None:
+                    view = _blank_view(AccountView)
+                    info = _AccountInfo(account, view, families, facts, order_facts,
+                                        (account_id, role, firm))
+                    view.id, view.role, view.firm = account_id, role, firm or ""
+                    for fields, read in zip(_MONEY_GROUPS, self._money, strict=True):
+                        if not read:  # never worked out (None: a sum with one fails loudly)
+                            for name in fields:
+                                setattr(view, name, None)
+                    view.lock, view.locked, view.firm_accounts = "", False, 0
+                    view.trades_today = view.losing_streak = 0
+                    view.hedged, view.hedged_with = False, ""
+                    derived = True
+                else:
+                    view = info.view
+                    derived = facts is not last_facts or order_facts is not last_orders
+                    info.account, info.families, info.facts, info.orders = \
+                        account, families, facts, order_facts
+                    kind = info.kind  # (id, role, firm): a new key only when role or firm moved
+                    if kind[1] != role or kind[2] != firm:
+                        info.kind = (account_id, role, firm)
+                        view.role, view.firm = role, firm or ""
+                infos[account_id] = info
+                if derived:  # the same facts say the same
+                    view.flat = not families
+                    view.contracts, view.positions = facts.contracts, len(families)
+                    view.working_orders = order_facts.working
+                    view.undeclared_positions = facts.undeclared
+                    view.minis, view.micros = facts.minis, facts.micros
+                view.leader_id = a["leader"] or ""
+                view.ratio = a["ratio"] if role == "follower" else 1.0
+                view.connected, view.stale, view.reachable, view.data_age = \
+                    connected, stale, reachable, age
+                view.copier = a["copier"]
+                # the view's money, each group when a rule reads it (the metrics are kept anyway)
+                if equity_read:
+                    view.size, view.equity = metrics.size, equity
+                    view.day_pnl = equity - metrics.day_start
+                    view.peak, view.peak_eod = peak, metrics.peak_eod
+                if cash_read:
+                    realized = a["realized_pnl"]
+                    view.balance, view.realized_pnl, view.unrealized_pnl = \
+                        balance, realized, unrealized
+                    view.pnl = realized + unrealized
+                if profit_read:
+                    day_pnl = equity - metrics.day_start
+                    total = equity - metrics.size
+                    best_day = metrics.best_day
+                    view.total_profit = total
+                    view.best_day = day_pnl if day_pnl > best_day else best_day
+                    view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
+                view.trading_day = day
+                if hedges:
+                    view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
+                if show_locks:
+                    lock = lock_states.get(account_id, "")
+                    view.lock, view.locked = lock, lock != ""
+                if firm_counts:
+                    view.firm_accounts = at_firm[firm] if firm else 0
+                if trade_counts:
+                    view.trades_today, view.losing_streak = metrics.trades, metrics.streak
+        except BaseException:
+            # The infos of the last tick were being stored into (their facts, their views) when
+            # this one failed (a symbol the catalog does not know, say): the next tick starts
+            # from none, as a new engine's first tick does, so that nothing half-taken stands
+            # (the facts' first-seen times and the metrics are kept).
+            self._infos, self._hedge_marks, self._locks_shown = {}, None, False
+            raise
+        self._locks_shown = bool(lock_states)
         if reuse:
             self._infos = infos
         # first-seen keys no facts use any more are dropped: only when some facts are new (or
@@ -565,9 +584,6 @@ class Engine:
         # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
-        # no entry now, and none when the last tick's targets were made: every reused target's
-        # entry_action is "" already
-        blank = not entries and self._entries_blank
         rebuilt = False  # some follower's pair targets built anew
         for info in infos.values():
             follower = info.account
@@ -591,8 +607,9 @@ class Engine:
                     (pairs.ratio is ratio or (pairs.ratio == ratio and
                                               type(pairs.ratio) is type(ratio))):
                 # The same facts are the same infos (an account's facts live in its info, and
-                # a new info derives new ones): the targets' envs hold these views already,
-                # and the follower's kind (id, role, firm: its firm is its facts').
+                # a new info derives new ones; a tick that fails in _accounts drops them all):
+                # the targets' envs hold these views already, and the follower's kind (id,
+                # role, firm: its firm is its facts').
                 new_sets[follower_id] = pairs
                 if orders is not pairs.orders:  # the leader's orders changed: its stops
                     stops = orders.stops
@@ -616,7 +633,7 @@ class Engine:
                             del entries[pair_key]
                             entry = None
                         env.pair.entry_action = entry[1] if entry else ""
-                    elif not blank:
+                    else:
                         env.pair.entry_action = ""
                 targets.extend(pairs.targets)
                 continue
@@ -673,7 +690,6 @@ class Engine:
             for key in [k for k in entries if k not in live]:
                 del entries[key]
         self._entries_unchecked = False
-        self._entries_blank = not entries  # so each target's entry_action is ""
         self._pair_sets = new_sets
         return targets
 
