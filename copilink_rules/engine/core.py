@@ -599,8 +599,7 @@ class Engine:
             if leader is None:
                 continue
             ratio, follower_id, leader_id = f["ratio"], f["id"], leader.view.id
-            lead_families, foll_families = leader.families, info.families
-            account_view, leader_view, orders = info.view, leader.view, leader.orders
+            orders = leader.orders
             pairs = old_sets.get(follower_id)
             if pairs is not None and pairs.follower is info.facts and \
                     pairs.leader is leader.facts and pairs.leader_id == leader_id and \
@@ -638,6 +637,8 @@ class Engine:
                 targets.extend(pairs.targets)
                 continue
             rebuilt = True
+            lead_families, foll_families = leader.families, info.families
+            account_view, leader_view = info.view, leader.view
             pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
                                                      ratio, orders, [], [], [])
             overnight_families = info.facts.overnight_set(catalog)
