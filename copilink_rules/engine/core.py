@@ -35,6 +35,7 @@ from copilink_rules.instruments import Catalog, Instrument, default_catalog
 from copilink_rules.locks import Lock, Locks, lock_until
 from copilink_rules.model import ORDER_ACTIONS, Account, Decision, Snapshot, build_model
 from copilink_rules.namespace import (
+    NAMES,
     AccountsView,
     AccountView,
     Clock,
@@ -77,6 +78,8 @@ _EQUITY_FIELDS = frozenset({"size", "equity", "day_pnl", "peak", "peak_eod"})
 _CASH_FIELDS = frozenset({"balance", "realized_pnl", "unrealized_pnl", "pnl"})
 _PROFIT_FIELDS = frozenset({"total_profit", "best_day", "day_share"})
 _MONEY_GROUPS = (_EQUITY_FIELDS, _CASH_FIELDS, _PROFIT_FIELDS)
+# the names under which an expression reads an account's view (account, leader_account)
+_ACCOUNT_NAMES = tuple(name for name, (kind, _, _) in NAMES.items() if kind == "account")
 
 
 class Engine:
@@ -114,7 +117,7 @@ class Engine:
         self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
         # an account view used whole (`{account}` in a message) shows every field: each one
         # is then worked out, as when a rule names it
-        read = policy.view_fields(("account", "leader_account"))
+        read = policy.view_fields(_ACCOUNT_NAMES)
         whole = read is None
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
         self._hedges = whole or policy.mentions("hedged")
