@@ -422,12 +422,9 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
     # the zeros' signs of what is kept (the money is this line's own, taken as it is); the
     # previous line's positions and orders equal these (above), so they are given too. A
     # line's are its text (msgspec.Raw): the same text, the same signs.
-    if (positions := new.positions) and type(positions) is tuple:
-        for one in positions:  # mostly no zero at all (_positions_alike, inlined)
-            if one.avg_price == 0.0:
-                if not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
-                    return None
-                break
+    if (positions := new.positions) and type(positions) is tuple and \
+            not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
+        return None
     if (orders := new.orders) and type(orders) is tuple and \
             not _orders_alike(orders, previous.orders):  # type: ignore[arg-type]
         return None

@@ -115,12 +115,16 @@ class Engine:
         # symbol -> (the snapshot's quote, its canonical symbol, its view): a view reused while
         # its quote is the same object (a reader reuses an unchanged quote)
         self._quote_views: dict[str, tuple[Any, str, QuoteView]] = {}
-        # an account view used whole (`{account}` in a message) shows every field: each one
-        # is then worked out, as when a rule names it
+        # The account-view fields the rules read (an account view used whole, `{account}` in
+        # a message, shows every field): only those that cost a pass over all accounts, a
+        # group of money fields or trade counting are worked out only when a rule reads one.
         read = policy.view_fields(_ACCOUNT_NAMES)
-        whole = read is None
+
+        def reads(names: frozenset[str] | set[str]) -> bool:
+            return read is None or not read.isdisjoint(names)
+
         # cross-account hedges cost a pass over all accounts: only when a rule reads them
-        self._hedges = whole or policy.mentions("hedged")
+        self._hedges = reads({"hedged", "hedged_with"})
         # rules with an order among their actions: held (all their actions) while unreachable
         self._order_rules = {r.id for r in policy.rules
                              if any(a.name in ORDER_ACTIONS for a in r.actions)}
@@ -128,16 +132,13 @@ class Engine:
         # with its order among its stage's rules, as its group holds it (conflicts' last key)
         self._plans = {rule.id: plan(rule, order) for groups in self._groups.values()
                        for group in groups for order, rule in group.rules}
-        # likewise a pass over accounts
-        self._firm_counts = whole or policy.mentions("firm_accounts")
+        self._firm_counts = reads({"firm_accounts"})  # likewise a pass over accounts
         # an account view's money fields (_MONEY_GROUPS) are stored each tick only when some
         # rule reads one of their group (desync's read none, apex's the equity group); else
         # they are None, never a stale value. The metrics behind them are kept either way
         # (the saved state, a reload that adds a firm's rules).
-        self._money = tuple(whole or not read.isdisjoint(fields)  # type: ignore[union-attr]
-                            for fields in _MONEY_GROUPS)
-        self._trade_counts = whole or policy.mentions("trades_today") or \
-            policy.mentions("losing_streak")
+        self._money = tuple(reads(fields) for fields in _MONEY_GROUPS)
+        self._trade_counts = reads({"trades_today", "losing_streak"})
         # each account's facts of the last tick, reused while its positions (orders) are the
         # same (facts.py); `reuse=False` derives everything every tick (the reference path)
         self.reuse = reuse

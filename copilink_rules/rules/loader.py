@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cache
@@ -249,33 +249,29 @@ class Policy:
         found = self.params.get(name)
         return default if found is None else found.value
 
+    def expressions(self) -> Iterator[CompiledExpression]:
+        """Each rule's condition and the `{...}` holes of its alert messages, every stage's."""
+        for rule in self.rules:
+            yield rule.when
+            for template in rule.templates:
+                if template is not None:
+                    yield from (part for part in template.parts if not isinstance(part, str))
+
     def mentions(self, word: str) -> bool:
         """Does any condition or alert message of the loaded rules use `word`?"""
-        for rule in self.rules:
-            if word in rule.when.source:
-                return True
-            for template in rule.templates:
-                if template is not None and any(
-                        not isinstance(part, str) and word in part.source
-                        for part in template.parts):
-                    return True
-        return False
+        return any(word in expression.source for expression in self.expressions())
 
     def view_fields(self, names: Iterable[str]) -> frozenset[str] | None:
         """The fields of the views `names` (e.g. `account`, `leader_account`: one kind of
         view) that the conditions and alert messages of the loaded rules read, every stage's;
         None when one of them uses such a view whole (it may read any field)."""
         found: set[str] = set()
-        for rule in self.rules:
-            expressions = [rule.when, *(part for template in rule.templates
-                                        if template is not None for part in template.parts
-                                        if not isinstance(part, str))]
-            for expression in expressions:
-                for name in names:
-                    fields = expression.view_fields(name)
-                    if fields is None:
-                        return None
-                    found |= fields
+        for expression in self.expressions():
+            for name in names:
+                fields = expression.view_fields(name)
+                if fields is None:
+                    return None
+                found |= fields
         return frozenset(found)
 
     def trading_day(self, firm: str | None) -> TradingDay:
