@@ -25,7 +25,7 @@ their `for` (1 s) fire. Two rows count the snapshot's making instead of the tick
 moves from line to line) read by the fast reader as `replay` reads it; `build`, one snapshot
 of shipped-live's data built by an adapter's SnapshotBuilder, as `run` builds each tick's. One
 row counts both: `replay`, one line of that timeline read and evaluated with desync.yaml, as
-bench_replay.py replays it.
+bench_replay.py replays it (`replay-apex`: with desync.yaml and firms/apex.yaml).
 Compare two versions by running the script in each checkout, best exported in turn to the
 same directory: a count still moves by 1-4% from run to run (memory layout: the checkout's
 path, the address space), so run each version more than once.
@@ -57,7 +57,7 @@ from copilink_rules.engine import Engine
 from copilink_rules.model import Snapshot
 import tempfile, pathlib
 kind, accounts, ticks, made, at = {kind!r}, {accounts}, {ticks}, {made}, {at!r}
-if kind in ("read", "replay"):  # bench_replay.py's lines, read as `replay` reads them
+if kind in ("read", "replay", "replay-apex"):  # bench_replay.py's lines, as `replay` reads
     import json
     from _workload import REPO, T0, snapshot_dict
     from copilink_rules.fastread import FastReader
@@ -71,9 +71,11 @@ if kind in ("read", "replay"):  # bench_replay.py's lines, read as `replay` read
                                               T0 + timedelta(seconds=30)),
                                 separators=(",", ":")))
     reader = FastReader(default_catalog())
-    # replay: each line read and evaluated with desync.yaml, as bench_replay.py replays it
-    engine = Engine(load_policy([REPO / "rules" / "desync.yaml"])) if kind == "replay" \
-        else None
+    # replay: each line read and evaluated with desync.yaml, as bench_replay.py replays it;
+    # replay-apex: with desync.yaml and firms/apex.yaml
+    files = [REPO / "rules" / "desync.yaml"] + (
+        [REPO / "rules" / "firms" / "apex.yaml"] if kind == "replay-apex" else [])
+    engine = Engine(load_policy(files)) if kind != "read" else None
     gc.disable()
     for line in lines[:ticks]:
         snapshot = reader.read(line)
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--rules", default="shipped-steady,shipped",
                         help="comma-separated: shipped, shipped-steady, shipped-live, "
                         "shipped-cycle, synthetic; read, build (the snapshot's making), "
-                        "replay (above)")
+                        "replay, replay-apex (above)")
     parser.add_argument("--accounts", default="100", help="comma-separated account counts")
     parser.add_argument("--ticks", type=int, default=16,
                         help="timed ticks (at most 48; lines or snapshots for read, build and "
@@ -173,15 +175,16 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions.py needs valgrind (apt install valgrind)")
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
-    most = 1000 if set(kinds) <= {"read", "build", "replay"} else 48
+    most = 1000 if set(kinds) <= {"read", "build", "replay", "replay-apex"} else 48
     if not 1 <= args.ticks <= most:
         raise SystemExit(f"--ticks must be between 1 and {most}"
                          + (" (48 for the tick rows)" if most == 48 else ""))
     unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "shipped-cycle",
-                                   "synthetic", "read", "build", "replay"})
+                                   "synthetic", "read", "build", "replay", "replay-apex"})
     if unknown:
         raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
-                         "shipped-live, shipped-cycle, synthetic, read, build or replay")
+                         "shipped-live, shipped-cycle, synthetic, read, build, replay or "
+                         "replay-apex")
     if at:
         distinct = [cycle_length(int(n)) for n in args.accounts.split(",") if n.strip()]
         if kinds != ["shipped-cycle"] or not all(0 <= i < min(distinct) for i in at):

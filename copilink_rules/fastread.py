@@ -39,6 +39,10 @@ from pydantic import BaseModel
 from .errors import InstrumentError
 from .instruments import Catalog
 from .model import (
+    _SET_DICT,
+    _SET_EXTRA,
+    _SET_FIELDS_SET,
+    _SET_PRIVATE,
     MAX_AMOUNT,
     MAX_QTY,
     MAX_RATIO,
@@ -53,6 +57,7 @@ from .model import (
 )
 
 _build = build_model
+_new = object.__new__
 log = logging.getLogger(__name__)
 
 # The constraints of model.py's Amount, Quantity and FiniteFloat. msgspec's float accepts a JSON
@@ -422,10 +427,10 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
     # the zeros' signs of what is kept (the money is this line's own, taken as it is); the
     # previous line's positions and orders equal these (above), so they are given too. A
     # line's are its text (msgspec.Raw): the same text, the same signs.
-    if (positions := new.positions) and type(positions) is tuple and \
+    if type(positions := new.positions) is tuple and positions and \
             not _positions_alike(positions, previous.positions):  # type: ignore[arg-type]
         return None
-    if (orders := new.orders) and type(orders) is tuple and \
+    if type(orders := new.orders) is tuple and orders and \
             not _orders_alike(orders, previous.orders):  # type: ignore[arg-type]
         return None
     if balance == was_balance and realized == was_realized and \
@@ -442,7 +447,13 @@ def _moved(new: _Account, previous: _Account, old: Account) -> Account | None:
         values["realized_pnl"] = realized
     if unrealized is not UNSET:
         values["unrealized_pnl"] = unrealized
-    return _build(Account, values, old.__pydantic_fields_set__)
+    # build_model(Account, values, old's fields set), inlined: most accounts of most lines
+    built = _new(Account)
+    _SET_DICT(built, values)
+    _SET_FIELDS_SET(built, old.__pydantic_fields_set__)
+    _SET_EXTRA(built, None)
+    _SET_PRIVATE(built, None)
+    return built
 
 
 class FastReader:

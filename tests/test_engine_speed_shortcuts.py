@@ -554,3 +554,114 @@ def test_first_seen_times_of_a_failed_tick_are_dropped_with_their_account() -> N
     assert seen[1][0] == "raised"
     assert [d[:2] for tick in seen[3:] for d in tick] == [
         ("missed-entry-catch-up", "catch_up"), ("missed-entry-catch-up", "alert")]
+
+
+# --- a group's run of its targets, kept from tick to tick ---------------------------------------
+
+
+def test_an_account_that_moves_to_another_firm_runs_that_firms_rules_at_once() -> None:
+    """F1's target is the same object from tick to tick, and so is the list of targets; only
+    its firm moves. The group's run of its targets is made again: at Apex it is flattened for
+    the drawdown at once, back at Topstep (no firm file loaded here) Apex's rules stop."""
+    policy = load_policy([REPO / "rules" / "firms" / "apex.yaml",
+                          REPO / "rules" / "desync.yaml"])
+    held = [pos("NQH6", 1, opened_at=at(0))]
+
+    def tick(t: int, firm: str, equity: float) -> Any:
+        return snap(at(t), account("L", "leader", firm="apex", size=50000, balance=50000.0,
+                                   positions=held),
+                    account("F1", leader="L", firm=firm, size=50000, balance=equity,
+                            positions=held))
+
+    seen = _side_by_side(policy, [tick(0, "topstep", 47000.0), tick(1, "topstep", 47000.0),
+                                  tick(2, "apex", 47000.0), tick(3, "apex", 47000.0),
+                                  tick(4, "topstep", 46000.0), tick(5, "topstep", 45000.0)])
+    fired = [sorted({(rule, action) for rule, action, who, _ in one if who == "F1"})
+             for one in seen]
+    assert fired[:2] == [[], []]
+    assert ("apex-drawdown", "flatten") in fired[2]
+    assert fired[3:] == [[], [], []]
+
+
+HEDGE_SEEN = """
+    ruleset: hedges-seen
+    rules:
+      - id: sees-hedge
+        when: account.hedged
+        cooldown: 0s
+        then:
+          - alert: {message: "{account.id} is hedged with {account.hedged_with}"}
+    """
+
+
+def test_hedge_marks_stand_while_nothing_moves_and_go_when_a_side_does(policy_of: Any) -> None:
+    """Marks stay in the views while no account's positions or firm changed (nothing marks
+    them again), are taken off when a side goes flat and are marked anew with the other side
+    as it is now."""
+    policy = policy_of(HEDGE_SEEN)
+    long_, short = [pos("NQH6", 1)], [pos("NQH6", -1)]
+
+    def tick(t: int, f2: list[dict[str, Any]], f3: list[dict[str, Any]]) -> Any:
+        return snap(at(t), *(account(i, "leader" if i == "L" else "follower", firm="apex",
+                                     positions=p, **({} if i == "L" else {"leader": "L"}))
+                             for i, p in (("L", long_), ("F1", long_), ("F2", f2),
+                                          ("F3", f3))))
+
+    seen = _side_by_side(policy, [tick(0, short, []), tick(1, short, []), tick(2, [], []),
+                                  tick(3, [], []), tick(4, short, []), tick(5, short, short),
+                                  tick(6, short, short)])
+    said = [sorted(reason for _, _, _, reason in one) for one in seen]
+    assert said == [
+        ["F1 is hedged with F2", "F2 is hedged with F1,L", "L is hedged with F2"],
+        [], [], [],
+        ["F1 is hedged with F2", "F2 is hedged with F1,L", "L is hedged with F2"],
+        ["F3 is hedged with F1,L"],  # the others' episodes go on (F1 and L: now F2,F3)
+        []]
+    engine = Engine(policy)
+    for t, f2, f3 in ((0, short, []), (1, short, []), (2, [], [])):
+        engine.evaluate(tick(t, f2, f3))
+    assert not any(info.view.hedged or info.view.hedged_with
+                   for info in engine._infos.values())
+
+
+CLOCK_BY_FIRM = """
+    ruleset: clock-by-firm
+    timezone: America/New_York
+    rules:
+      - id: a-late
+        applies_to: {firms: [a]}
+        when: not account.flat and minutes_until("16:59") < 900
+        cooldown: 0s
+        then: [alert]
+      - id: b-holds
+        applies_to: {firms: [b]}
+        when: not account.flat
+        cooldown: 0s
+        then:
+          - alert: {message: "{account.id} at {now_local} on day {weekday}"}
+    """
+
+
+def test_a_subset_that_reads_no_clock_still_shows_its_own_ticks_time(policy_of: Any) -> None:
+    """One group, two firms: firm a's subset reads the clock in its condition, firm b's only
+    in its message, so b's environments get the local time only when its rule fires. Across
+    New York's change to summer time each message shows its own tick's local time."""
+    engine = Engine(policy_of(CLOCK_BY_FIRM))
+    group, = engine._groups["session"]
+    assert group.clock
+    held = [pos("NQH6", 1)]
+    ticks = [(datetime(2026, 3, 8, 6, 30, tzinfo=UTC), held),  # 01:30 EST, Sunday (6)
+             (datetime(2026, 3, 8, 6, 31, tzinfo=UTC), []),
+             (datetime(2026, 3, 8, 7, 30, tzinfo=UTC), held),  # 03:30 EDT
+             (datetime(2026, 3, 13, 21, 0, tzinfo=UTC), []),
+             (datetime(2026, 3, 13, 21, 1, tzinfo=UTC), held)]  # 17:01 EDT, Friday (4)
+    snapshots = [snap(moment, account("LEAD", "leader"), account("A1", firm="a", positions=p),
+                      account("B1", firm="b", positions=p)) for moment, p in ticks]
+    seen = _side_by_side(engine.policy, snapshots)
+    assert [reason for one in seen for rule, _, _, reason in one if rule == "b-holds"] == [
+        "B1 at 01:30:00 on day 6", "B1 at 03:30:00 on day 6", "B1 at 17:01:00 on day 4"]
+    # 01:30 EST is 929 minutes before 16:59, 03:30 EDT 809, 17:01 EDT 1438
+    assert [sum(rule == "a-late" for rule, *_ in one) for one in seen] == [0, 0, 1, 0, 0]
+    engine.evaluate(snapshots[0])
+    subsets = {kind[2]: sub for kind, sub in group.known_subsets.items() if sub is not None}
+    assert (subsets["a"].clock, subsets["b"].clock) == (True, False)

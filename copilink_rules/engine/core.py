@@ -47,7 +47,7 @@ from copilink_rules.namespace import (
 )
 from copilink_rules.rules.loader import CompiledRule, Policy
 
-from .episodes import _Group, _groups, _Subset, account_kind
+from .episodes import _Group, _groups, _Run, _Subset, account_kind
 from .resolve import ENTRY_PRECEDENCE, _Proposal, _rank, _Step, _stronger, plan, rank_of
 from .state import (
     STATE_VERSION,
@@ -70,6 +70,7 @@ _KEY = attrgetter("key")  # how conflicts rank a proposal (_Proposal.key)
 _OVERRIDABLE = frozenset({"flatten", "catch_up", "resume_copier"})  # what _stronger can override
 _NONE_KEPT: list[_Proposal] = []  # no proposal kept for an account yet (read-only)
 _NONE_TRACKED: list[int] = []  # no rule of a group has state to clear (read-only)
+_KIND = attrgetter("kind")  # a target's (id, role, firm)
 _blank_view = object.__new__  # a view with no field set yet: `_accounts` sets each one
 # an account view's fields worked out from its money and metrics, in three groups, each stored
 # only when some rule reads one of its fields (Engine._money): equity and its peaks (what a
@@ -145,7 +146,8 @@ class Engine:
         # each account's info (facts, view ...), kept from tick to tick
         self._infos: dict[str, _AccountInfo] = {}
         self._locks_shown = False  # some account's view showed a lock last tick
-        self._hedge_marks: list[tuple[str, str]] | None = None  # hedged accounts, last tick
+        # the accounts whose views were marked hedged last tick (None: no view is marked)
+        self._hedge_marks: list[str] | None = None
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
         self._entries_unchecked = False  # entries taken in from outside a tick (journal)
@@ -155,6 +157,7 @@ class Engine:
         # group (by id) -> its rules' state and error tables, in bit order, and its whole subset
         self._tables: dict[int, tuple[list[dict[str, _RuleState]], list[dict[str, str]],
                                       _Subset]] = {}
+        self._runs: dict[int, _Run] = {}  # group (by id) -> its run of the last tick
 
     # --- public API -------------------------------------------------------------------------
 
@@ -185,11 +188,14 @@ class Engine:
             # taken out while the group runs: a tick cut short by an exception leaves it out,
             # so the next one searches the tables whole
             last = cleaned.pop(id(group), None)
-            self._evaluate_group(group, targets, now, as_if_held, proposals, errors, infos,
-                                 blocked)
-            if last is None or len(last) != len(targets) or not all(map(is_, last, targets)):
-                # not the very targets this group's tables were last cleaned against (reused
-                # objects keep their keys; with those, no state or error is a gone target's)
+            # the very targets this group was last evaluated with and its tables cleaned
+            # against (reused objects keep their keys: no state or error is a gone target's,
+            # and the group's run of them stands)
+            same = last is not None and len(last) == len(targets) and \
+                all(map(is_, last, targets))
+            self._evaluate_group(group, targets, same, now, as_if_held, proposals, errors,
+                                 infos, blocked)
+            if not same:
                 self._drop_gone(group, targets, live_keys)
             if self.reuse:
                 cleaned[id(group)] = targets
@@ -312,6 +318,7 @@ class Engine:
         self._hedge_marks = None
         self._cleaned = {}  # the restored tables may hold any target's keys
         self._tables = {}  # and are new dicts
+        self._runs = {}  # (their targets are all new: none would be run again anyway)
         self._entries_unchecked = True  # and the restored entries' pairs may be gone
         # the pair sets stay: none is reused (they were built from facts just dropped), and a
         # tick without pair rules (pre_session) still reads the follower's trades from them
@@ -459,8 +466,6 @@ class Engine:
                     view.best_day = day_pnl if day_pnl > best_day else best_day
                     view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
                 view.trading_day = day
-                if hedges:
-                    view.hedged, view.hedged_with = False, ""  # _mark_hedges, below
                 if show_locks:
                     lock = lock_states.get(account_id, "")
                     view.lock, view.locked = lock, lock != ""
@@ -489,17 +494,22 @@ class Engine:
                 del first_seen[key]
         if hedges:
             # hedges follow from the accounts' firms and positions alone: while none changed,
-            # last tick's marks stand
-            marks = self._hedge_marks if same and len(infos) == len(used) else None
-            if marks is None:
-                _mark_hedges(infos)
-                marks = [(i, info.view.hedged_with) for i, info in infos.items()
-                         if info.view.hedged]
-                self._hedge_marks = marks if reuse else None
-            else:
-                for account_id, others in marks:
-                    view = infos[account_id].view
-                    view.hedged, view.hedged_with = True, others
+            # last tick's marks stand in the views (each view is last tick's, as is each
+            # account); else they are taken off the views that have them and marked again
+            last_marks = self._hedge_marks
+            if last_marks is None or not same or len(infos) != len(used):
+                self._hedge_marks = None
+                try:
+                    for account_id in last_marks or ():
+                        found = infos.get(account_id)
+                        if found is not None:
+                            found.view.hedged, found.view.hedged_with = False, ""
+                    _mark_hedges(infos)
+                except BaseException:  # marks half made: the next tick starts from none
+                    self._infos, self._locks_shown = {}, False
+                    raise
+                if reuse:
+                    self._hedge_marks = [i for i, info in infos.items() if info.view.hedged]
         return infos
 
     def _trading_day(self, firm: str | None, now: datetime) -> str:
@@ -728,10 +738,12 @@ class Engine:
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def _evaluate_group(self, group: _Group, targets: list[_Target], now: datetime,
-                        as_if_held: bool, proposals: list[_Proposal],
+    def _evaluate_group(self, group: _Group, targets: list[_Target], same: bool,
+                        now: datetime, as_if_held: bool, proposals: list[_Proposal],
                         errors_out: list[tuple[int, int, Decision]],
                         infos: dict[str, _AccountInfo], blocked: str | None) -> None:
+        """Evaluate a group's conditions for its targets (`same`: the very targets of its last
+        tick, by identity) and act on the true ones."""
         rules = group.rules
         states_of, errors_of = self._states, self._errors
         # local time is per rule set's zone: set on each target's env as it is evaluated
@@ -741,9 +753,6 @@ class Engine:
             local = now.astimezone(group.zone)
             found = zones[group.zone] = (local.time(), local.weekday())
         now_local, weekday = found
-        # stored into each target's env when the group's conditions read it (most do not);
-        # else only before a condition is evaluated alone or a rule's message is made
-        clock = group.clock
         # rules whose per-target state must be cleared when their condition is false
         tables = self._tables.get(id(group))
         if tables is None:  # the group's rules' tables, in bit order (restore_state drops
@@ -754,44 +763,30 @@ class Engine:
         rule_states, rule_errors, whole = tables
         tracked = [i for i, states in enumerate(rule_states) if states or rule_errors[i]] \
             if any(rule_states) or any(rule_errors) else _NONE_TRACKED
-        filtered = group.filtered
-        subset = group.subset if self.reuse else None
-        known = group.known_subsets  # what `subset` found already, looked up without a call
+        # the group's run: which of its targets it evaluates and with which subset of its rules,
+        # kept while its targets are the same objects of the same kinds
+        run = self._runs.get(id(group)) if same else None
+        if run is None or (group.filtered and not all(map(is_, run.kinds,
+                                                          map(_KIND, targets)))):
+            run = self._run(group, targets, whole)
         # the outcome per target, kept only when some rule has state to clear afterwards: the
         # true mask, and above it (shifted by `width`) the mask of conditions that failed
         results: dict[str, int] | None = {} if tracked else None
         width = len(rules)
-        for index, target in enumerate(targets):
-            if filtered and (account := target.account) is not None:
-                if subset is not None:
-                    kind = target.kind  # (id, role, firm), set with the account
-                    if kind is None:
-                        kind = target.kind = account_kind(account)
-                    sub = known.get(kind, _UNKNOWN)
-                    if sub is _UNKNOWN:
-                        sub = subset(kind, account)
-                    if sub is None:
-                        continue
-                else:  # the reference path: every condition, masked
-                    allowed = group.allowed(account)
-                    if not allowed:
-                        continue
-                    sub = _Subset(group.batch, allowed)
-            else:
-                sub = whole
-            env = target.env
+        for index, target, env, key, batch, allowed, clock in run.steps:
+            # the local clock, stored when the subset's conditions read it (most do not); else
+            # only before a condition is evaluated alone or a rule's message is made
             if clock:
                 env.now_local, env.weekday = now_local, weekday
             # the hot path: one call evaluates the group's conditions for this target
             try:
-                mask = sub.batch(env) & sub.allowed
+                mask = batch(env) & allowed
                 failed = 0
             # a user's expression may raise anything; find which, report it, never crash
             except Exception:  # noqa: BLE001
                 env.now_local, env.weekday = now_local, weekday
-                mask, failed = self._one_by_one(group, target, index, sub.allowed, now,
+                mask, failed = self._one_by_one(group, target, index, allowed, now,
                                                 errors_out)
-            key = target.key
             if results is not None:
                 results[key] = mask | failed << width
             while mask:
@@ -818,6 +813,37 @@ class Engine:
             if errors:
                 for key in [k for k in errors if k in results and not results[k] & failed_bit]:
                     del errors[key]
+
+    def _run(self, group: _Group, targets: list[_Target], whole: _Subset) -> _Run:
+        """The group's run of these targets (kept for the next tick when reusing): each one's
+        subset of the group's rules (those that apply to its account, when the group is
+        filtered by firm, role or account; else all), a target with none left out."""
+        filtered, reuse = group.filtered, self.reuse
+        known = group.known_subsets  # what `subset` found already, looked up without a call
+        kinds: list[tuple[str, str, str | None] | None] = []
+        steps = []
+        for index, target in enumerate(targets):
+            sub: _Subset | None = whole
+            if filtered and (account := target.account) is not None:
+                if reuse:
+                    kind = target.kind  # (id, role, firm), set with the account
+                    if kind is None:
+                        kind = target.kind = account_kind(account)
+                    sub = known.get(kind, _UNKNOWN)
+                    if sub is _UNKNOWN:
+                        sub = group.subset(kind, account)
+                else:  # the reference path: every condition, masked
+                    allowed = group.allowed(account)
+                    sub = _Subset(group.batch, allowed, group.clock) if allowed else None
+            kinds.append(target.kind)
+            if sub is not None:
+                batch = group.compiled_whole() if sub is whole else sub.batch
+                steps.append((index, target, target.env, target.key, batch, sub.allowed,
+                              sub.clock))
+        run = _Run(kinds, steps)
+        if reuse:
+            self._runs[id(group)] = run
+        return run
 
     def _one_by_one(self, group: _Group, target: _Target, index: int, allowed: int,
                     now: datetime, errors_out: list[tuple[int, int, Decision]]) -> tuple[int,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from copilink_rules.errors import ExpressionError
@@ -33,6 +34,21 @@ class _Subset:
     # the group's rules that apply (bit i: the group's rule i): the bits of the batch to keep
     # (a batch of every rule, for many kinds of accounts, answers for the others too)
     allowed: int
+    # some condition the batch evaluates reads the local clock (now_local, weekday): the
+    # engine stores it into a target's environment before calling the batch only then
+    clock: bool
+
+
+@dataclass(slots=True)
+class _Run:
+    """How a group evaluates its targets in a tick: for each target whose account some of its
+    rules apply to, (index among the targets, target, its env, its key, the batch and the bits
+    of its rule subset, whether that subset reads the local clock), in the targets' order. A
+    tick whose targets are the very objects of the last one, each of the same kind (`kinds`:
+    each target's (id, role, firm), or None), runs the last tick's again."""
+
+    kinds: list[tuple[str, str, str | None] | None]
+    steps: list[tuple[int, Any, Env, str, Callable[[Env], int], int, bool]]
 
 
 @dataclass
@@ -75,8 +91,13 @@ class _Group:
         full = (1 << len(self.rules)) - 1
         found = self._by_mask.get(full)
         if found is None:
-            found = self._by_mask[full] = _Subset(self._first_whole, full)
+            found = self._by_mask[full] = _Subset(self._first_whole, full, self.clock)
         return found
+
+    def compiled_whole(self) -> Callable[[Env], int]:
+        """`whole()`'s batch, compiled now if it was not yet."""
+        batch = self.whole().batch
+        return self._compile_whole() if batch == self._first_whole else batch
 
     def _first_whole(self, env: Env) -> int:
         """`whole()`'s batch on its first call: compiled, put in its place, then called."""
@@ -116,9 +137,10 @@ class _Group:
             if len(self._by_mask) < self.max_subsets:
                 batch = _compiled([self.rules[i][1].when for i in chosen],
                                   f"{self.scope} rules", positions=chosen)
-                found = _Subset(batch, allowed)
+                found = _Subset(batch, allowed, any(self.rules[i][1].when.reads_clock()
+                                                    for i in chosen))
             else:  # many kinds of accounts: one batch for all, as if not filtered
-                found = _Subset(self.batch, allowed)
+                found = _Subset(self.batch, allowed, self.clock)
             self._by_mask[allowed] = found
         if len(self._subsets) < 100_000:
             self._subsets[key] = found
