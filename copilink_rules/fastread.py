@@ -474,9 +474,10 @@ class FastReader:
         self._last: tuple[_Snapshot, Snapshot] | None = None  # the structs and the snapshot
         self._warned = False  # convert() said once that it failed unexpectedly
 
-    def read(self, line: str) -> Snapshot | None:
-        """The snapshot of one timeline line, equal to what the strict path reads; None when
-        the line must be read by the strict path (which then accepts it or says why not)."""
+    def read(self, line: str | bytes) -> Snapshot | None:
+        """The snapshot of one timeline line (its text, or its UTF-8 bytes), equal to what the
+        strict path reads from its text; None when the line must be read by the strict path
+        (which then accepts it or says why not)."""
         try:
             raw = self._decoder.decode(line)
         except (msgspec.MsgspecError, ValueError, RecursionError):

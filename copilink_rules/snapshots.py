@@ -4,13 +4,12 @@ A timeline is read lazily, one line at a time, so a long session never has to fi
 an error on line 40,000 is reported as line 40,000.
 
 Inputs are bounded: a file must be a regular file (or a pipe), a single-document file at most
-`MAX_FILE_BYTES`, a timeline line at most `MAX_LINE_CHARS`; a value echoed back in a message is
+`MAX_FILE_BYTES`, a timeline line at most `MAX_LINE_BYTES`; a value echoed back in a message is
 cut to `MAX_ECHO` characters, and at most `MAX_PROBLEMS` problems are listed per file.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -29,7 +28,8 @@ from .rules.expressions import did_you_mean
 from .sources import LineMap, YamlSyntaxError, load_yaml
 
 MAX_FILE_BYTES = 64 * 2**20  # a snapshot, a calendar, a policy-test file
-MAX_LINE_CHARS = 16 * 2**20  # one line of a timeline
+MAX_LINE_BYTES = 16 * 2**20  # one line of a timeline (UTF-8)
+_READ_BUFFER = 2**20
 MAX_ECHO = 200  # characters of a user's value quoted back in a message
 MAX_PROBLEMS = 50  # problems listed for one file; the rest are counted
 
@@ -62,7 +62,8 @@ def open_input(path: str | Path, file: str, what: str = "") -> IO[bytes]:
     A regular file or a pipe (`<(zcat session.jsonl.gz)`) is read; a device, socket or folder
     is refused with SnapshotError, whose message starts "cannot read{what}"."""
     try:
-        handle = Path(path).open("rb")  # noqa: SIM115 - the caller closes it
+        # a large buffer: a timeline's lines are read one by one, each a few kB long
+        handle = Path(path).open("rb", buffering=_READ_BUFFER)  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         raise SnapshotError([Problem(file, None, f"cannot read{what}: {exc.strerror}")]) \
             from None
@@ -282,7 +283,7 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
     """Yield the snapshots of a JSON Lines timeline; stop at the first bad line with SnapshotError.
 
     Blank lines and lines starting with `#` are skipped. Times must not go backwards. A line
-    longer than MAX_LINE_CHARS is refused without reading the rest of it.
+    longer than MAX_LINE_BYTES is refused without reading the rest of it (`_timeline_lines`).
 
     Each line is read by `fastread.FastReader` (msgspec), which gives the same snapshot as the
     strict path (pydantic, `_timeline_line`) or declines; a declined line is read by the strict
@@ -292,42 +293,77 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
     file = str(path)
     previous = None
     reader = FastReader(catalog) if fast else None
-    handle = io.TextIOWrapper(open_input(path, file), encoding="utf-8")
-    with handle:
-        number = 0
-        try:
-            while True:
-                raw = handle.readline(MAX_LINE_CHARS + 1)
-                if not raw:
-                    break
-                number += 1
-                if len(raw) > MAX_LINE_CHARS and not raw.endswith("\n"):
-                    raise SnapshotError([Problem(file, number, "line longer than "
-                                                 f"{MAX_LINE_CHARS / 2**20:g} MiB")])
-                line = raw.strip()
-                if not line or line.startswith("#"):
+    with open_input(path, file) as handle:
+        for number, line in _timeline_lines(handle, file):
+            snapshot = None
+            if isinstance(line, bytes):  # ASCII: msgspec reads the bytes as they are
+                if reader is not None:
+                    stripped = line.strip()
+                    if not stripped or stripped[0] == 35:  # blank, or a `#` comment
+                        continue
+                    snapshot = reader.read(stripped)
+                if snapshot is None:
+                    text = line.decode("ascii").strip()  # as the strict path takes it
+                    if not text or text.startswith("#"):
+                        continue
+            else:
+                text = line.strip()
+                if not text or text.startswith("#"):
                     continue
-                snapshot = reader.read(line) if reader is not None else None
-                try:
-                    if snapshot is None:  # declined by the fast path, or no fast path
-                        snapshot = _timeline_line(line, file, number, catalog)
-                except SnapshotError:
-                    if previous is None and (line == "{" or file.endswith(
-                            (".json", ".yaml", ".yml"))):  # a snapshot file, most likely
-                        raise SnapshotError([Problem(file, number, _NOT_A_TIMELINE)]) from None
-                    raise
-                if previous is not None and snapshot.time < previous:
-                    raise SnapshotError(
-                        [Problem(file, number, f"time {snapshot.time.isoformat()} is earlier "
-                                 f"than the previous line's {previous.isoformat()}")]
-                    )
-                previous = snapshot.time
-                yield snapshot
-        except UnicodeDecodeError:
-            raise SnapshotError([Problem(file, number + 1, "not UTF-8 text")]) from None
+                if reader is not None:
+                    snapshot = reader.read(text)
+            try:
+                if snapshot is None:  # declined by the fast path, or no fast path
+                    snapshot = _timeline_line(text, file, number, catalog)
+            except SnapshotError:
+                if previous is None and (text == "{" or file.endswith(
+                        (".json", ".yaml", ".yml"))):  # a snapshot file, most likely
+                    raise SnapshotError([Problem(file, number, _NOT_A_TIMELINE)]) from None
+                raise
+            if previous is not None and snapshot.time < previous:
+                raise SnapshotError(
+                    [Problem(file, number, f"time {snapshot.time.isoformat()} is earlier "
+                             f"than the previous line's {previous.isoformat()}")]
+                )
+            previous = snapshot.time
+            yield snapshot
+
+
+def _timeline_lines(handle: IO[bytes], file: str) -> Iterator[tuple[int, bytes | str]]:
+    """Each line of a timeline and its number, its line end included: as bytes when it is
+    ASCII and ends as most do (`\n`, `\r\n`, or the end of the file), which msgspec reads
+    without a str made first; else as text. A line ends at `\n`, `\r\n` or a lone `\r`, as
+    Python reads text. SnapshotError for a line longer than MAX_LINE_BYTES (read no further)
+    and for one that is not UTF-8."""
+    number = 0
+    while True:
+        try:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
         except OSError as exc:
             raise SnapshotError([Problem(file, number + 1, f"cannot read: {exc.strerror}")]) \
                 from None
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise SnapshotError([Problem(file, number, "line longer than "
+                                         f"{MAX_LINE_BYTES / 2**20:g} MiB")])
+        if raw.isascii() and (b"\r" not in raw or (
+                raw.endswith(b"\r\n") and b"\r" not in raw[:-2])):
+            yield number, raw
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SnapshotError([Problem(file, number, "not UTF-8 text")]) from None
+        # a lone \r ends a line too (a \r\n is never cut in two: a line is read up to \n)
+        pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if len(pieces) > 1 and pieces[-1] == "":
+            pieces.pop()  # what followed the line's own end: nothing
+        for piece in pieces[:-1]:
+            yield number, piece
+            number += 1
+        yield number, pieces[-1]
 
 
 _NOT_A_TIMELINE = ("a timeline is JSON Lines (.jsonl): one snapshot per line; for one "

@@ -21,7 +21,7 @@ from copilink_rules.instruments import default_catalog
 from copilink_rules.model import Account, Snapshot, snapshot_digest
 from copilink_rules.snapshots import (
     MAX_FILE_BYTES,
-    MAX_LINE_CHARS,
+    MAX_LINE_BYTES,
     MAX_PROBLEMS,
     check_snapshot,
     iter_timeline,
@@ -287,7 +287,7 @@ def test_a_timeline_line_over_16_mib_is_refused(tmp_path: Path) -> None:
     with path.open("w") as handle:
         handle.write(good + "\n")
     with path.open("ab") as handle:  # a second line of NULs, sparse, with no newline
-        handle.truncate(path.stat().st_size + MAX_LINE_CHARS + 10)
+        handle.truncate(path.stat().st_size + MAX_LINE_BYTES + 10)
     read: list[Snapshot] = []
     with pytest.raises(SnapshotError) as caught:
         read.extend(iter_timeline(path))
@@ -295,10 +295,98 @@ def test_a_timeline_line_over_16_mib_is_refused(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}:2: line longer than 16 MiB"
 
 
+def _read_both(path: Path) -> tuple[list[Any], str | None]:
+    """What iter_timeline gives for `path` by the fast and by the strict path (which must
+    agree): each snapshot's time and account ids, then its error (None if none)."""
+    seen = []
+    for fast in (True, False):
+        read: list[Any] = []
+        error = None
+        try:
+            for snapshot in iter_timeline(path, fast=fast):
+                read.append((snapshot.time.isoformat(), [a.id for a in snapshot.accounts]))
+        except SnapshotError as exc:
+            error = str(exc).replace(str(path), "FILE")
+        seen.append((read, error))
+    assert seen[0] == seen[1]
+    return seen[0]
+
+
+def _clean_lines(count: int) -> list[bytes]:
+    text = (REPO / "examples" / "clean-session.jsonl").read_text()
+    return [line.encode() for line in text.splitlines()[:count]]
+
+
+def test_a_timeline_with_windows_line_ends_reads_as_one_with_newlines(tmp_path: Path) -> None:
+    one, two, three = _clean_lines(3)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\r\n".join([one, b"# a comment", b"", two, three]) + b"\r\n")
+    read, error = _read_both(path)
+    assert error is None
+    assert len(read) == 3
+    path.write_bytes(b"\n".join([one, two, three]) + b"\n")
+    assert _read_both(path)[0] == read
+
+
+def test_a_lone_carriage_return_ends_a_line_as_when_reading_text(tmp_path: Path) -> None:
+    """Lines 1 and 2 are parted by a lone \\r (as Python's text mode reads it), so the bad
+    line is the 4th, not the 3rd; a \\r\\r\\n is a line and a blank one."""
+    one, two, three = _clean_lines(3)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(one + b"\r" + two + b"\r\r\n" + b'{"time": 1}\n' + three + b"\n")
+    read, error = _read_both(path)
+    assert len(read) == 2
+    assert error is not None
+    assert error.startswith("FILE:4: time")
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    (b"# caf\xe9 (Latin-1)", 3),  # in a comment: the file is not UTF-8 all the same
+    (b'{"time": "2026-03-02T14:30:00Z", "note": "\xff"}', 3),
+    (b"\xef\xbb", 3),  # a cut-off sequence
+])
+def test_a_line_that_is_not_utf8_is_reported_on_its_own_line(tmp_path: Path, bad: bytes,
+                                                              where: int) -> None:
+    one, two, three = _clean_lines(3)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join([one, two, bad, three]) + b"\n")
+    read, error = _read_both(path)
+    assert len(read) == 2
+    assert error == f"FILE:{where}: not UTF-8 text"
+
+
+def test_unicode_in_a_line_and_unicode_space_around_it_read_as_text(tmp_path: Path) -> None:
+    """An id in UTF-8, a line wrapped in characters Python strips from text (U+001C, U+00A0)
+    but JSON does not allow, and a line of them alone (blank): read as the strict path reads
+    them."""
+    one, two = _clean_lines(2)
+    data = json.loads(two)
+    data["accounts"][0]["id"] = "Müller-Ω"
+    for account in data["accounts"][1:]:
+        if account.get("leader"):
+            account["leader"] = "Müller-Ω"
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\x1c" + one + b"\x1c\n\x1c\x1d\n" + "\u00a0".encode() +
+                     json.dumps(data, ensure_ascii=False).encode() + b"\n")
+    read, error = _read_both(path)
+    assert error is None
+    assert [ids[0] for _, ids in read] == [json.loads(one)["accounts"][0]["id"], "Müller-Ω"]
+
+
+def test_a_byte_order_mark_is_refused_alike_by_both_paths(tmp_path: Path) -> None:
+    one, = _clean_lines(1)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + one + b"\n")
+    read, error = _read_both(path)
+    assert read == []
+    assert error is not None
+    assert error.startswith("FILE:1: ")
+
+
 def test_a_line_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     good = (REPO / "examples" / "clean-session.jsonl").read_text().splitlines()[0]
     path = tmp_path / "t.jsonl"
-    path.write_text(good + " " * (MAX_LINE_CHARS - len(good)) + "\n" + good + "\n")
+    path.write_text(good + " " * (MAX_LINE_BYTES - len(good)) + "\n" + good + "\n")
     assert len(load_timeline(path)) == 2
 
 
