@@ -420,10 +420,17 @@ MONEY_RULE = """
     """
 
 
+WHOLE_VIEW_RULE = """
+      - id: shown-whole
+        when: account.id == ""
+        then: [{alert: {message: "{account}"}}]
+    """
+
+
 def test_account_view_fields_hold_what_their_names_say(
         write_rules: Callable[..., Path]) -> None:
     write_rules((REPO / "rules" / "desync.yaml").read_text(), "desync.yaml")
-    engine = Engine(load_policy([write_rules(MONEY_RULE)]))
+    engine = Engine(load_policy([write_rules(MONEY_RULE + WHOLE_VIEW_RULE)]))
     snapshot = snap(at(10), account("LEAD", "leader"), account(
         "F1", firm="apex", ratio=2.0, connected=True, copier="paused", balance=50100.0,
         realized_pnl=-50.0, unrealized_pnl=20.0, updated_at=at(7).isoformat(),
@@ -493,6 +500,34 @@ def test_each_group_of_money_fields_is_worked_out_when_a_rule_reads_one_of_it(
     view = consistency._accounts(snapshot, at(0))["F1"].view
     assert (view.total_profit, view.best_day, view.day_share) == (20.0, 20.0, 1.0)
     assert (view.equity, view.balance) == (None, None)
+
+
+def test_the_leader_link_and_trading_day_are_worked_out_when_a_rule_reads_one(
+        desync: Engine, policy_of: Callable[..., Any]) -> None:
+    """No shipped rule reads an account's leader_id, ratio or trading_day: desync's views hold
+    None in them; a rule that reads one of them gets all three, each tick's own."""
+    late = Engine(policy_of("""
+        ruleset: day-seen
+        timezone: America/New_York
+        trading_day_start: "18:00"
+        rules:
+          - id: new-day
+            when: account.trading_day == "2026-03-03"
+            then: [alert]
+        """))
+    assert not desync._links
+    assert late._links
+    for moment in (datetime(2026, 3, 2, 22, 59, tzinfo=UTC),  # 17:59 New York (EST)
+                   datetime(2026, 3, 2, 23, 0, tzinfo=UTC)):  # 18:00: the next trading day
+        snapshot = snap(moment, account("LEAD", "leader"), account("F1", ratio=0.5))
+        plain = desync._accounts(snapshot, moment)["F1"].view
+        seen = late._accounts(snapshot, moment)
+        assert (plain.leader_id, plain.ratio, plain.trading_day) == (None, None, None)
+    assert (seen["F1"].view.leader_id, seen["F1"].view.ratio) == ("LEAD", 0.5)
+    assert (seen["LEAD"].view.leader_id, seen["LEAD"].view.ratio) == ("", 1.0)
+    assert seen["F1"].view.trading_day == "2026-03-03"
+    assert [d.rule for d in late.evaluate(snap(datetime(2026, 3, 2, 23, 1, tzinfo=UTC),
+                                               account("LEAD", "leader")))] == ["new-day"]
 
 
 @pytest.mark.parametrize(("text", "fields"), [

@@ -79,6 +79,9 @@ _EQUITY_FIELDS = frozenset({"size", "equity", "day_pnl", "peak", "peak_eod"})
 _CASH_FIELDS = frozenset({"balance", "realized_pnl", "unrealized_pnl", "pnl"})
 _PROFIT_FIELDS = frozenset({"total_profit", "best_day", "day_share"})
 _MONEY_GROUPS = (_EQUITY_FIELDS, _CASH_FIELDS, _PROFIT_FIELDS)
+# an account's link to its leader and its trading day: only rules read them (the engine reads
+# the record and its metrics), none of the shipped ones
+_LINK_FIELDS = frozenset({"leader_id", "ratio", "trading_day"})
 # the names under which an expression reads an account's view (account, leader_account)
 _ACCOUNT_NAMES = tuple(name for name, (kind, _, _) in NAMES.items() if kind == "account")
 
@@ -140,6 +143,7 @@ class Engine:
         # (the saved state, a reload that adds a firm's rules).
         self._money = tuple(reads(fields) for fields in _MONEY_GROUPS)
         self._trade_counts = reads({"trades_today", "losing_streak"})
+        self._links = reads(_LINK_FIELDS)  # stored each tick only when read (else None)
         # each account's facts of the last tick, reused while its positions (orders) are the
         # same (facts.py); `reuse=False` derives everything every tick (the reference path)
         self.reuse = reuse
@@ -351,7 +355,7 @@ class Engine:
         # facts, reused while its positions (orders) are the same: an account gone for a tick
         # is derived again (its first-seen times were dropped meanwhile). The reference path
         # (`reuse=False`) derives everything every tick.
-        reuse, trading_day = self.reuse, self._trading_day
+        reuse, trading_day, links = self.reuse, self._trading_day, self._links
         old_infos = self._infos if reuse else {}
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         # every account the same as last tick (positions, firm), none new, none gone?
@@ -419,7 +423,8 @@ class Engine:
                     info = _AccountInfo(account, view, families, facts, order_facts,
                                         (account_id, role, firm))
                     view.id, view.role, view.firm = account_id, role, firm or ""
-                    for fields, read in zip(_MONEY_GROUPS, self._money, strict=True):
+                    for fields, read in zip((*_MONEY_GROUPS, _LINK_FIELDS),
+                                            (*self._money, links), strict=True):
                         if not read:  # never worked out (None: a sum with one fails loudly)
                             for name in fields:
                                 setattr(view, name, None)
@@ -443,8 +448,6 @@ class Engine:
                     view.working_orders = order_facts.working
                     view.undeclared_positions = facts.undeclared
                     view.minis, view.micros = facts.minis, facts.micros
-                view.leader_id = a["leader"] or ""
-                view.ratio = a["ratio"] if role == "follower" else 1.0
                 view.connected, view.stale, view.reachable, view.data_age = \
                     connected, stale, reachable, age
                 view.copier = a["copier"]
@@ -465,7 +468,10 @@ class Engine:
                     view.total_profit = total
                     view.best_day = day_pnl if day_pnl > best_day else best_day
                     view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
-                view.trading_day = day
+                if links:
+                    view.leader_id = a["leader"] or ""
+                    view.ratio = a["ratio"] if role == "follower" else 1.0
+                    view.trading_day = day
                 if show_locks:
                     lock = lock_states.get(account_id, "")
                     view.lock, view.locked = lock, lock != ""
