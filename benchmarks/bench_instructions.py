@@ -80,8 +80,8 @@ if kind in ("read", "replay", "replay-apex"):  # bench_replay.py's lines, as `re
     for line in lines[:ticks]:
         snapshot = reader.read(line)
         assert snapshot is not None
-        if engine is not None:
-            engine.evaluate(snapshot)
+        if engine is not None:  # as `replay` evaluates it: with its accounts' origins
+            engine.evaluate(snapshot, origins=reader.origins)
     sys.exit(0)
 if kind.startswith("shipped") or kind == "build":
     policy = shipped_policy()

@@ -34,7 +34,7 @@ from hand_replay import Decided, HandReplay
 from copilink_rules import fastread
 from copilink_rules.engine import Engine
 from copilink_rules.rules import load_policy
-from copilink_rules.snapshots import iter_timeline
+from copilink_rules.snapshots import iter_timeline_origins
 
 RULES = {
     "desync": [REPO / "rules" / "desync.yaml"],
@@ -49,16 +49,18 @@ def replay(path: Path, rules: str, reader: str) -> list[Decided]:
     decided: list[Decided] = []
     parse = 0.0
     count = 0
-    iterator = iter_timeline(path, fast=reader == "fast")
+    # as `replay` reads and evaluates: each snapshot with its accounts' origins
+    iterator = iter_timeline_origins(path, fast=reader == "fast")
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
-        snapshot = next(iterator, None)
+        line = next(iterator, None)
         parse += time.perf_counter() - t0
-        if snapshot is None:
+        if line is None:
             break
+        snapshot, origins = line
         count += 1
-        made = engine.evaluate(snapshot)
+        made = engine.evaluate(snapshot, origins=origins)
         decisions += len(made)
         decided.extend((d.time, d.rule, d.account or "", d.action,
                         str(d.args.get("message", "")) if d.action == "alert" else "")

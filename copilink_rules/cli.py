@@ -53,7 +53,7 @@ from .policytest import run_test_files
 from .rules.loader import Policy, bundled_rules_dir, load_policy, parse_overrides
 from .rules.spec import ruleset_json_schema_text
 from .session import Session
-from .snapshots import iter_timeline, load_snapshot, read_input
+from .snapshots import iter_timeline_origins, load_snapshot, read_input
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -321,9 +321,9 @@ def cmd_replay(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                    f"(version {policy.version}); nothing is sent.")
     count = 0
     progress = _Progress(stderr)
-    for snapshot in iter_timeline(args.timeline, catalog):
+    for snapshot, origins in iter_timeline_origins(args.timeline, catalog):
         count += 1
-        printer.write(engine.evaluate(snapshot))
+        printer.write(engine.evaluate(snapshot, origins=origins))
         if count % 500 == 0:
             progress.show(f"replaying: {count:,} snapshots, at {snapshot.time:%Y-%m-%d %H:%M:%S}Z")
     progress.done()

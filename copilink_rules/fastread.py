@@ -472,12 +472,16 @@ class FastReader:
         self._decode_orders = msgspec.json.Decoder(tuple[_Order, ...]).decode
         self._symbols: set[str] = set()
         self._last: tuple[_Snapshot, Snapshot] | None = None  # the structs and the snapshot
+        # for each account of the snapshot last read, the previous line's account it equals
+        # but for its time and money, or None (`origins`)
+        self._origins: list[Account | None] | None = None
         self._warned = False  # convert() said once that it failed unexpectedly
 
     def read(self, line: str | bytes) -> Snapshot | None:
         """The snapshot of one timeline line (its text, or its UTF-8 bytes), equal to what the
         strict path reads from its text; None when the line must be read by the strict path
         (which then accepts it or says why not)."""
+        self._origins = None
         try:
             raw = self._decoder.decode(line)
         except (msgspec.MsgspecError, ValueError, RecursionError):
@@ -498,6 +502,7 @@ class FastReader:
         after the snapshot's, a datetime object rather than its text): that only costs time.
         Objects of the previous snapshot it converted are reused where unchanged, as `read`
         reuses the previous line's."""
+        self._origins = None
         try:
             raw = msgspec.convert(data, _Snapshot)
         except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
@@ -514,6 +519,16 @@ class FastReader:
             return None
         self._last = (raw, snapshot)
         return snapshot
+
+    @property
+    def origins(self) -> list[Account | None] | None:
+        """For each account of the snapshot `read` (`convert`) returned last, in order: the
+        account at its place in the snapshot before, when it differs from that one at most in
+        its time (`updated_at`) and money (`balance`, `realized_pnl`, `unrealized_pnl`),
+        each given on both or left out on both, the zeros' signs of all else alike (the very
+        account, when nothing differs); else None. None when the last line was declined, or
+        gave no accounts. What `Engine.evaluate` takes as `origins`."""
+        return self._origins
 
     def _snapshot(self, raw: _Snapshot, last: tuple[_Snapshot, Snapshot] | None) -> Snapshot:
         values, given = _snapshot_values(raw)
@@ -558,18 +573,23 @@ class FastReader:
         same_ids = len(raw) == len(old_raw)
         reusable = min(len(raw), len(old_raw))
         accounts = []
+        origins: list[Account | None] = []
         for i, struct in enumerate(raw):
             if i < reusable:
                 previous = old_raw[i]
                 # the same account, or the same with its time or money moved: most of them
                 account = _moved(struct, previous, old[i])
-                if account is None:
+                if account is not None:
+                    origins.append(old[i])
+                else:
+                    origins.append(None)
                     account = self._account(struct, previous, old[i])
                     if same_ids and (struct.id != previous.id or struct.role != previous.role
                                      or struct.leader != previous.leader):
                         same_ids = False
             else:
                 account = self._account(struct, None, None)
+                origins.append(None)
             # a reused account's time too: this line's may be earlier than the previous one's
             if struct.updated_at and account.updated_at is not None and \
                     account.updated_at > moment:
@@ -577,6 +597,7 @@ class FastReader:
             accounts.append(account)
         if not same_ids:
             self._check_ids(raw)
+        self._origins = origins
         return tuple(accounts)
 
     def _account(self, raw: _Account, old_raw: _Account | None, old: Account | None) -> Account:

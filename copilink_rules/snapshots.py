@@ -14,7 +14,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -289,19 +289,33 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
     strict path (pydantic, `_timeline_line`) or declines; a declined line is read by the strict
     path, which accepts it or reports its problems. `fast=False` reads every line strictly.
     """
+    for snapshot, _ in iter_timeline_origins(path, catalog, fast=fast):
+        yield snapshot
+
+
+Origins = Sequence[Account | None] | None
+
+
+def iter_timeline_origins(path: str | Path, catalog: Catalog | None = None, *,
+                          fast: bool = True) -> Iterator[tuple[Snapshot, Origins]]:
+    """`iter_timeline`'s snapshots, each with the origins of its accounts (`FastReader.origins`:
+    which are the previous line's account with only their time and money moved; None for a
+    line read strictly), for `Engine.evaluate(snapshot, origins=...)`: the engine then does
+    not work out again what follows from the rest of such an account."""
     catalog = catalog or default_catalog()
     file = str(path)
     previous = None
     reader = FastReader(catalog) if fast else None
     with open_input(path, file) as handle:
         for number, line in _timeline_lines(handle, file):
-            snapshot = None
+            snapshot = origins = None
             if isinstance(line, bytes):  # ASCII: msgspec reads the bytes as they are
                 if reader is not None:
                     stripped = line.strip()
                     if not stripped or stripped[0] == 35:  # blank, or a `#` comment
                         continue
                     snapshot = reader.read(stripped)
+                    origins = reader.origins
                 if snapshot is None:
                     text = line.decode("ascii").strip()  # as the strict path takes it
                     if not text or text.startswith("#"):
@@ -312,6 +326,7 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
                     continue
                 if reader is not None:
                     snapshot = reader.read(text)
+                    origins = reader.origins
             try:
                 if snapshot is None:  # declined by the fast path, or no fast path
                     snapshot = _timeline_line(text, file, number, catalog)
@@ -326,7 +341,7 @@ def iter_timeline(path: str | Path, catalog: Catalog | None = None, *,
                              f"than the previous line's {previous.isoformat()}")]
                 )
             previous = snapshot.time
-            yield snapshot
+            yield snapshot, origins
 
 
 def _timeline_lines(handle: IO[bytes], file: str) -> Iterator[tuple[int, bytes | str]]:

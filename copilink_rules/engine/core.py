@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter, is_
 from typing import Any
@@ -166,7 +166,8 @@ class Engine:
     # --- public API -------------------------------------------------------------------------
 
     def evaluate(self, snapshot: Snapshot, *, as_if_held: bool = False,
-                 stage: str = "session", blocked: str | None = None) -> list[Decision]:
+                 stage: str = "session", blocked: str | None = None,
+                 origins: Sequence[Account | None] | None = None) -> list[Decision]:
         """Decisions for one snapshot. `as_if_held` treats every true condition as having held
         for its `for` (a single snapshot has no history: dry-run and check). `blocked` says
         why no order may go out now (the kill switch, say): order decisions are then held as
@@ -178,7 +179,7 @@ class Engine:
                              "back")
         if self.lock_book:
             self._expire_locks(now)
-        infos = self._accounts(snapshot, now)
+        infos = self._accounts(snapshot, now, origins)
         groups = self._groups[stage]
         targets_by_scope = {scope: getattr(self, _BUILDERS[scope])(snapshot, infos, now)
                             for scope in self._scopes[stage]}
@@ -332,7 +333,8 @@ class Engine:
 
     # --- building what expressions see ------------------------------------------------------
 
-    def _accounts(self, snapshot: Snapshot, now: datetime) -> dict[str, _AccountInfo]:
+    def _accounts(self, snapshot: Snapshot, now: datetime,
+                  origins: Sequence[Account | None] | None = None) -> dict[str, _AccountInfo]:
         infos: dict[str, _AccountInfo] = {}
         days: dict[str | None, str] = {}  # firm -> trading day, this tick
         stale_after, metrics_of = self.stale_after, self._metrics
@@ -361,41 +363,98 @@ class Engine:
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_infos) == len(snapshot.accounts)
         try:
-            for account in snapshot.accounts:
+            for index, account in enumerate(snapshot.accounts):
                 # Hot path: read fields from the model's __dict__, several times faster than
                 # attribute access on a pydantic model (whose class defines __getattr__).
                 a = account.__dict__
-                account_id, firm = a["id"], a["firm"]
-                positions, orders = a["positions"], a["orders"]
+                account_id = a["id"]
                 info = old_infos.get(account_id)
-                if info is None:
-                    last_facts = last_orders = None
-                else:
-                    last_facts, last_orders = info.facts, info.orders
-                facts = last_facts
-                overnight = a["overnight"]
-                if facts is None or overnight != facts.overnight or firm != facts.firm or \
-                        (positions is not facts.positions and
-                         not same_records(positions, facts.positions, POSITION_FLOATS)):
-                    facts = derive_positions(account_id, firm, positions, overnight, catalog,
-                                             first_seen, now)
-                    same = False
-                else:  # the same again: next time, tell so by identity
-                    facts.positions = positions
-                used.append(facts)
-                if not orders:
-                    order_facts = NO_ORDERS
-                elif last_orders is None or (orders is not last_orders.orders and
-                                             not same_records(orders, last_orders.orders,
-                                                              ORDER_FLOATS)):
-                    order_facts = derive_orders(orders)
-                else:  # (never NO_ORDERS here: its orders are none)
-                    order_facts = last_orders
-                    order_facts.orders = orders
-                families = facts.families
                 updated_at, connected = a["updated_at"], a["connected"]
                 age, stale, reachable = staleness(connected, updated_at, now, stale_after) \
                     if updated_at is not None else undated[connected]
+                if info is not None and origins is not None and \
+                        origins[index] is info.account:
+                    # last tick's account with only its time and money moved (its reader says
+                    # so): its facts, its kind and all that follows from them stand
+                    info.account = account
+                    view = info.view
+                    _, role, firm = info.kind
+                    facts, families = info.facts, info.families
+                    used.append(facts)
+                    infos[account_id] = info
+                    view.stale, view.reachable, view.data_age = stale, reachable, age
+                else:
+                    firm = a["firm"]
+                    positions, orders = a["positions"], a["orders"]
+                    if info is None:
+                        last_facts = last_orders = None
+                    else:
+                        last_facts, last_orders = info.facts, info.orders
+                    overnight = a["overnight"]
+                    if last_facts is None or overnight != last_facts.overnight or \
+                            firm != last_facts.firm or \
+                            (positions is not last_facts.positions and
+                             not same_records(positions, last_facts.positions,
+                                              POSITION_FLOATS)):
+                        facts = derive_positions(account_id, firm, positions, overnight,
+                                                 catalog, first_seen, now)
+                        same = False
+                    else:  # the same again: next time, tell so by identity
+                        facts = last_facts
+                        facts.positions = positions
+                    used.append(facts)
+                    if not orders:
+                        order_facts = NO_ORDERS
+                    elif last_orders is None or (orders is not last_orders.orders and
+                                                 not same_records(orders, last_orders.orders,
+                                                                  ORDER_FLOATS)):
+                        order_facts = derive_orders(orders)
+                    else:  # (never NO_ORDERS here: its orders are none)
+                        order_facts = last_orders
+                        order_facts.orders = orders
+                    families = facts.families
+                    role = a["role"]
+                    # the account's info and view of the last tick, stored into (which costs
+                    # less than building anew): what its facts say only when they are other
+                    # facts, its id, role and firm only when they moved, the rest every tick;
+                    # the reference path starts from blank ones
+                    if info is None:
+                        view = _blank_view(AccountView)
+                        info = _AccountInfo(account, view, families, facts, order_facts,
+                                            (account_id, role, firm))
+                        view.id, view.role, view.firm = account_id, role, firm or ""
+                        for fields, read in zip((*_MONEY_GROUPS, _LINK_FIELDS),
+                                                (*self._money, links), strict=True):
+                            if not read:  # never worked out (None: a sum with one fails loudly)
+                                for name in fields:
+                                    setattr(view, name, None)
+                        view.lock, view.locked, view.firm_accounts = "", False, 0
+                        view.trades_today = view.losing_streak = 0
+                        view.hedged, view.hedged_with = False, ""
+                        derived = True
+                    else:
+                        view = info.view
+                        derived = facts is not last_facts or order_facts is not last_orders
+                        info.account, info.families, info.facts, info.orders = \
+                            account, families, facts, order_facts
+                        kind = info.kind  # (id, role, firm): new only when role or firm moved
+                        if kind[1] != role or kind[2] != firm:
+                            info.kind = (account_id, role, firm)
+                            view.role, view.firm = role, firm or ""
+                    infos[account_id] = info
+                    if derived:  # the same facts say the same
+                        view.flat = not families
+                        view.contracts, view.positions = facts.contracts, len(families)
+                        view.working_orders = order_facts.working
+                        view.undeclared_positions = facts.undeclared
+                        view.minis, view.micros = facts.minis, facts.micros
+                    view.connected, view.stale, view.reachable, view.data_age = \
+                        connected, stale, reachable, age
+                    view.copier = a["copier"]
+                    if links:
+                        view.leader_id = a["leader"] or ""
+                        view.ratio = a["ratio"] if role == "follower" else 1.0
+                # its money, and what follows from it and from the time
                 balance, unrealized = a["balance"], a["unrealized_pnl"]
                 equity = balance + unrealized
                 day = days.get(firm)
@@ -413,44 +472,6 @@ class Engine:
                 metrics.last_equity = equity
                 if trade_counts:
                     _count_trades(metrics, families, a["realized_pnl"])
-                role = a["role"]
-                # the account's info and view of the last tick, stored into (which costs less
-                # than building anew): what its facts say only when they are other facts, its id,
-                # role and firm only when they moved, the rest every tick; the reference path
-                # starts from blank ones
-                if info is None:
-                    view = _blank_view(AccountView)
-                    info = _AccountInfo(account, view, families, facts, order_facts,
-                                        (account_id, role, firm))
-                    view.id, view.role, view.firm = account_id, role, firm or ""
-                    for fields, read in zip((*_MONEY_GROUPS, _LINK_FIELDS),
-                                            (*self._money, links), strict=True):
-                        if not read:  # never worked out (None: a sum with one fails loudly)
-                            for name in fields:
-                                setattr(view, name, None)
-                    view.lock, view.locked, view.firm_accounts = "", False, 0
-                    view.trades_today = view.losing_streak = 0
-                    view.hedged, view.hedged_with = False, ""
-                    derived = True
-                else:
-                    view = info.view
-                    derived = facts is not last_facts or order_facts is not last_orders
-                    info.account, info.families, info.facts, info.orders = \
-                        account, families, facts, order_facts
-                    kind = info.kind  # (id, role, firm): a new key only when role or firm moved
-                    if kind[1] != role or kind[2] != firm:
-                        info.kind = (account_id, role, firm)
-                        view.role, view.firm = role, firm or ""
-                infos[account_id] = info
-                if derived:  # the same facts say the same
-                    view.flat = not families
-                    view.contracts, view.positions = facts.contracts, len(families)
-                    view.working_orders = order_facts.working
-                    view.undeclared_positions = facts.undeclared
-                    view.minis, view.micros = facts.minis, facts.micros
-                view.connected, view.stale, view.reachable, view.data_age = \
-                    connected, stale, reachable, age
-                view.copier = a["copier"]
                 # the view's money, each group when a rule reads it (the metrics are kept anyway)
                 if equity_read:
                     view.size, view.equity = metrics.size, equity
@@ -469,8 +490,6 @@ class Engine:
                     view.best_day = day_pnl if day_pnl > best_day else best_day
                     view.day_share = day_pnl / total if total > 0 and day_pnl > 0 else 0.0
                 if links:
-                    view.leader_id = a["leader"] or ""
-                    view.ratio = a["ratio"] if role == "follower" else 1.0
                     view.trading_day = day
                 if show_locks:
                     lock = lock_states.get(account_id, "")
