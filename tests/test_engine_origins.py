@@ -13,10 +13,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.engine import Engine
+from copilink_rules.errors import InstrumentError
+from copilink_rules.model import Snapshot
 from copilink_rules.namespace import FIELDS
 from copilink_rules.rules import load_policy
 from copilink_rules.snapshots import iter_timeline, iter_timeline_origins
@@ -44,6 +47,7 @@ def _policies() -> dict[str, Any]:
 
 
 POLICIES = _policies()
+DESYNC = load_policy([REPO / "rules" / "desync.yaml"])
 START = datetime(2026, 3, 8, 6, 58, tzinfo=UTC)  # New York's change to summer time, at 07:00
 LONG = [{"instrument": "NQH6", "qty": 2, "avg_price": 18000.0}]
 
@@ -83,12 +87,14 @@ change = st.one_of(
     st.tuples(st.just("drop"), st.integers(1, 5), st.none(), st.none()),
 )
 steps = st.lists(st.tuples(st.sampled_from([0.25, 1.0, 30.0, 3600.0]),
-                           st.lists(change, max_size=4)), min_size=2, max_size=14)
+                           st.lists(change, max_size=4),
+                           st.sampled_from([18001.0, 18001.0, 18010.0, 17990.0, None])),
+                 min_size=2, max_size=14)
 
 
-def _timeline(plan: list[tuple[float, list[tuple[Any, ...]]]]) -> list[str]:
+def _timeline(plan: list[tuple[float, list[tuple[Any, ...]], float | None]]) -> list[str]:
     accounts, moment, lines, dropped = _first(), START, [], []
-    for advance, changes in plan:
+    for advance, changes, last in plan:
         moment += timedelta(seconds=advance)
         for kind, at, what, value in changes:
             index = at % len(accounts)
@@ -115,7 +121,7 @@ def _timeline(plan: list[tuple[float, list[tuple[Any, ...]]]]) -> list[str]:
             elif kind == "drop" and dropped:  # a leader is not dropped: one comes back
                 accounts.append(dropped.pop())
         lines.append(json.dumps({"time": moment.isoformat(), "accounts": accounts,
-                                 "quotes": {"NQH6": {"last": 18001.0}}}))
+                                 "quotes": {} if last is None else {"NQH6": {"last": last}}}))
     return lines
 
 
@@ -141,7 +147,7 @@ def _same_views(ours: Engine, theirs: Engine) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=steps, policy=st.sampled_from(sorted(POLICIES)))
 def test_accounts_worked_out_from_their_origins_decide_and_show_the_same(
-        plan: list[tuple[float, list[tuple[Any, ...]]]], policy: str) -> None:
+        plan: list[tuple[float, list[tuple[Any, ...]], float | None]], policy: str) -> None:
     lines = _timeline(plan)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.jsonl"
@@ -184,3 +190,35 @@ def test_most_accounts_of_a_replayed_session_have_an_origin() -> None:
                 assert account.model_dump(exclude={"updated_at", "balance", "realized_pnl",
                                                    "unrealized_pnl"}) == origin.model_dump(
                     exclude={"updated_at", "balance", "realized_pnl", "unrealized_pnl"})
+
+
+def test_pairs_of_a_tick_that_failed_before_them_are_not_taken_as_standing() -> None:
+    """A tick fails while taking the leader's stop orders (a stop on a symbol the catalog does
+    not know) after its accounts were taken in. The next tick's accounts are that tick's with
+    only their money moved, origins and all: its pairs are made again, and it fails the same
+    way, as the reference path does, instead of going on with the pairs of the tick before."""
+    def stop(symbol: str, price: float, id_: str) -> dict[str, Any]:
+        return {"id": id_, "instrument": symbol, "side": "sell", "qty": 1, "type": "stop",
+                "stop_price": price, "status": "working"}
+
+    held = [{"instrument": "NQH6", "qty": 1, "avg_price": 18000.0,
+             "opened_at": START.isoformat()}]
+
+    def line(t: int, orders: list[dict[str, Any]]) -> Snapshot:
+        return Snapshot.model_validate({"time": (START + timedelta(seconds=t)).isoformat(),
+                                        "accounts": [{"id": "L", "role": "leader",
+                                                      "positions": held, "orders": orders},
+                                                     {"id": "F1", "role": "follower",
+                                                      "positions": held}]})
+
+    first = line(1, [stop("NQH6", 17950.0, "a")])
+    failing = line(2, [stop("XYZH6", 1.0, "x"), stop("NQH6", 17900.0, "b")])
+    moved = Snapshot.model_validate({**failing.model_dump(), "time": START + timedelta(seconds=3),
+                                     "accounts": [a.model_copy(update={"balance": 10.0})
+                                                  for a in failing.accounts]})
+    for engine, origins in ((Engine(DESYNC), list(failing.accounts)),
+                            (Engine(DESYNC, reuse=False), None)):
+        engine.evaluate(first)
+        for snapshot, vouched in ((failing, None), (moved, origins)):
+            with pytest.raises(InstrumentError):
+                engine.evaluate(snapshot, origins=vouched)

@@ -154,6 +154,12 @@ class Engine:
         self._hedge_marks: list[str] | None = None
         self._clock = Clock()  # this tick's time, which position views' ages follow
         self._pair_sets: dict[str, _PairSet] = {}  # follower -> its pair targets, last tick
+        # the pair targets of the last tick (in order), and the infos they were made from: while
+        # every account of a tick is one of those, with only its time and money moved
+        # (`_accounts`' origins), so are the pairs, and they are refreshed as they are
+        self._pair_list: list[_Target] = []
+        self._pairs_infos: dict[str, _AccountInfo] | None = None
+        self._pairs_stand = False  # this tick's pairs are the last tick's (_accounts says)
         self._entries_unchecked = False  # entries taken in from outside a tick (journal)
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
@@ -324,6 +330,7 @@ class Engine:
         self._cleaned = {}  # the restored tables may hold any target's keys
         self._tables = {}  # and are new dicts
         self._runs = {}  # (their targets are all new: none would be run again anyway)
+        self._pairs_infos = None  # and the pair sets are rebuilt
         self._entries_unchecked = True  # and the restored entries' pairs may be gone
         # the pair sets stay: none is reused (they were built from facts just dropped), and a
         # tick without pair rules (pre_session) still reads the follower's trades from them
@@ -360,6 +367,7 @@ class Engine:
         reuse, trading_day, links = self.reuse, self._trading_day, self._links
         old_infos = self._infos if reuse else {}
         used: list[PositionFacts] = []  # every account's, an id that repeats included
+        moved = 0  # accounts worked out from their origins
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_infos) == len(snapshot.accounts)
         try:
@@ -383,6 +391,7 @@ class Engine:
                     used.append(facts)
                     infos[account_id] = info
                     view.stale, view.reachable, view.data_age = stale, reachable, age
+                    moved += 1
                 else:
                     firm = a["firm"]
                     positions, orders = a["positions"], a["orders"]
@@ -506,6 +515,10 @@ class Engine:
             self._infos, self._hedge_marks, self._locks_shown = {}, None, False
             raise
         self._locks_shown = bool(lock_states)
+        # every account last tick's with only its time and money moved, each id once, none
+        # gone, and the last tick's pairs made from last tick's infos: they stand
+        self._pairs_stand = moved == len(infos) == len(old_infos) == len(snapshot.accounts) \
+            and self._pairs_infos is old_infos
         if reuse:
             self._infos = infos
         # first-seen keys no facts use any more are dropped: only when some facts are new (or
@@ -612,12 +625,51 @@ class Engine:
 
     def _pair_targets(self, snapshot: Snapshot, infos: dict[str, _AccountInfo],
                       now: datetime) -> list[_Target]:
-        leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
         quotes = self._quotes(snapshot)
+        self._clock.now = now  # what the ages of the position views follow
+        if self._pairs_stand and not self._entries_unchecked:
+            # every account is last tick's with only its time and money moved: so are the
+            # pairs (their facts, leaders, ratios and the leaders' orders)
+            targets = self._pair_list
+            reused = [(infos[follower_id].account, pairs)
+                      for follower_id, pairs in self._pair_sets.items()]
+        else:
+            targets, reused = self._pair_sets_of(infos, now, quotes)
+        # the reused targets' time, quote, account and entry action, refreshed (new ones were
+        # made with them)
+        entries = self._entries
+        for follower, pairs in reused:
+            for target in pairs.targets:
+                env = target.env
+                env.now = now
+                # env.leader, env.follower: the same families' views, their ages following
+                # the engine's clock (PositionView)
+                symbol = target.quote_symbol
+                env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
+                target.account = follower
+                if entries:
+                    pair_key = target.key
+                    entry = entries.get(pair_key)
+                    if entry is not None and entry[0] != target.trade:
+                        del entries[pair_key]
+                        entry = None
+                    env.pair.entry_action = entry[1] if entry else ""
+                else:
+                    env.pair.entry_action = ""
+        self._pair_list, self._pairs_infos = targets, infos
+        return targets
+
+    def _pair_sets_of(self, infos: dict[str, _AccountInfo], now: datetime,
+                      quotes: dict[str, QuoteView]) -> tuple[list[_Target],
+                                                              list[tuple[Account, _PairSet]]]:
+        """Each follower's pair targets (one per instrument family either it or its leader
+        holds), in the infos' order; and the followers whose targets are last tick's, reused
+        (their time, quote and entry action still to refresh: `_pair_targets`)."""
+        leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
         targets: list[_Target] = []
+        reused: list[tuple[Account, _PairSet]] = []
         params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
         catalog, entries, clock = self.catalog, self._entries, self._clock
-        clock.now = now  # what the ages of the position views (built here) follow
         # a follower's pair targets of the last tick, reused (their time, quote and episode
         # fields refreshed) while its and its leader's positions are the same; this tick's
         # are kept (the reference path too: `_record` reads their trades)
@@ -656,23 +708,7 @@ class Engine:
                         target.stop_price = stops[family] if family in stops else \
                             orders.stop(family, catalog)  # type: ignore[arg-type]
                     pairs.orders = orders  # only once all are taken (a symbol may raise)
-                for target in pairs.targets:
-                    env = target.env
-                    env.now = now
-                    # env.leader, env.follower: the same families' views, their ages following
-                    # the engine's clock (PositionView)
-                    symbol = target.quote_symbol
-                    env.quote = quotes.get(symbol) or MissingQuote(symbol)  # type: ignore[arg-type]
-                    target.account = follower
-                    if entries:
-                        pair_key = target.key
-                        entry = entries.get(pair_key)
-                        if entry is not None and entry[0] != target.trade:
-                            del entries[pair_key]
-                            entry = None
-                        env.pair.entry_action = entry[1] if entry else ""
-                    else:
-                        env.pair.entry_action = ""
+                reused.append((follower, pairs))
                 targets.extend(pairs.targets)
                 continue
             rebuilt = True
@@ -731,7 +767,7 @@ class Engine:
                 del entries[key]
         self._entries_unchecked = False
         self._pair_sets = new_sets
-        return targets
+        return targets, reused
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
         """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""
