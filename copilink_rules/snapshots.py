@@ -344,41 +344,67 @@ def iter_timeline_origins(path: str | Path, catalog: Catalog | None = None, *,
             yield snapshot, origins
 
 
+_READ_LIMIT = MAX_LINE_BYTES + 2  # a line of the limit, and its \r\n
+_LONE_CR = re.compile(rb"\r(?!\n)")  # a \r that ends a line by itself
+
+
 def _timeline_lines(handle: IO[bytes], file: str) -> Iterator[tuple[int, bytes | str]]:
     """Each line of a timeline and its number, its line end included: as bytes when it is
-    ASCII and ends as most do (`\n`, `\r\n`, or the end of the file), which msgspec reads
-    without a str made first; else as text. A line ends at `\n`, `\r\n` or a lone `\r`, as
-    Python reads text. SnapshotError for a line longer than MAX_LINE_BYTES (read no further)
-    and for one that is not UTF-8."""
+    ASCII (msgspec reads them without a str made first), else as text. A line ends at `\n`,
+    `\r\n` or a lone `\r`, as Python reads text. SnapshotError for a line longer than
+    MAX_LINE_BYTES (read no further than twice that) and for one that is not UTF-8, each
+    with its own line number."""
     number = 0
+    carry = b""  # the start of a line that goes on past what was read (after a lone \r)
     while True:
         try:
-            raw = handle.readline(MAX_LINE_BYTES + 1)
+            part = handle.readline(_READ_LIMIT)
         except OSError as exc:
             raise SnapshotError([Problem(file, number + 1, f"cannot read: {exc.strerror}")]) \
                 from None
+        # up to a \n or the end of the file; else the limit was reached and the line goes on
+        ended = part.endswith(b"\n") or len(part) < _READ_LIMIT
+        cr = part.find(b"\r")  # most lines: one line, whole (no \r but in their \r\n)
+        if not carry and ended and (cr < 0 or (cr == len(part) - 2 and part.endswith(b"\r\n"))):
+            if not part:
+                return
+            number += 1
+            yield number, _line(part, file, number)
+            continue
+        raw = carry + part
         if not raw:
             return
-        number += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            raise SnapshotError([Problem(file, number, "line longer than "
-                                         f"{MAX_LINE_BYTES / 2**20:g} MiB")])
-        if raw.isascii() and (b"\r" not in raw or (
-                raw.endswith(b"\r\n") and b"\r" not in raw[:-2])):
-            yield number, raw
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise SnapshotError([Problem(file, number, "not UTF-8 text")]) from None
-        # a lone \r ends a line too (a \r\n is never cut in two: a line is read up to \n)
-        pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        if len(pieces) > 1 and pieces[-1] == "":
-            pieces.pop()  # what followed the line's own end: nothing
-        for piece in pieces[:-1]:
-            yield number, piece
+        # a \r at the end of what was read may be the start of a \r\n: kept whole
+        body = raw[:-1] if not ended and raw.endswith(b"\r") else raw
+        pieces = _LONE_CR.split(body)
+        pieces[-1] += raw[len(body):]
+        if not ended:
+            carry = pieces.pop()  # goes on in what is read next
+        else:
+            carry = b""
+            if len(pieces) > 1 and not pieces[-1]:
+                pieces.pop()  # after a lone \r at the end of the file: no line
+        for piece in pieces:
             number += 1
-        yield number, pieces[-1]
+            yield number, _line(piece, file, number)
+        if len(carry) - carry.endswith(b"\r") > MAX_LINE_BYTES:
+            raise SnapshotError([Problem(file, number + 1, "line longer than "
+                                         f"{MAX_LINE_BYTES / 2**20:g} MiB")])
+
+
+def _line(piece: bytes, file: str, number: int) -> bytes | str:
+    """One line read whole (its end, if any, `\n` or `\r\n`, still on it): itself when it is
+    ASCII, else its text; SnapshotError when it is too long or not UTF-8."""
+    if len(piece) - (2 if piece.endswith(b"\r\n") else piece.endswith(b"\n")) > \
+            MAX_LINE_BYTES:
+        raise SnapshotError([Problem(file, number, "line longer than "
+                                     f"{MAX_LINE_BYTES / 2**20:g} MiB")])
+    if piece.isascii():
+        return piece
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SnapshotError([Problem(file, number, "not UTF-8 text")]) from None
 
 
 _NOT_A_TIMELINE = ("a timeline is JSON Lines (.jsonl): one snapshot per line; for one "

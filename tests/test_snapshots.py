@@ -355,6 +355,47 @@ def test_a_line_that_is_not_utf8_is_reported_on_its_own_line(tmp_path: Path, bad
     assert error == f"FILE:{where}: not UTF-8 text"
 
 
+def test_a_bad_byte_among_lone_carriage_returns_is_reported_on_its_own_line(
+        tmp_path: Path) -> None:
+    """Found by a review: lines ended by a lone \\r, read up to a \\n (none here), were
+    decoded together, so the bad byte of line 2 was reported on line 1 and line 1 was lost."""
+    one, two = _clean_lines(2)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(one + b"\r# caf\xe9\r" + two + b"\r")
+    read, error = _read_both(path)
+    assert len(read) == 1
+    assert error == "FILE:2: not UTF-8 text"
+
+
+def test_lone_carriage_returns_part_lines_in_a_file_over_the_line_limit(tmp_path: Path) -> None:
+    """Found by a review: more than 16 MiB of short lines ended by lone \\r (and no \\n) was
+    refused as one line too long; each is a line of its own, as when reading text."""
+    one, two = _clean_lines(2)
+    comment = b"# " + b"x" * 998
+    path = tmp_path / "t.jsonl"
+    with path.open("wb") as handle:
+        handle.write(one + b"\r")
+        for _ in range(MAX_LINE_BYTES // len(comment) + 100):
+            handle.write(comment + b"\r")
+        handle.write(two + b"\r")
+    assert path.stat().st_size > MAX_LINE_BYTES
+    read, error = _read_both(path)
+    assert error is None
+    assert len(read) == 2
+
+
+def test_a_line_of_exactly_the_limit_ended_by_crlf_is_read(tmp_path: Path) -> None:
+    """Found by a review: its \\r\\n took it over the limit; the limit is the line's, not
+    its end's."""
+    one, two = _clean_lines(2)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(one + b" " * (MAX_LINE_BYTES - len(one)) + b"\r\n" + two + b"\r\n")
+    assert len(load_timeline(path)) == 2
+    path.write_bytes(one + b" " * (MAX_LINE_BYTES - len(one) + 1) + b"\r\n" + two + b"\r\n")
+    read, error = _read_both(path)
+    assert (read, error) == ([], "FILE:1: line longer than 16 MiB")
+
+
 def test_unicode_in_a_line_and_unicode_space_around_it_read_as_text(tmp_path: Path) -> None:
     """An id in UTF-8, a line wrapped in characters Python strips from text (U+001C, U+00A0)
     but JSON does not allow, and a line of them alone (blank): read as the strict path reads
