@@ -394,6 +394,16 @@ CLOCK_IN_MESSAGES = """
     """
 
 
+# around New York's change to summer time (2:00 on Sunday 8 March 2026) and on a Friday evening:
+# each tick's time, and whether the account holds a position then
+_HELD = [pos("NQH6", 1)]
+DST_TICKS = [(datetime(2026, 3, 8, 6, 30, tzinfo=UTC), _HELD),  # 01:30 EST, Sunday (6)
+             (datetime(2026, 3, 8, 6, 31, tzinfo=UTC), []),
+             (datetime(2026, 3, 8, 7, 30, tzinfo=UTC), _HELD),  # 03:30 EDT
+             (datetime(2026, 3, 13, 21, 0, tzinfo=UTC), []),
+             (datetime(2026, 3, 13, 21, 1, tzinfo=UTC), _HELD)]  # 17:01 EDT, Friday (4)
+
+
 def test_a_message_reads_the_local_clock_of_its_own_tick(policy_of: Any) -> None:
     """`holds` reads no clock in its condition, so its targets' environments get the local
     time only when it fires (for its message): across New York's change to summer time
@@ -404,12 +414,7 @@ def test_a_message_reads_the_local_clock_of_its_own_tick(policy_of: Any) -> None
     assert [g.clock for g in engine._groups["session"]] == [True]  # one group: both rules
     split = Engine(policy_of(CLOCK_IN_MESSAGES.replace("weekday == 4 and ", "")))
     assert [g.clock for g in split._groups["session"]] == [False]
-    held = [pos("NQH6", 1)]
-    ticks = [(datetime(2026, 3, 8, 6, 30, tzinfo=UTC), held),  # 01:30 EST, Sunday (6)
-             (datetime(2026, 3, 8, 6, 31, tzinfo=UTC), []),
-             (datetime(2026, 3, 8, 7, 30, tzinfo=UTC), held),  # 03:30 EDT
-             (datetime(2026, 3, 13, 21, 0, tzinfo=UTC), []),
-             (datetime(2026, 3, 13, 21, 1, tzinfo=UTC), held)]  # 17:01 EDT, Friday (4)
+    ticks = DST_TICKS
     for one in (engine, split):
         messages = [d.args["message"] for moment, positions in ticks
                     for d in one.evaluate(snap(moment, account("LEAD", "leader"),
@@ -422,15 +427,20 @@ def test_a_message_reads_the_local_clock_of_its_own_tick(policy_of: Any) -> None
 
 # --- view fields stored only while they can change ----------------------------------------------
 
-LOCK_SEEN = """
-    ruleset: locks-seen
-    rules:
-      - id: sees-lock
-        when: account.locked
-        cooldown: 0s
-        then:
-          - alert: {message: "{account.id} is {account.lock}"}
-    """
+def _seeing(rule: str, when: str, message: str) -> str:
+    """A rule set of one rule, alerting with `message` each time `when` turns true."""
+    return f"""
+        ruleset: {rule}s
+        rules:
+          - id: {rule}
+            when: {when}
+            cooldown: 0s
+            then:
+              - alert: {{message: "{message}"}}
+        """
+
+
+LOCK_SEEN = _seeing("sees-lock", "account.locked", "{account.id} is {account.lock}")
 
 
 def test_a_lock_placed_between_ticks_shows_and_its_end_clears_the_view(policy_of: Any) -> None:
@@ -583,15 +593,8 @@ def test_an_account_that_moves_to_another_firm_runs_that_firms_rules_at_once() -
     assert fired[3:] == [[], [], []]
 
 
-HEDGE_SEEN = """
-    ruleset: hedges-seen
-    rules:
-      - id: sees-hedge
-        when: account.hedged
-        cooldown: 0s
-        then:
-          - alert: {message: "{account.id} is hedged with {account.hedged_with}"}
-    """
+HEDGE_SEEN = _seeing("sees-hedge", "account.hedged",
+                     "{account.id} is hedged with {account.hedged_with}")
 
 
 def test_hedge_marks_stand_while_nothing_moves_and_go_when_a_side_does(policy_of: Any) -> None:
@@ -649,12 +652,7 @@ def test_a_subset_that_reads_no_clock_still_shows_its_own_ticks_time(policy_of: 
     engine = Engine(policy_of(CLOCK_BY_FIRM))
     group, = engine._groups["session"]
     assert group.clock
-    held = [pos("NQH6", 1)]
-    ticks = [(datetime(2026, 3, 8, 6, 30, tzinfo=UTC), held),  # 01:30 EST, Sunday (6)
-             (datetime(2026, 3, 8, 6, 31, tzinfo=UTC), []),
-             (datetime(2026, 3, 8, 7, 30, tzinfo=UTC), held),  # 03:30 EDT
-             (datetime(2026, 3, 13, 21, 0, tzinfo=UTC), []),
-             (datetime(2026, 3, 13, 21, 1, tzinfo=UTC), held)]  # 17:01 EDT, Friday (4)
+    ticks = DST_TICKS
     snapshots = [snap(moment, account("LEAD", "leader"), account("A1", firm="a", positions=p),
                       account("B1", firm="b", positions=p)) for moment, p in ticks]
     seen = _side_by_side(engine.policy, snapshots)
