@@ -177,7 +177,12 @@ class Engine:
         """Decisions for one snapshot. `as_if_held` treats every true condition as having held
         for its `for` (a single snapshot has no history: dry-run and check). `blocked` says
         why no order may go out now (the kill switch, say): order decisions are then held as
-        for an unreachable account — reported once, proposed again once the block lifts."""
+        for an unreachable account — reported once, proposed again once the block lifts.
+        `origins` (a reader's `FastReader.origins` for this snapshot) names, for each of its
+        accounts, the account of the snapshot before that it differs from only in its time and
+        money: for an account whose origin is the very one this engine evaluated last tick
+        under that id, only its time and money are worked out again. Decisions are the same
+        with or without."""
         now = snapshot.time.astimezone(UTC)
         if self.last_time is not None and now < self.last_time:
             raise StateError(f"snapshot time {now.isoformat()} is earlier than the previous "
@@ -368,6 +373,8 @@ class Engine:
         old_infos = self._infos if reuse else {}
         used: list[PositionFacts] = []  # every account's, an id that repeats included
         moved = 0  # accounts worked out from their origins
+        if origins is not None and len(origins) != len(snapshot.accounts):
+            origins = None  # not this snapshot's: none taken
         # every account the same as last tick (positions, firm), none new, none gone?
         same = len(old_infos) == len(snapshot.accounts)
         try:
