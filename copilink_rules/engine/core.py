@@ -890,6 +890,7 @@ class Engine:
         known = group.known_subsets  # what `subset` found already, looked up without a call
         kinds: list[tuple[str, str, str | None] | None] = []
         steps = []
+        whole_batch = None  # the whole group's batch, compiled when a target first needs it
         for index, target in enumerate(targets):
             sub: _Subset | None = whole
             if filtered and (account := target.account) is not None:
@@ -905,7 +906,12 @@ class Engine:
                     sub = _Subset(group.batch, allowed, group.clock) if allowed else None
             kinds.append(target.kind)
             if sub is not None:
-                batch = group.compiled_whole() if sub is whole else sub.batch
+                if sub is not whole:
+                    batch = sub.batch
+                elif whole_batch is None:
+                    batch = whole_batch = group.compiled_whole()
+                else:
+                    batch = whole_batch
                 steps.append((index, target, target.env, target.key, batch, sub.allowed,
                               sub.clock))
         run = _Run(kinds, steps)
