@@ -152,6 +152,11 @@ def count(kind: str, accounts: int, ticks: int, made: int,
     return int(found.group(1)), result.stdout
 
 
+# the rows that count an engine tick, and those that count a line (read, built, replayed)
+TICK_ROWS = frozenset({"shipped", "shipped-steady", "shipped-live", "shipped-cycle", "synthetic"})
+LINE_ROWS = frozenset({"read", "build", "replay", "replay-apex"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rules", default="shipped-steady,shipped",
@@ -160,8 +165,8 @@ def main() -> None:
                         "replay, replay-apex (above)")
     parser.add_argument("--accounts", default="100", help="comma-separated account counts")
     parser.add_argument("--ticks", type=int, default=16,
-                        help="timed ticks (at most 48; lines or snapshots for read, build and "
-                        "replay: at most 1000)")
+                        help="timed ticks (at most 48; lines or snapshots for read, build, "
+                        "replay and replay-apex: at most 1000)")
     parser.add_argument("--at", default="",
                         help="shipped-cycle only: comma-separated ticks of the cycle (0 = its "
                         "first, when the leaders enter again) to count alone, each in its own "
@@ -175,12 +180,11 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions.py needs valgrind (apt install valgrind)")
     kinds = [k.strip() for k in args.rules.split(",") if k.strip()]
-    most = 1000 if set(kinds) <= {"read", "build", "replay", "replay-apex"} else 48
+    most = 1000 if set(kinds) <= LINE_ROWS else 48
     if not 1 <= args.ticks <= most:
         raise SystemExit(f"--ticks must be between 1 and {most}"
                          + (" (48 for the tick rows)" if most == 48 else ""))
-    unknown = sorted(set(kinds) - {"shipped", "shipped-steady", "shipped-live", "shipped-cycle",
-                                   "synthetic", "read", "build", "replay", "replay-apex"})
+    unknown = sorted(set(kinds) - TICK_ROWS - LINE_ROWS)
     if unknown:
         raise SystemExit(f"unknown --rules {', '.join(unknown)}: use shipped, shipped-steady, "
                          "shipped-live, shipped-cycle, synthetic, read, build, replay or "

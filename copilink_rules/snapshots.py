@@ -388,8 +388,7 @@ def _timeline_lines(handle: IO[bytes], file: str) -> Iterator[tuple[int, bytes |
             number += 1
             yield number, _line(piece, file, number)
         if len(carry) - carry.endswith(b"\r") > MAX_LINE_BYTES:
-            raise SnapshotError([Problem(file, number + 1, "line longer than "
-                                         f"{MAX_LINE_BYTES / 2**20:g} MiB")])
+            raise _too_long(file, number + 1)
 
 
 def _line(piece: bytes, file: str, number: int) -> bytes | str:
@@ -397,14 +396,18 @@ def _line(piece: bytes, file: str, number: int) -> bytes | str:
     ASCII, else its text; SnapshotError when it is too long or not UTF-8."""
     if len(piece) - (2 if piece.endswith(b"\r\n") else piece.endswith(b"\n")) > \
             MAX_LINE_BYTES:
-        raise SnapshotError([Problem(file, number, "line longer than "
-                                     f"{MAX_LINE_BYTES / 2**20:g} MiB")])
+        raise _too_long(file, number)
     if piece.isascii():
         return piece
     try:
         return piece.decode("utf-8")
     except UnicodeDecodeError:
         raise SnapshotError([Problem(file, number, "not UTF-8 text")]) from None
+
+
+def _too_long(file: str, number: int) -> SnapshotError:
+    return SnapshotError([Problem(file, number,
+                                  f"line longer than {MAX_LINE_BYTES / 2**20:g} MiB")])
 
 
 _NOT_A_TIMELINE = ("a timeline is JSON Lines (.jsonl): one snapshot per line; for one "

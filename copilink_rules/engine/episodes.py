@@ -94,19 +94,16 @@ class _Group:
             found = self._by_mask[full] = _Subset(self._first_whole, full, self.clock)
         return found
 
-    def compiled_whole(self) -> Callable[[Env], int]:
-        """`whole()`'s batch, compiled now if it was not yet."""
-        batch = self.whole().batch
-        return self._compile_whole() if batch == self._first_whole else batch
-
     def _first_whole(self, env: Env) -> int:
         """`whole()`'s batch on its first call: compiled, put in its place, then called."""
-        return self._compile_whole()(env)
+        return self.compiled_whole()(env)
 
-    def _compile_whole(self) -> Callable[[Env], int]:
-        """`whole()`'s batch compiled (once) and put in its place."""
-        batch = self.whole().batch = self.batch
-        return batch
+    def compiled_whole(self) -> Callable[[Env], int]:
+        """`whole()`'s batch, compiled now (and put in its place) if it was not yet."""
+        whole = self.whole()
+        if whole.batch == self._first_whole:
+            whole.batch = self.batch
+        return whole.batch
 
     def prepare(self, accounts: Iterable[Account]) -> None:
         """Compile now what evaluating these accounts will need, which a tick otherwise
@@ -115,7 +112,7 @@ class _Group:
             for account in accounts:
                 self.subset(account_kind(account), account)
         else:  # every target runs the whole group
-            self._compile_whole()
+            self.compiled_whole()
 
     @property
     def known_subsets(self) -> dict[tuple[str, str, str | None], _Subset | None]:
