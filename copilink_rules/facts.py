@@ -254,6 +254,23 @@ def derive_positions(account_id: str, firm: str | None, positions: tuple[Positio
                          micros, undeclared, seen, families.keys())
 
 
+def same_sides(a: PositionFacts, b: PositionFacts) -> bool:
+    """Do two accounts' facts hold the same sides of the same families at the same firm? That
+    is all an account's hedges follow from (`engine.targets._mark_hedges`): while every
+    account's facts say the same sides, the last tick's hedge marks stand, whatever else moved
+    (a quantity, a price, when a position opened)."""
+    if a.firm != b.firm:
+        return False
+    ours, theirs = a.families, b.families
+    if len(ours) != len(theirs):
+        return False
+    for name, family in ours.items():
+        other = theirs.get(name)
+        if other is None or (family.equiv > 0) != (other.equiv > 0):
+            return False
+    return True
+
+
 @dataclass(slots=True)
 class OrderFacts:
     """What an account's orders say: how many are working, and (for a leader) the protective

@@ -31,7 +31,7 @@ from .conftest import REPO, account, at, pos, snap
 from .test_engine_fuzz import CALENDAR
 from .test_engine_fuzz import POLICY as FUZZ_POLICY
 from .test_expressions import env
-from .test_facts import DESYNC, both
+from .test_facts import DESYNC, both, seen
 
 # --- tier() -----------------------------------------------------------------------------------
 
@@ -663,3 +663,105 @@ def test_a_subset_that_reads_no_clock_still_shows_its_own_ticks_time(policy_of: 
     engine.evaluate(snapshots[0])
     subsets = {kind[2]: sub for kind, sub in group.known_subsets.items() if sub is not None}
     assert (subsets["a"].clock, subsets["b"].clock) == (True, False)
+
+
+# --- pair targets stored into while the pairs are the same --------------------------------------
+
+
+def test_pair_targets_are_stored_into_while_leader_ratio_and_families_stay() -> None:
+    """F1's pair target in NQ is one object while its positions and its leader's change (a
+    partial exit, the leader flat, then short: a new trade; micros added to the family) and a
+    new one once ES joins its families; every tick decides, and shows the rules, what an
+    engine deriving everything anew does."""
+    stop = {"id": "s1", "instrument": "NQH6", "side": "sell", "qty": 2, "type": "stop",
+            "stop_price": 17950.0}
+
+    def tick(t: int, lead: list[dict[str, Any]], f1: list[dict[str, Any]],
+             orders: list[dict[str, Any]] | None = None) -> Any:
+        return snap(at(t), account("LEAD", "leader", positions=lead, orders=orders or []),
+                    account("F1", positions=f1), account("F2"),
+                    quotes={"NQH6": {"bid": 18000.0, "ask": 18000.25, "last": 18000.25},
+                            "MNQH6": {"bid": 18000.0, "ask": 18000.25, "last": 18000.25},
+                            "ESH6": {"bid": 5000.0, "ask": 5000.25, "last": 5000.25}})
+
+    long2, held = [pos("NQH6", 2, opened_at=at(0))], [pos("NQH6", 1, opened_at=at(0))]
+    turned, short1 = [pos("NQH6", -2, opened_at=at(10))], [pos("NQH6", -1, opened_at=at(100))]
+    ticks = [
+        tick(0, long2, long2, [stop]),
+        *(tick(t, long2, held) for t in (1, 2, 3, 4)),  # F1 halves, the stop gone; F2 catches up
+        *(tick(t, turned, held) for t in (10, 11, 12, 13)),  # the leader turns short at once
+        *(tick(t, [], held) for t in (20, 25, 40)),  # the leader flat: F1 stuck
+        *(tick(t, short1, held) for t in (100, 101, 102, 103, 110)),  # a new trade, short
+        tick(111, short1, [*held, pos("MNQH6", 5)]),
+        tick(112, short1, [*held, pos("ESH6", 1)]),  # a family added
+        tick(113, short1, [*held, pos("ESH6", 1)]),
+    ]
+    reusing, fresh = Engine(DESYNC, calendar=CALENDAR), Engine(DESYNC, calendar=CALENDAR,
+                                                                 reuse=False)
+    nq_targets: list[Any] = []
+    said: list[list[tuple[str, str, str]]] = []
+    entries_seen: list[dict[str, Any]] = []
+    for snapshot in ticks:
+        made = [d.to_json_dict() for d in reusing.evaluate(snapshot)]
+        assert made == [d.to_json_dict() for d in fresh.evaluate(snapshot)]
+        assert reusing.save_state() == fresh.save_state()
+        nq_targets.append(next(t for t in reusing._pair_sets["F1"].targets if t.family == "NQ"))
+        entries_seen.append(dict(reusing._entries))
+        said.append(sorted((d["rule"], d["account"], d["action"]) for d in made))
+        assert seen(reusing, snapshot) == seen(fresh, snapshot)
+    assert all(t is nq_targets[0] for t in nq_targets[:18])  # stored into, never rebuilt
+    assert nq_targets[18] is not nq_targets[0]  # ES joined: built anew
+    assert nq_targets[19] is nq_targets[18]
+    fired = {(rule, who, action) for one in said for rule, who, action in one}
+    assert ("stuck-follower", "F1", "flatten") in fired
+    assert ("opposite-position", "F1", "flatten") in fired
+    # F2 missed all three trades (long, short at once, short again): one entry decision for
+    # each, the second in the pair stored into (its entry of the first trade ended)
+    entries = [(tick, rule) for tick, one in enumerate(said) for rule, who, action in one
+               if who == "F2" and rule.startswith("missed-entry") and action != "alert"]
+    assert [tick for tick, _ in entries] == [3, 8, 15]
+    first, second = (f"1@{at(0).isoformat()}", "catch_up"), (f"-1@{at(10).isoformat()}",
+                                                             "catch_up")
+    assert [e.get("F2|LEAD|NQ") for e in entries_seen[3:9]] == [first, first, None, None,
+                                                                 None, second]
+
+
+def test_hedge_marks_stand_while_sizes_move_and_are_made_again_when_a_side_turns(
+        policy_of: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hedges follow from the sides held: while quantities and opening times move and every
+    side stays, the marks stand without marking again; F2 turning long without going flat
+    first, or a family added, marks again, as an engine deriving everything anew does."""
+    from copilink_rules.engine import core
+
+    marked: list[int] = []
+    real = core._mark_hedges
+
+    def counting(infos: dict[str, Any]) -> None:
+        marked.append(len(infos))
+        real(infos)
+
+    monkeypatch.setattr(core, "_mark_hedges", counting)
+    policy = policy_of(HEDGE_SEEN)
+
+    def tick(t: int, f1: list[dict[str, Any]], f2: list[dict[str, Any]]) -> Any:
+        return snap(at(t), *(account(i, "leader" if i == "L" else "follower", firm="apex",
+                                     positions=p, **({} if i == "L" else {"leader": "L"}))
+                             for i, p in (("L", [pos("NQH6", 1)]), ("F1", f1), ("F2", f2))))
+
+    ticks = [tick(0, [pos("NQH6", 1)], [pos("NQH6", -1)]),
+             tick(1, [pos("NQH6", 3, opened_at=at(1))], [pos("NQH6", -2, opened_at=at(1))]),
+             tick(2, [pos("NQH6", 2, opened_at=at(2))], [pos("MNQH6", -7, opened_at=at(2))]),
+             tick(3, [pos("NQH6", 2, opened_at=at(2))], [pos("NQH6", 4, opened_at=at(3))]),
+             tick(4, [pos("NQH6", 2, opened_at=at(2))], [pos("NQH6", -1, opened_at=at(4))]),
+             tick(5, [pos("NQH6", 2, opened_at=at(2))],
+                  [pos("NQH6", -1, opened_at=at(4)), pos("ESH6", 1)])]
+    seen_ticks = _side_by_side(policy, ticks)
+    # one engine of the two marks at every tick (the reference path); this one only at the
+    # first, at F2's turn to long and back, and at the family added
+    assert len(marked) == 6 + 4
+    said = [sorted(reason for _, _, _, reason in one) for one in seen_ticks]
+    assert said[0] == ["F1 is hedged with F2", "F2 is hedged with F1,L", "L is hedged with F2"]
+    assert said[1:3] == [[], []]  # the same episodes go on
+    assert said[3] == []  # F2 long with the others: no hedge (the episodes end)
+    assert said[4] == ["F1 is hedged with F2", "F2 is hedged with F1,L", "L is hedged with F2"]
+    assert said[5] == []

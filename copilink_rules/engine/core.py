@@ -29,6 +29,7 @@ from copilink_rules.facts import (
     derive_positions,
     position_view,
     same_records,
+    same_sides,
     staleness,
 )
 from copilink_rules.instruments import Catalog, Instrument, default_catalog
@@ -375,8 +376,9 @@ class Engine:
         moved = 0  # accounts worked out from their origins
         if origins is not None and len(origins) != len(snapshot.accounts):
             origins = None  # not this snapshot's: none taken
-        # every account the same as last tick (positions, firm), none new, none gone?
-        same = len(old_infos) == len(snapshot.accounts)
+        # every account the same as last tick (positions, firm), none new, none gone? And
+        # (what hedges follow from) each holding the same sides of the same families?
+        same = sides_same = len(old_infos) == len(snapshot.accounts)
         try:
             for index, account in enumerate(snapshot.accounts):
                 # Hot path: read fields from the model's __dict__, several times faster than
@@ -415,6 +417,9 @@ class Engine:
                         facts = derive_positions(account_id, firm, positions, overnight,
                                                  catalog, first_seen, now)
                         same = False
+                        if sides_same and (last_facts is None or
+                                           not same_sides(facts, last_facts)):
+                            sides_same = False
                     else:  # the same again: next time, tell so by identity
                         facts = last_facts
                         facts.positions = positions
@@ -538,11 +543,12 @@ class Engine:
             for key in [k for k in first_seen if k not in seen_keys]:
                 del first_seen[key]
         if hedges:
-            # hedges follow from the accounts' firms and positions alone: while none changed,
-            # last tick's marks stand in the views (each view is last tick's, as is each
-            # account); else they are taken off the views that have them and marked again
+            # hedges follow from the sides of the families each account holds and its firm
+            # alone: while none changed, last tick's marks stand in the views (each view is
+            # last tick's, as is each account); else they are taken off the views that have
+            # them and marked again
             last_marks = self._hedge_marks
-            if last_marks is None or not same or len(infos) != len(used):
+            if last_marks is None or not sides_same or len(infos) != len(used):
                 self._hedge_marks = None
                 try:
                     for account_id in last_marks or ():
@@ -675,8 +681,8 @@ class Engine:
         leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
         targets: list[_Target] = []
         reused: list[tuple[Account, _PairSet]] = []
-        params, calendar, instrument_views = self.params, self.calendar, self._instrument_views
-        catalog, entries, clock = self.catalog, self._entries, self._clock
+        params, calendar, catalog, entries = self.params, self.calendar, self.catalog, \
+            self._entries
         # a follower's pair targets of the last tick, reused (their time, quote and episode
         # fields refreshed) while its and its leader's positions are the same; this tick's
         # are kept (the reference path too: `_record` reads their trades)
@@ -718,52 +724,37 @@ class Engine:
                 reused.append((follower, pairs))
                 targets.extend(pairs.targets)
                 continue
-            rebuilt = True
             lead_families, foll_families = leader.families, info.families
-            account_view, leader_view = info.view, leader.view
-            pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
-                                                     ratio, orders, [], [], [])
             overnight_families = info.facts.overnight_set(catalog)
             if not foll_families or foll_families.keys() == lead_families.keys():
-                families: Iterable[str] = sorted(lead_families)
+                families: list[str] = sorted(lead_families)
             elif not lead_families:
                 families = sorted(foll_families)
             else:
                 families = sorted(lead_families.keys() | foll_families.keys())
-            for family in families:
-                lead = lead_families.get(family)
-                foll = foll_families.get(family)
-                # a leader's view of a family is shared by all its followers (facts.py)
-                lead_view = position_view(lead, clock, False)
-                trade = lead.trade_label() if lead else ""
+            if pairs is not None and pairs.leader_id == leader_id and \
+                    pairs.families == families and \
+                    (pairs.ratio is ratio or (pairs.ratio == ratio and
+                                              type(pairs.ratio) is type(ratio))):
+                # the same pairs (leader, ratio, families), other positions: last tick's
+                # targets, stored into (a group then runs them as it did)
+                self._restate_pairs(pairs, info, leader, now, quotes, overnight_families)
+                new_sets[follower_id] = pairs
+                targets.extend(pairs.targets)
+                continue
+            rebuilt = True
+            pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
+                                                     ratio, orders, [], [], [], families)
+            for family in families:  # blank targets, then stored into as reused ones are
                 pair_key = f"{follower_id}|{leader_id}|{family}"
-                entry = entries.get(pair_key)
-                if entry is not None and entry[0] != trade:
-                    del entries[pair_key]
-                    entry = None
-                instrument = (lead or foll).instrument  # type: ignore[union-attr]
-                expected = (lead.equiv if lead else 0.0) * ratio
-                overnight = family in overnight_families
                 env = Env()  # the hot path: _env() inlined
-                env.params, env.now, env.calendar = params, now, calendar
+                env.params, env.calendar = params, calendar
                 env.families = (family,)
-                env.account = account_view
-                env.leader_account = leader_view
-                env.leader = lead_view
-                env.follower = position_view(foll, clock, overnight)
-                env.pair = PairView(family, ratio, expected,
-                                    entry[1] if entry else "")  # FIELDS["pair"] order
-                env.instrument = instrument_views.get(instrument.symbol) or \
-                    self._instrument_view(instrument)
-                env.quote = quotes.get(instrument.symbol) or MissingQuote(instrument.symbol)
-                symbol = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
-                catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
-                target = _Target(pair_key, follower, env, family, symbol, trade, catch_up_qty,
-                                 orders.stop(family, catalog), instrument.symbol, info.kind)
-                targets.append(target)
-                pairs.targets.append(target)
+                env.pair = PairView(family, ratio, 0.0, "")  # FIELDS["pair"] order
+                pairs.targets.append(_Target(pair_key, follower, env, family))
                 pairs.keys.append(pair_key)
-                pairs.trades.append((pair_key, family, trade))
+            self._restate_pairs(pairs, info, leader, now, quotes, overnight_families)
+            targets.extend(pairs.targets)
         # a pair that is gone (flat on both sides) ends its leader trade's entry; while every
         # follower's pair targets are last tick's (as many, none built anew), the pairs are
         # too, and each entry was recorded for one of them, unless replay_decisions took it in
@@ -775,6 +766,54 @@ class Engine:
         self._entries_unchecked = False
         self._pair_sets = new_sets
         return targets, reused
+
+    def _restate_pairs(self, pairs: _PairSet, info: _AccountInfo, leader: _AccountInfo,
+                       now: datetime, quotes: dict[str, QuoteView],
+                       overnight_families: Any) -> None:
+        """Store what a follower's and its leader's facts say into the follower's pair
+        targets, one per family (`pairs.families`): into new blank ones, or last tick's
+        while the pairs are the same (leader, ratio, families). The set takes the new facts
+        last, so that a tick cut short here leaves it to be stored into again."""
+        catalog, entries, clock = self.catalog, self._entries, self._clock
+        instrument_views = self._instrument_views
+        lead_families, foll_families = leader.families, info.families
+        follower, account_view, leader_view = info.account, info.view, leader.view
+        orders, ratio = leader.orders, pairs.ratio
+        trades = []
+        for target, family in zip(pairs.targets, pairs.families, strict=True):
+            lead = lead_families.get(family)
+            foll = foll_families.get(family)
+            trade = lead.trade_label() if lead else ""
+            pair_key = target.key
+            entry = entries.get(pair_key)
+            if entry is not None and entry[0] != trade:
+                del entries[pair_key]
+                entry = None
+            instrument = (lead or foll).instrument  # type: ignore[union-attr]
+            expected = (lead.equiv if lead else 0.0) * ratio
+            env = target.env
+            env.now = now
+            env.account = account_view
+            env.leader_account = leader_view
+            env.leader = position_view(lead, clock, False)
+            env.follower = position_view(foll, clock, family in overnight_families)
+            pair = env.pair
+            pair.expected_equiv = expected
+            pair.entry_action = entry[1] if entry else ""
+            symbol = instrument.symbol
+            env.instrument = instrument_views.get(symbol) or self._instrument_view(instrument)
+            env.quote = quotes.get(symbol) or MissingQuote(symbol)
+            target.account = follower
+            target.instrument = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
+            target.trade = trade
+            target.catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
+            target.stop_price = orders.stop(family, catalog)
+            target.quote_symbol = symbol
+            target.kind = info.kind
+            trades.append((pair_key, family, trade))
+        pairs.trades = trades
+        pairs.orders = orders
+        pairs.follower, pairs.leader = info.facts, leader.facts
 
     def _quotes(self, snapshot: Snapshot) -> dict[str, QuoteView]:
         """The snapshot's quotes by canonical symbol (NQ 03-26 and NQH6 are one quote)."""

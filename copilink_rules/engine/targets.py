@@ -39,6 +39,7 @@ class _PairSet:
     targets: list[_Target]
     keys: list[str]  # the targets' keys
     trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
+    families: list[str]  # each target's family, in the targets' order
 
 
 @dataclass(slots=True, eq=False)
