@@ -31,7 +31,8 @@ from .conftest import REPO, account, at, pos, snap
 from .test_engine_fuzz import CALENDAR
 from .test_engine_fuzz import POLICY as FUZZ_POLICY
 from .test_expressions import env
-from .test_facts import DESYNC, both, seen
+from .test_facts import DESYNC, both
+from .test_facts import seen as seen_by_rules
 
 # --- tier() -----------------------------------------------------------------------------------
 
@@ -286,7 +287,8 @@ def test_an_entry_taken_in_from_the_journal_for_a_gone_pair_is_dropped_at_the_ne
     for engine in engines:
         engine.evaluate(snap(at(0), lead, follow))
         engine.evaluate(snap(at(1), lead, follow))  # every pair target reused
-        [(key, _, trade)] = engine._pair_sets["F1"].trades
+        [target] = engine._pair_sets["F1"].targets
+        key, trade = target.key, target.trade
         assert key == "F1|LEAD|NQ"
         taken = engine.replay_decisions([
             {"action": "skip_entry", "args": {"episodes": [[key, trade]]}},
@@ -708,7 +710,7 @@ def test_pair_targets_are_stored_into_while_leader_ratio_and_families_stay() -> 
         nq_targets.append(next(t for t in reusing._pair_sets["F1"].targets if t.family == "NQ"))
         entries_seen.append(dict(reusing._entries))
         said.append(sorted((d["rule"], d["account"], d["action"]) for d in made))
-        assert seen(reusing, snapshot) == seen(fresh, snapshot)
+        assert seen_by_rules(reusing, snapshot) == seen_by_rules(fresh, snapshot)
     assert all(t is nq_targets[0] for t in nq_targets[:18])  # stored into, never rebuilt
     assert nq_targets[18] is not nq_targets[0]  # ES joined: built anew
     assert nq_targets[19] is nq_targets[18]

@@ -165,9 +165,10 @@ class Engine:
         # group (by id) -> the targets its rules' tables were last cleaned of gone targets
         # against: while a tick's are those same objects, there is nothing to clean
         self._cleaned: dict[int, list[_Target]] = {}
-        # group (by id) -> its rules' state and error tables, in bit order, and its whole subset
+        # group (by id) -> its rules' state and error tables, in bit order, its whole subset
+        # and the bits of its rules that send orders
         self._tables: dict[int, tuple[list[dict[str, _RuleState]], list[dict[str, str]],
-                                      _Subset]] = {}
+                                      _Subset, int]] = {}
         self._runs: dict[int, _Run] = {}  # group (by id) -> its run of the last tick
 
     # --- public API -------------------------------------------------------------------------
@@ -744,7 +745,7 @@ class Engine:
                 continue
             rebuilt = True
             pairs = new_sets[follower_id] = _PairSet(info.facts, leader.facts, leader_id,
-                                                     ratio, orders, [], [], [], families)
+                                                     ratio, orders, [], [], families)
             for family in families:  # blank targets, then stored into as reused ones are
                 pair_key = f"{follower_id}|{leader_id}|{family}"
                 env = Env()  # the hot path: _env() inlined
@@ -779,7 +780,6 @@ class Engine:
         lead_families, foll_families = leader.families, info.families
         follower, account_view, leader_view = info.account, info.view, leader.view
         orders, ratio = leader.orders, pairs.ratio
-        trades = []
         for target, family in zip(pairs.targets, pairs.families, strict=True):
             lead = lead_families.get(family)
             foll = foll_families.get(family)
@@ -810,8 +810,6 @@ class Engine:
             target.stop_price = orders.stop(family, catalog)
             target.quote_symbol = symbol
             target.kind = info.kind
-            trades.append((pair_key, family, trade))
-        pairs.trades = trades
         pairs.orders = orders
         pairs.follower, pairs.leader = info.facts, leader.facts
 
@@ -863,11 +861,14 @@ class Engine:
         # rules whose per-target state must be cleared when their condition is false
         tables = self._tables.get(id(group))
         if tables is None:  # the group's rules' tables, in bit order (restore_state drops
-            # them), and the subset of all its rules
-            tables = self._tables[id(group)] = ([states_of[rule.id] for _, rule in rules],
-                                                [errors_of[rule.id] for _, rule in rules],
-                                                group.whole())
-        rule_states, rule_errors, whole = tables
+            # them), the subset of all its rules, and the bits of its rules that send orders
+            # (the reference path: none, so that every proposal is built)
+            tables = self._tables[id(group)] = (
+                [states_of[rule.id] for _, rule in rules],
+                [errors_of[rule.id] for _, rule in rules], group.whole(),
+                sum(1 << i for i, (_, rule) in enumerate(rules)
+                    if rule.id in self._order_rules) if self.reuse else 0)
+        rule_states, rule_errors, whole, order_bits = tables
         tracked = [i for i, states in enumerate(rule_states) if states or rule_errors[i]] \
             if any(rule_states) or any(rule_errors) else _NONE_TRACKED
         # the group's run: which of its targets it evaluates and with which subset of its rules,
@@ -901,8 +902,12 @@ class Engine:
                 mask ^= low
                 bit = low.bit_length() - 1
                 state = rule_states[bit].get(key)
-                if state is not None and state.fired:
-                    continue  # this episode fired already (_on_true's first test, inlined)
+                if state is not None:  # _on_true's tests that end it without a change, inlined
+                    if state.fired:
+                        continue  # this episode fired already
+                    if state.held and low & order_bits and target.account is not None and \
+                            (blocked or not infos[target.kind[0]].view.reachable):
+                        continue  # its orders on hold, reported already (_on_true says more)
                 order, rule = rules[bit]
                 env.now_local, env.weekday = now_local, weekday  # its messages may read them
                 self._on_true(rule, order, target, index, now, as_if_held, proposals, infos,
@@ -1181,8 +1186,8 @@ class Engine:
             if pairs is None:
                 return
             family_of = target.family
-            episodes = [(key, trade) for key, family, trade in pairs.trades
-                        if trade and family_of in (None, family)]
+            episodes = [(t.key, t.trade) for t in pairs.targets
+                        if t.trade and family_of in (None, t.family)]
         else:
             return
         for key, trade in episodes:

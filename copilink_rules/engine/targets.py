@@ -38,7 +38,6 @@ class _PairSet:
     orders: OrderFacts  # the leader's, which the targets' stop prices were taken from
     targets: list[_Target]
     keys: list[str]  # the targets' keys
-    trades: list[tuple[str, str, str]]  # (key, family, leader trade) of each target
     families: list[str]  # each target's family, in the targets' order
 
 
