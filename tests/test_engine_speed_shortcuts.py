@@ -767,3 +767,48 @@ def test_hedge_marks_stand_while_sizes_move_and_are_made_again_when_a_side_turns
     assert said[3] == []  # F2 long with the others: no hedge (the episodes end)
     assert said[4] == ["F1 is hedged with F2", "F2 is hedged with F1,L", "L is hedged with F2"]
     assert said[5] == []
+
+
+def test_a_tick_that_fails_while_pairs_are_stored_into_leaves_last_ticks_trades(
+        policy_of: Any) -> None:
+    """The leader turns short in a tick that fails on its stop order (a symbol the catalog
+    does not know) after F's pair target took the new trade: the failed tick puts it back,
+    so a pre-session flatten next (no pair targets that tick) ends F's part in the trade the
+    last good tick saw, as an engine deriving everything anew does."""
+    policy = policy_of("""
+        ruleset: pre-flat
+        rules:
+          - id: pair-alert
+            scope: pair
+            when: leader.flat and follower.flat
+            then: [{alert: {message: "x"}}]
+          - id: pre-flat
+            stage: pre_session
+            applies_to: {roles: [follower]}
+            when: not account.flat
+            then: [{flatten: {}}]
+        """)
+    bad = [{"id": "o", "instrument": "ZZZH6", "side": "sell", "qty": 1, "type": "stop",
+            "stop_price": 1.0}]
+
+    def tick(t: int, qty: int, orders: list[dict[str, Any]]) -> Any:
+        return snap(at(t), account("L", "leader", orders=orders, positions=[
+                        pos("NQH6", qty, opened_at=at(t if qty < 0 else 0))]),
+                    account("F", leader="L", positions=[pos("NQH6", 1, opened_at=at(0))]))
+
+    seen: list[list[Any]] = [[], []]
+    engines = (Engine(policy), Engine(policy, reuse=False))
+    for stage, snapshot in (("session", tick(0, 1, [])), ("session", tick(1, -1, bad)),
+                            ("pre_session", tick(2, -1, []))):
+        for out, engine in zip(seen, engines, strict=True):
+            try:
+                out.append([(d.rule, d.action, d.args.get("episodes"))
+                            for d in engine.evaluate(snapshot, stage=stage)])
+            except InstrumentError:
+                out.append("raised")
+    for out, engine in zip(seen, engines, strict=True):
+        out.append(engine.save_state()["entries"])
+    assert seen[0] == seen[1]
+    trade = f"1@{at(0).isoformat()}"  # the long, the last trade a good tick saw
+    assert seen[0][1:] == ["raised", [("pre-flat", "flatten", [["F|L|NQ", trade]])],
+                           {"F|L|NQ": [trade, "flatten"]}]

@@ -679,17 +679,46 @@ class Engine:
         """Each follower's pair targets (one per instrument family either it or its leader
         holds), in the infos' order; and the followers whose targets are last tick's, reused
         (their time, quote and entry action still to refresh: `_pair_targets`)."""
-        leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
-        targets: list[_Target] = []
-        reused: list[tuple[Account, _PairSet]] = []
-        params, calendar, catalog, entries = self.params, self.calendar, self.catalog, \
-            self._entries
+        entries = self._entries
         # a follower's pair targets of the last tick, reused (their time, quote and episode
         # fields refreshed) while its and its leader's positions are the same; this tick's
         # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
-        rebuilt = False  # some follower's pair targets built anew
+        # the leader trades that last tick's targets held before they were stored into: put
+        # back if this tick fails, as if it had not begun (a tick without pair targets reads
+        # the last tick's trades: `_record`)
+        undo: list[tuple[_Target, str | None]] = []
+        try:
+            targets, reused, rebuilt = self._pair_sets_loop(
+                infos, now, quotes, old_sets, new_sets, undo)
+        except BaseException:
+            for target, trade in reversed(undo):
+                target.trade = trade
+            raise
+        # a pair that is gone (flat on both sides) ends its leader trade's entry; while every
+        # follower's pair targets are last tick's (as many, none built anew), the pairs are
+        # too, and each entry was recorded for one of them, unless replay_decisions took it in
+        if entries and (rebuilt or len(new_sets) != len(self._pair_sets) or
+                        self._entries_unchecked):
+            live = {key for pairs in new_sets.values() for key in pairs.keys}
+            for key in [k for k in entries if k not in live]:
+                del entries[key]
+        self._entries_unchecked = False
+        self._pair_sets = new_sets
+        return targets, reused
+
+    def _pair_sets_loop(self, infos: dict[str, _AccountInfo], now: datetime,
+                        quotes: dict[str, QuoteView], old_sets: dict[str, _PairSet],
+                        new_sets: dict[str, _PairSet], undo: list[tuple[_Target, str | None]]
+                        ) -> tuple[list[_Target], list[tuple[Account, _PairSet]], bool]:
+        """`_pair_sets_of`'s work: each follower's pair set into `new_sets`; the targets, the
+        reused sets, and whether some set was built anew."""
+        leaders: list[_AccountInfo] | None = None  # found when a follower names no leader
+        targets: list[_Target] = []
+        reused: list[tuple[Account, _PairSet]] = []
+        params, calendar, catalog = self.params, self.calendar, self.catalog
+        rebuilt = False
         for info in infos.values():
             follower = info.account
             f = follower.__dict__  # hot path: see _accounts
@@ -739,7 +768,7 @@ class Engine:
                                               type(pairs.ratio) is type(ratio))):
                 # the same pairs (leader, ratio, families), other positions: last tick's
                 # targets, stored into (a group then runs them as it did)
-                self._restate_pairs(pairs, info, leader, now, quotes, overnight_families)
+                self._restate_pairs(pairs, info, leader, now, quotes, overnight_families, undo)
                 new_sets[follower_id] = pairs
                 targets.extend(pairs.targets)
                 continue
@@ -754,27 +783,19 @@ class Engine:
                 env.pair = PairView(family, ratio, 0.0, "")  # FIELDS["pair"] order
                 pairs.targets.append(_Target(pair_key, follower, env, family))
                 pairs.keys.append(pair_key)
-            self._restate_pairs(pairs, info, leader, now, quotes, overnight_families)
+            self._restate_pairs(pairs, info, leader, now, quotes, overnight_families, None)
             targets.extend(pairs.targets)
-        # a pair that is gone (flat on both sides) ends its leader trade's entry; while every
-        # follower's pair targets are last tick's (as many, none built anew), the pairs are
-        # too, and each entry was recorded for one of them, unless replay_decisions took it in
-        if entries and (rebuilt or len(new_sets) != len(self._pair_sets) or
-                        self._entries_unchecked):
-            live = {key for pairs in new_sets.values() for key in pairs.keys}
-            for key in [k for k in entries if k not in live]:
-                del entries[key]
-        self._entries_unchecked = False
-        self._pair_sets = new_sets
-        return targets, reused
+        return targets, reused, rebuilt
 
     def _restate_pairs(self, pairs: _PairSet, info: _AccountInfo, leader: _AccountInfo,
                        now: datetime, quotes: dict[str, QuoteView],
-                       overnight_families: Any) -> None:
+                       overnight_families: Any,
+                       undo: list[tuple[_Target, str | None]] | None) -> None:
         """Store what a follower's and its leader's facts say into the follower's pair
         targets, one per family (`pairs.families`): into new blank ones, or last tick's
         while the pairs are the same (leader, ratio, families). The set takes the new facts
-        last, so that a tick cut short here leaves it to be stored into again."""
+        last, so that a tick cut short here leaves it to be stored into again; each trade it
+        replaces goes to `undo` (last tick's targets), to be put back if the tick fails."""
         catalog, entries, clock = self.catalog, self._entries, self._clock
         instrument_views = self._instrument_views
         lead_families, foll_families = leader.families, info.families
@@ -805,6 +826,8 @@ class Engine:
             env.quote = quotes.get(symbol) or MissingQuote(symbol)
             target.account = follower
             target.instrument = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
+            if undo is not None and trade != target.trade:
+                undo.append((target, target.trade))
             target.trade = trade
             target.catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
             target.stop_price = orders.stop(family, catalog)
