@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from copilink_rules.engine import Engine, _mark_hedges
@@ -812,3 +812,134 @@ def test_a_tick_that_fails_while_pairs_are_stored_into_leaves_last_ticks_trades(
     trade = f"1@{at(0).isoformat()}"  # the long, the last trade a good tick saw
     assert seen[0][1:] == ["raised", [("pre-flat", "flatten", [["F|L|NQ", trade]])],
                            {"F|L|NQ": [trade, "flatten"]}]
+
+
+def test_a_set_stored_into_before_the_tick_failed_is_stored_into_again_next_tick() -> None:
+    """F's pair set was stored into (the leader gone flat: no trade) before G's stop lookup
+    met a symbol the catalog does not know: the failed tick puts back F's trade and its
+    facts, so the next ticks store into it again and F's stuck-follower flatten names no
+    leader trade, as an engine deriving everything anew does."""
+    policy = load_policy([REPO / "rules" / "firms"])
+    es = [pos("ESH6", 1, 5000.0, opened_at=at(0))]
+    stops = [{"id": "s1", "instrument": "ESH6", "side": "sell", "qty": 1, "type": "stop",
+              "stop_price": 4990.0},
+             {"id": "s2", "instrument": "ZZZH6", "side": "sell", "qty": 1, "type": "stop",
+              "stop_price": 1.0}]
+
+    def tick(t: float, lead: list[Any], f: list[Any], orders: list[Any] | None = None,
+             g: bool = False) -> Any:
+        accounts = [account("L", "leader", positions=lead, orders=orders or [],
+                            updated_at=at(t).isoformat()),
+                    account("F", leader="L", positions=f, updated_at=at(t).isoformat())]
+        if g:
+            accounts.append(account("G", leader="L", positions=[pos("NQH6", 1)],
+                                    updated_at=at(t).isoformat()))
+        return snap(at(t), *accounts, quotes={s: {"bid": 1.0, "ask": 1.0, "last": 1.0}
+                                              for s in ("ESH6", "NQH6")})
+
+    seen: list[list[Any]] = [[], []]
+    engines = (Engine(policy, calendar=CALENDAR), Engine(policy, calendar=CALENDAR,
+                                                         reuse=False))
+    for snapshot in (tick(0, es, []), tick(1, [], es, stops, g=True), tick(2, [], es),
+                     tick(4.5, [], es)):
+        for out, engine in zip(seen, engines, strict=True):
+            try:
+                out.append([(d.rule, d.action, d.args.get("episodes"))
+                            for d in engine.evaluate(snapshot) if d.action != "alert"])
+            except InstrumentError:
+                out.append("raised")
+    for out, engine in zip(seen, engines, strict=True):
+        out.append(engine.save_state()["entries"])
+    assert seen[0] == seen[1]
+    assert seen[0][1:] == ["raised", [], [("stuck-follower", "flatten", None)], {}]
+
+
+# --- ticks that fail while pair targets are stored into, against the reference engine ---------
+
+_PRE_FLATTEN = """
+ruleset: pre-flatten
+timezone: America/New_York
+rules:
+  - id: pre-flat-followers
+    stage: pre_session
+    applies_to: {roles: [follower]}
+    when: not account.flat
+    then: [{flatten: {}}]
+"""
+_HOLDINGS = st.sampled_from([
+    (), (("ESH6", 1),), (("NQH6", 1),), (("NQH6", -1),), (("NQH6", 1), ("ESH6", 1)),
+    (("MNQH6", 10),), (("NQH6", 2), ("MNQH6", -20))])
+_STOP = {"ESH6": 4990.0, "NQH6": 17950.0, "ZZZH6": 1.0}  # ZZZH6: the catalog does not know it
+_tick = st.tuples(
+    st.sampled_from([0.5, 1.0, 3.0, 30.0]),  # seconds since the tick before
+    st.sampled_from(["session"] * 4 + ["pre_session"]),
+    st.lists(st.tuples(_HOLDINGS, st.integers(0, 2)), min_size=4, max_size=4),  # L, F, G, H
+    st.sampled_from([(), ("ESH6",), ("NQH6",), ("ESH6", "ZZZH6"), ("ZZZH6", "NQH6")]),
+    st.booleans(),  # G in the snapshot
+    st.booleans())  # every account holding what it held the tick before
+
+
+_NONE: tuple[tuple[str, int], ...] = ()
+_ES = (("ESH6", 1),)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ticks=st.lists(_tick, min_size=2, max_size=10))
+@example(ticks=[  # F's ES pair stored into (the leader flat), then G's NQ stop lookup fails
+    (1.0, "session", [(_ES, 0), (_NONE, 0), (_NONE, 0), (_NONE, 0)], (), False, False),
+    (1.0, "session", [(_NONE, 0), (_ES, 0), ((("NQH6", 1),), 0), (_NONE, 0)],
+     ("ESH6", "ZZZH6"), True, False),
+    (1.0, "session", [], (), False, True),  # as before, G gone: F's set as it was stored
+    (2.5, "session", [], (), False, True)])  # F stuck: its flatten names no leader trade
+def test_ticks_that_fail_midway_through_the_pairs_decide_as_the_reference(
+        tmp_path_factory: pytest.TempPathFactory,
+        ticks: list[tuple[float, str, list[tuple[tuple[tuple[str, int], ...], int]],
+                          tuple[str, ...], bool, bool]]) -> None:
+    """Leaders and followers whose positions, opening times (the leader's trade) and the
+    leader's stop orders change from tick to tick, some ticks failing in the middle of the
+    followers' pair targets (a stop on a symbol the catalog does not know, met by one
+    follower's lookup after another's targets were stored into), session and pre-session
+    ticks (whose flatten reads the last pair tick's trades): the engine that stores into last
+    tick's targets decides, saves and shows what the reference engine does."""
+    rules = tmp_path_factory.mktemp("pre") / "pre-flatten.yaml"
+    rules.write_text(_PRE_FLATTEN)
+    policy = _FIRMS_AND_PRE.setdefault("policy", load_policy([REPO / "rules" / "firms", rules]))
+    engines = (Engine(policy, calendar=CALENDAR), Engine(policy, calendar=CALENDAR,
+                                                         reuse=False))
+    moment, held_before = 0.0, None
+    for step, stage, drawn, stops, with_g, same in ticks:
+        moment += step
+        holdings = held_before if same and held_before is not None else drawn
+        held_before = holdings
+        stamp = at(moment).isoformat()
+        accounts = []
+        for (held, opened), (id_, firm) in zip(holdings, (("L", "apex"), ("F", "apex"),
+                                                          ("G", "topstep"), ("H", None)),
+                                               strict=True):
+            if id_ == "G" and not with_g:
+                continue
+            data = account(id_, "leader" if id_ == "L" else "follower", firm=firm,
+                           size=50000, balance=50000.0, updated_at=stamp,
+                           positions=[pos(s, q, opened_at=at(opened)) for s, q in held])
+            if id_ == "L":
+                data["orders"] = [{"id": f"s{i}", "instrument": s, "side": "sell", "qty": 1,
+                                   "type": "stop", "stop_price": _STOP[s]}
+                                  for i, s in enumerate(stops)]
+            else:
+                data["leader"] = "L"
+            accounts.append(data)
+        snapshot = snap(at(moment), *accounts, quotes={
+            s: {"bid": 1.0, "ask": 1.0, "last": 1.0} for s in ("ESH6", "NQH6", "MNQH6")})
+        said = []
+        for engine in engines:
+            try:
+                said.append([d.to_json_dict() for d in engine.evaluate(snapshot, stage=stage)])
+            except InstrumentError as exc:
+                said.append(str(exc))
+        assert said[0] == said[1]
+        assert engines[0].save_state() == engines[1].save_state()
+        if not isinstance(said[0], str) and stage == "session":
+            assert seen_by_rules(engines[0], snapshot) == seen_by_rules(engines[1], snapshot)
+
+
+_FIRMS_AND_PRE: dict[str, Any] = {}  # the policy, loaded once for all examples

@@ -58,7 +58,7 @@ from .state import (
     _SavedState,
     fast_saved_json,
 )
-from .targets import _AccountInfo, _mark_hedges, _PairSet, _Target
+from .targets import _AccountInfo, _mark_hedges, _PairSet, _PairsUndo, _Target
 
 DEFAULT_STALE_AFTER = 5.0
 _DECISION_FIELDS = frozenset(Decision.model_fields)  # a decision sets every one
@@ -685,16 +685,14 @@ class Engine:
         # are kept (the reference path too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
-        # the leader trades that last tick's targets held before they were stored into: put
-        # back if this tick fails, as if it had not begun (a tick without pair targets reads
-        # the last tick's trades: `_record`)
-        undo: list[tuple[_Target, str | None]] = []
+        # what this tick stores into last tick's pair sets, put back if it fails, as if it
+        # had not begun
+        undo = _PairsUndo()
         try:
             targets, reused, rebuilt = self._pair_sets_loop(
                 infos, now, quotes, old_sets, new_sets, undo)
         except BaseException:
-            for target, trade in reversed(undo):
-                target.trade = trade
+            undo.put_back()
             raise
         # a pair that is gone (flat on both sides) ends its leader trade's entry; while every
         # follower's pair targets are last tick's (as many, none built anew), the pairs are
@@ -710,7 +708,7 @@ class Engine:
 
     def _pair_sets_loop(self, infos: dict[str, _AccountInfo], now: datetime,
                         quotes: dict[str, QuoteView], old_sets: dict[str, _PairSet],
-                        new_sets: dict[str, _PairSet], undo: list[tuple[_Target, str | None]]
+                        new_sets: dict[str, _PairSet], undo: _PairsUndo
                         ) -> tuple[list[_Target], list[tuple[Account, _PairSet]], bool]:
         """`_pair_sets_of`'s work: each follower's pair set into `new_sets`; the targets, the
         reused sets, and whether some set was built anew."""
@@ -789,13 +787,12 @@ class Engine:
 
     def _restate_pairs(self, pairs: _PairSet, info: _AccountInfo, leader: _AccountInfo,
                        now: datetime, quotes: dict[str, QuoteView],
-                       overnight_families: Any,
-                       undo: list[tuple[_Target, str | None]] | None) -> None:
+                       overnight_families: Any, undo: _PairsUndo | None) -> None:
         """Store what a follower's and its leader's facts say into the follower's pair
         targets, one per family (`pairs.families`): into new blank ones, or last tick's
         while the pairs are the same (leader, ratio, families). The set takes the new facts
-        last, so that a tick cut short here leaves it to be stored into again; each trade it
-        replaces goes to `undo` (last tick's targets), to be put back if the tick fails."""
+        last, so that a tick cut short here leaves it to be stored into again; what it
+        replaces goes to `undo` (last tick's sets), to be put back if the tick fails."""
         catalog, entries, clock = self.catalog, self._entries, self._clock
         instrument_views = self._instrument_views
         lead_families, foll_families = leader.families, info.families
@@ -827,12 +824,14 @@ class Engine:
             target.account = follower
             target.instrument = foll.symbol if foll else lead.symbol  # type: ignore[union-attr]
             if undo is not None and trade != target.trade:
-                undo.append((target, target.trade))
+                undo.trades.append((target, target.trade))
             target.trade = trade
             target.catch_up_qty = contracts_for(expected, instrument.size) if lead else 0
             target.stop_price = orders.stop(family, catalog)
             target.quote_symbol = symbol
             target.kind = info.kind
+        if undo is not None:
+            undo.sets.append((pairs, pairs.follower, pairs.leader, pairs.orders))
         pairs.orders = orders
         pairs.follower, pairs.leader = info.facts, leader.facts
 

@@ -3,7 +3,7 @@ instrument family, or the whole snapshot — with the facts (facts.py) and views
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from copilink_rules.facts import Family, OrderFacts, PositionFacts
 from copilink_rules.model import Account
@@ -39,6 +39,23 @@ class _PairSet:
     targets: list[_Target]
     keys: list[str]  # the targets' keys
     families: list[str]  # each target's family, in the targets' order
+
+
+@dataclass(slots=True)
+class _PairsUndo:
+    """What a tick stored into last tick's pair sets, to put back if the tick fails before
+    its pair sets are all made: each set's facts (so that the next tick stores into it again)
+    and each target's leader trade (which a tick without pair targets reads, `_record`)."""
+
+    sets: list[tuple[_PairSet, PositionFacts, PositionFacts, OrderFacts]] = field(
+        default_factory=list)
+    trades: list[tuple[_Target, str | None]] = field(default_factory=list)
+
+    def put_back(self) -> None:
+        for target, trade in reversed(self.trades):
+            target.trade = trade
+        for pairs, follower, leader, orders in reversed(self.sets):
+            pairs.follower, pairs.leader, pairs.orders = follower, leader, orders
 
 
 @dataclass(slots=True, eq=False)
