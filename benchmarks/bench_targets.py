@@ -7,7 +7,8 @@ under a heading naming the command; then how long each took.
 
 | target (issue 10)                                   | script                              |
 |-----------------------------------------------------|-------------------------------------|
-| peer workload, full tick, within 5x hand-written    | bench_peers.py                      |
+| peer workload, full tick, within 5x hand-written    | bench_peers.py (account rules, the  |
+|                                                     | peers), bench_pairs.py (pair rules) |
 | tick, shipped rules, 100 and 1,000 accounts         | bench_tick.py (shipped, -live, -steady) |
 | replay, 100,800 snapshots x 20 accounts, < 10 s     | bench_replay.py                     |
 | detection -> command, max < 5 ms                    | bench_latency.py                    |
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 FULL: list[list[str]] = [
     ["bench_peers.py"],
+    ["bench_pairs.py"],
     ["bench_tick.py", "--rules", "shipped,shipped-steady,shipped-live", "--accounts",
      "20,100,1000", "--seconds", "4", "--gc", "run"],
     ["bench_replay.py", "--rules", "both", "--reader", "fast"],
@@ -37,6 +39,7 @@ FULL: list[list[str]] = [
 ]
 QUICK: list[list[str]] = [
     ["bench_peers.py", "--rounds", "20", "--ticks", "20"],
+    ["bench_pairs.py", "--laps", "2"],
     ["bench_tick.py", "--rules", "shipped,shipped-live", "--accounts", "20,100", "--seconds",
      "0.5", "--gc", "run"],
     ["bench_replay.py", "--rules", "desync", "--reader", "fast", "--snapshots", "2000"],
