@@ -7,6 +7,7 @@ on the tables and entries it restored, and a tick that fails leaves nothing half
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import re
@@ -943,3 +944,26 @@ def test_ticks_that_fail_midway_through_the_pairs_decide_as_the_reference(
 
 
 _FIRMS_AND_PRE: dict[str, Any] = {}  # the policy, loaded once for all examples
+
+
+def test_an_empty_snapshot_drops_the_first_seen_times_of_the_gone_accounts_in_both_paths(
+        ) -> None:
+    """A leader's position with no opening time is dated when first seen. A snapshot with no
+    account at all (after a failed tick too) ends it as a gone account's: both engines, the
+    reusing one and the one deriving everything every tick, date it anew when it is back
+    (found by the red-team fuzzer: the reference kept it)."""
+    nq = [pos("NQH6", 1)]
+    ticks = [snap(at(0), account("L", "leader", positions=nq)), snap(at(1)),
+             snap(at(2), account("L", "leader", positions=nq)),
+             snap(at(3), account("L", "leader", positions=UNKNOWN)), snap(at(4)),
+             snap(at(5), account("L", "leader", positions=nq))]
+    seen: list[list[Any]] = [[], []]
+    for out, engine in zip(seen, (Engine(DESYNC), Engine(DESYNC, reuse=False)), strict=True):
+        for snapshot in ticks:
+            with contextlib.suppress(InstrumentError):  # tick 3: ZZZH6, unknown
+                engine.evaluate(snapshot)
+            out.append(engine.save_state()["first_seen"])
+    assert seen[0] == seen[1]
+    dated = [None if not tick else tick["L|NQ"][1] for tick in seen[0]]
+    assert dated == [at(t).isoformat() if t is not None else None
+                     for t in (0, None, 2, 2, None, 5)]

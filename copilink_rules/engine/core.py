@@ -378,8 +378,10 @@ class Engine:
         if origins is not None and len(origins) != len(snapshot.accounts):
             origins = None  # not this snapshot's: none taken
         # every account the same as last tick (positions, firm), none new, none gone? And
-        # (what hedges follow from) each holding the same sides of the same families?
-        same = sides_same = len(old_infos) == len(snapshot.accounts)
+        # (what hedges follow from) each holding the same sides of the same families? (Not
+        # when there were none: after a failed tick, or in the reference path, the first-seen
+        # table may hold gone accounts' keys, even when this snapshot has no account.)
+        same = sides_same = len(old_infos) == len(snapshot.accounts) and bool(old_infos)
         try:
             for index, account in enumerate(snapshot.accounts):
                 # Hot path: read fields from the model's __dict__, several times faster than
