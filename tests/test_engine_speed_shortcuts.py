@@ -880,6 +880,7 @@ _tick = st.tuples(
     st.booleans())  # every account holding what it held the tick before
 
 
+_FIRMS_AND_PRE: dict[str, Any] = {}  # the policy, loaded once for all examples
 _NONE: tuple[tuple[str, int], ...] = ()
 _ES = (("ESH6", 1),)
 
@@ -942,8 +943,6 @@ def test_ticks_that_fail_midway_through_the_pairs_decide_as_the_reference(
         if not isinstance(said[0], str) and stage == "session":
             assert seen_by_rules(engines[0], snapshot) == seen_by_rules(engines[1], snapshot)
 
-
-_FIRMS_AND_PRE: dict[str, Any] = {}  # the policy, loaded once for all examples
 
 
 def test_an_empty_snapshot_drops_the_first_seen_times_of_the_gone_accounts_in_both_paths(
