@@ -16,7 +16,9 @@ the same data as one line of JSON decoded into the fast reader's structs (hand_r
 positions kept as text, their families derived again only when the text changes, as the
 engine derives them again only when the positions change). Making the snapshot, and decoding
 the line, happen before each tick and are not timed: each side's tick is snapshot in,
-decisions out.
+decisions out. What the hand-written code leaves out because no rule here needs it (the
+account metrics firm rules read, views, conflict resolution between rules) is listed in
+hand_replay.py's docstring; the decisions check below holds it to the same answers.
 
 First every tick of two laps is run by both, and their decisions (time, rule, account,
 action, alert message) must be the same, or the script stops before timing anything. Then

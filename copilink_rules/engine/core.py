@@ -682,9 +682,10 @@ class Engine:
         holds), in the infos' order; and the followers whose targets are last tick's, reused
         (their time, quote and entry action still to refresh: `_pair_targets`)."""
         entries = self._entries
-        # a follower's pair targets of the last tick, reused (their time, quote and episode
-        # fields refreshed) while its and its leader's positions are the same; this tick's
-        # are kept (the reference path too: `_record` reads their trades)
+        # a follower's pair targets of the last tick: reused (their time, quote and episode
+        # fields refreshed) while its and its leader's positions are the same, stored into
+        # while its leader, ratio and families are; this tick's are kept (the reference path
+        # too: `_record` reads their trades)
         old_sets = self._pair_sets if self.reuse else {}
         new_sets: dict[str, _PairSet] = {}
         # what this tick stores into last tick's pair sets, put back if it fails, as if it
@@ -735,10 +736,12 @@ class Engine:
             ratio, follower_id, leader_id = f["ratio"], f["id"], leader.view.id
             orders = leader.orders
             pairs = old_sets.get(follower_id)
+            if pairs is not None and (pairs.leader_id != leader_id or not (
+                    pairs.ratio is ratio or (pairs.ratio == ratio and
+                                             type(pairs.ratio) is type(ratio)))):
+                pairs = None  # another leader or ratio: its pair targets are built anew
             if pairs is not None and pairs.follower is info.facts and \
-                    pairs.leader is leader.facts and pairs.leader_id == leader_id and \
-                    (pairs.ratio is ratio or (pairs.ratio == ratio and
-                                              type(pairs.ratio) is type(ratio))):
+                    pairs.leader is leader.facts:
                 # The same facts are the same infos (an account's facts live in its info, and
                 # a new info derives new ones; a tick that fails in _accounts drops them all):
                 # the targets' envs hold these views already, and the follower's kind (id,
@@ -762,10 +765,7 @@ class Engine:
                 families = sorted(foll_families)
             else:
                 families = sorted(lead_families.keys() | foll_families.keys())
-            if pairs is not None and pairs.leader_id == leader_id and \
-                    pairs.families == families and \
-                    (pairs.ratio is ratio or (pairs.ratio == ratio and
-                                              type(pairs.ratio) is type(ratio))):
+            if pairs is not None and pairs.families == families:
                 # the same pairs (leader, ratio, families), other positions: last tick's
                 # targets, stored into (a group then runs them as it did)
                 self._restate_pairs(pairs, info, leader, now, quotes, overnight_families, undo)
